@@ -1,0 +1,26 @@
+"""Ready Pyro models, networks and likelihoods."""
+
+from pyro_lvm.models.base import LatentVariableModel
+from pyro_lvm.models.likelihoods import (
+    BernoulliLikelihood,
+    DiscretizedLogistic,
+    DiscretizedLogisticLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+    make_likelihood,
+)
+from pyro_lvm.models.nets import MLP
+from pyro_lvm.models.vae import VAE, GaussianEncoder
+
+__all__ = [
+    "BernoulliLikelihood",
+    "DiscretizedLogistic",
+    "DiscretizedLogisticLikelihood",
+    "GaussianEncoder",
+    "GaussianLikelihood",
+    "LatentVariableModel",
+    "Likelihood",
+    "MLP",
+    "VAE",
+    "make_likelihood",
+]

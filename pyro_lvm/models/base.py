@@ -1,0 +1,107 @@
+r"""The shape every pyro_lvm model shares.
+
+A :class:`LatentVariableModel` is an :class:`torch.nn.Module` with an ordinary Pyro
+``model(x)``: a data plate over the rows of ``x`` (shape ``(B, D)``), a latent site
+``"z"`` with a standard normal prior and an observed site ``"x"`` drawn from a
+:class:`~pyro_lvm.models.likelihoods.Likelihood` of the decoder output,
+
+.. math::
+
+    z_i \sim \mathcal N(0, I), \qquad x_i \mid z_i \sim p_\theta(x_i \mid z_i).
+
+Parameters live on the module (``model.parameters()``), not in Pyro's global param
+store, so plain :mod:`torch.optim` optimizers, ``state_dict`` checkpoints and
+:func:`pyro.infer.Trace_ELBO.differentiable_loss` all work. The model supports extra
+batch dimensions to the left of the data plate (vectorized particles).
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyro_lvm.models.likelihoods import Likelihood
+
+__all__ = ["LatentVariableModel"]
+
+
+class LatentVariableModel(nn.Module):
+    """Base class: prior, decoder and likelihood; subclasses add a ``guide``.
+
+    Parameters
+    ----------
+    data_dim : int
+        Dimension ``D`` of a (flattened) datapoint.
+    latent_dim : int
+        Dimension of ``z``.
+    decoder : nn.Module
+        Maps ``(..., latent_dim)`` to likelihood parameters ``(..., data_dim)``.
+    likelihood : Likelihood
+        Observation model.
+    """
+
+    latent_site = "z"
+    data_site = "x"
+    #: number of plates in ``model`` (the data plate); particle plates go left of it
+    max_plate_nesting = 1
+
+    def __init__(self, data_dim: int, latent_dim: int, decoder: nn.Module, likelihood: Likelihood):
+        super().__init__()
+        if latent_dim <= 0:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        if data_dim <= 0:
+            raise ValueError(f"data_dim must be a positive integer, got {data_dim}")
+        self.data_dim, self.latent_dim = data_dim, latent_dim
+        self.decoder = decoder
+        self.likelihood = likelihood
+
+    # -- generative side ------------------------------------------------------------
+    def prior(self, batch_size: int) -> dist.Distribution:
+        """:math:`\\mathcal N(0, I)` over ``(batch_size, latent_dim)`` with one event dim."""
+        p = next(self.parameters(), None)
+        kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
+        zeros = torch.zeros(batch_size, self.latent_dim, **kw)
+        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+    def decode(self, z: torch.Tensor) -> dist.Distribution:
+        """The observation distribution :math:`p_\\theta(x \\mid z)`."""
+        return self.likelihood(self.decoder(z))
+
+    def model(self, x: torch.Tensor) -> None:
+        """Pyro model :math:`p(z)\\,p_\\theta(x \\mid z)` over a batch ``x`` of shape (B, D)."""
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample(self.latent_site, self.prior(x.shape[0]))
+            pyro.sample(self.data_site, self.decode(z), obs=x)
+
+    def guide(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} has no variational guide")
+
+    # -- conveniences used by evaluation and figures -----------------------------------
+    def check_data(self, x: torch.Tensor) -> None:
+        """One-line ``ValueError`` for data this model cannot take."""
+        if x.dim() != 2 or x.shape[1] != self.data_dim:
+            raise ValueError(
+                f"expected data of shape (batch, {self.data_dim}), got {tuple(x.shape)}; "
+                "flatten each datapoint to a vector"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("got an empty batch of data; pass at least one datapoint")
+        self.likelihood.check_data(x)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """A point summary of :math:`q(z \\mid x)` (the posterior mean where known)."""
+        raise NotImplementedError(f"{type(self).__name__} has no encoder")
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of :math:`p(x \\mid z)` at ``z = encode(x)``."""
+        return self.likelihood.mean(self.decoder(self.encode(x)))
+
+    @torch.no_grad()
+    def generate(self, num: int) -> torch.Tensor:
+        """Means of :math:`p(x \\mid z)` for ``num`` draws ``z`` from the prior."""
+        z = self.prior(num).sample()
+        return self.likelihood.mean(self.decoder(z))
