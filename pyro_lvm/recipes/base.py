@@ -1,0 +1,69 @@
+"""What a recipe hands to the trainer, the evaluator and the figures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from pyro_lvm.models.base import LatentVariableModel
+
+__all__ = ["Experiment", "Inference"]
+
+
+class Inference(Protocol):
+    """SVI-like driver: what the trainer needs from any inference algorithm."""
+
+    def step(self, *args) -> float:
+        """One training update on a batch; returns the batch-summed loss."""
+
+    def evaluate_loss(self, *args) -> float:
+        """The loss on a batch, without updating anything."""
+
+    def state_dict(self) -> dict:
+        """Optimizer and sampler state (step-size adaptation, baselines...)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def metrics(self) -> dict[str, float]:
+        """Diagnostics of the latest steps, e.g. ``accept_rate`` and ``step_size``."""
+
+
+@dataclass
+class Experiment:
+    """A model, its inference algorithm and how to evaluate it.
+
+    Attributes
+    ----------
+    lvm : LatentVariableModel
+        The generative model (``model(x)``, ``decoder``, ``likelihood``, ``encode``).
+    inference : Inference
+        Training driver; the trainer calls ``inference.step(x)`` (or ``step(x, idx)``
+        with dataset row indices when ``pass_index`` is true).
+    modules : nn.Module
+        Every module with parameters or buffers to checkpoint.
+    eval_guide : callable, optional
+        Proposal ``guide(x)`` for the ELBO/IWAE evaluator (default ``lvm.guide``).
+    continuous_latents : bool
+        Whether AIS applies (``--eval-ais``).
+    pass_index : bool
+        Pass dataset row indices to ``inference.step``.
+    extra_metrics : callable, optional
+        ``extra_metrics(test_x) -> dict`` merged into ``metrics.json``.
+    """
+
+    lvm: LatentVariableModel
+    inference: Inference
+    modules: nn.Module
+    eval_guide: Callable | None = None
+    continuous_latents: bool = True
+    pass_index: bool = False
+    extra_metrics: Callable[[torch.Tensor], dict[str, Any]] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def guide(self) -> Callable:
+        return self.eval_guide if self.eval_guide is not None else self.lvm.guide
