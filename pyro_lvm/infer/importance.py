@@ -89,9 +89,9 @@ def log_importance_weights(
             k = min(chunk_size, remaining)
             plate = pyro.plate("_importance_particles", k, dim=-(max_plate_nesting + 1))
             guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(
-                poutine.replay(plate(model), trace=guide_trace)
-            ).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
             log_p = _per_datapoint(model_trace, "model", k, max_plate_nesting)
             log_q = _per_datapoint(guide_trace, "guide", k, max_plate_nesting)
             log_w = log_p - log_q

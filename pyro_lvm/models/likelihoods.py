@@ -181,7 +181,9 @@ class DiscretizedLogistic(dist.TorchDistribution):
         log_delta = torch.where(centred < 0, left, right)
         lower = value < -1 + half / 2
         upper = value > 1 - half / 2
-        return torch.where(lower, log_cdf_plus, torch.where(upper, log_one_minus_cdf_minus, log_delta))
+        return torch.where(
+            lower, log_cdf_plus, torch.where(upper, log_one_minus_cdf_minus, log_delta)
+        )
 
     def sample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
@@ -251,6 +253,4 @@ def make_likelihood(name: str, data_dim: int | None = None, **kwargs) -> Likelih
         return GaussianLikelihood(**kwargs)
     if name == "logistic":
         return DiscretizedLogisticLikelihood(**kwargs)
-    raise ValueError(
-        f"unknown likelihood {name!r}; choose one of bernoulli, gaussian, logistic"
-    )
+    raise ValueError(f"unknown likelihood {name!r}; choose one of bernoulli, gaussian, logistic")

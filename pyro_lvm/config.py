@@ -1,0 +1,102 @@
+"""Run configuration: one dataclass, JSON round-trip, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the CLI's flags, written to ``config.json``).
+
+    Recipes read the fields they need; unknown recipes ignore the rest.
+    """
+
+    model: str = "vae"
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    epochs: int = 10
+    batch_size: int = 100
+    latent_dim: int = 8
+    hidden_dim: int = 256
+    depth: int = 2
+    layer_norm: bool = False
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    likelihood: str = "bernoulli"
+    seed: int = 0
+    eval_samples: int = 1000
+    eval_ais: int = 0
+    device: str = "cpu"
+    out: str = "runs/latest"
+    # Langevin (lae, dlgm)
+    langevin_steps: int = 2
+    step_size: float | None = None
+    target_accept: float = 0.574
+    mh: bool = True
+    adapt: bool = True
+    test_scale: float = 0.05
+    refine_steps: int = 0
+    # Bernoulli latents (sbn)
+    estimator: str = "nvil"
+    num_particles: int = 1
+    num_layers: int = 1
+    # ppca
+    fit: str = "svi"
+    # ae-gmm
+    num_components: int = 10
+
+    def validate(self) -> None:
+        """Raise a one-line ``ValueError`` for impossible settings."""
+        checks = [
+            (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
+            (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.latent_dim > 0, f"--latent-dim must be positive, got {self.latent_dim}"),
+            (self.hidden_dim > 0, f"--hidden-dim must be positive, got {self.hidden_dim}"),
+            (self.depth >= 0, f"--depth must be >= 0, got {self.depth}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.eval_samples > 0, f"--eval-samples must be positive, got {self.eval_samples}"),
+            (self.eval_ais >= 0, f"--eval-ais must be >= 0, got {self.eval_ais}"),
+            (
+                self.langevin_steps > 0,
+                f"--langevin-steps must be positive, got {self.langevin_steps}",
+            ),
+            (
+                self.step_size is None or self.step_size > 0,
+                f"--step-size must be positive, got {self.step_size}",
+            ),
+            (
+                0 < self.target_accept < 1,
+                f"--target-accept must be in (0, 1), got {self.target_accept}",
+            ),
+            (self.test_scale > 0, f"--test-scale must be positive, got {self.test_scale}"),
+            (
+                self.num_particles > 0,
+                f"--num-particles must be positive, got {self.num_particles}",
+            ),
+            (
+                self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
+                f"--device must be cpu or cuda, got {self.device!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
