@@ -1,0 +1,184 @@
+"""A dataset split into train and test tensors, ready for a likelihood."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from pyro_lvm.models.likelihoods import check_finite
+
+__all__ = ["DataBundle", "binarize", "to_8bit_symmetric", "prepare_for_likelihood"]
+
+EVAL_BINARIZATION_SEED = 1234
+
+
+def binarize(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    """Bernoulli draws with probabilities ``x`` (in [0, 1]); ``seed`` fixes the draw.
+
+    Dynamic binarization (a fresh draw per minibatch) for training; a fixed-seed draw for
+    evaluation, so test numbers are comparable across runs.
+    """
+    if seed is None:
+        return torch.bernoulli(x)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.bernoulli(x.cpu(), generator=gen).to(x.device)
+
+
+def to_8bit_symmetric(x: torch.Tensor, levels: int = 256) -> torch.Tensor:
+    """Map intensities in [0, 1] to the ``levels``-level grid in [-1, 1] (bin centres of
+    :class:`~pyro_lvm.models.likelihoods.DiscretizedLogistic`)."""
+    k = torch.round(x.clamp(0, 1) * (levels - 1))
+    return k * 2 / (levels - 1) - 1
+
+
+def prepare_for_likelihood(x: torch.Tensor, likelihood: str) -> torch.Tensor:
+    """Intensities in [0, 1] -> the data a likelihood expects (logistic: 8-bit in [-1, 1])."""
+    if likelihood == "logistic":
+        return to_8bit_symmetric(x)
+    return x
+
+
+@dataclass
+class DataBundle:
+    """Train/test tensors of flattened datapoints in ``[0, 1]`` (or real-valued).
+
+    Attributes
+    ----------
+    name : str
+        Dataset name.
+    train_x, test_x : Tensor
+        Shape ``(N, D)``, float.
+    train_y, test_y : Tensor or None
+        Integer labels (for coloured latent scatter plots).
+    image_shape : tuple or None
+        ``(C, H, W)`` when the data are images.
+    binary_probs : bool
+        Whether ``x`` holds intensities in [0, 1] that are binarized for a Bernoulli
+        likelihood (dynamically in training, with a fixed seed for evaluation).
+    """
+
+    name: str
+    train_x: torch.Tensor
+    test_x: torch.Tensor
+    train_y: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
+    image_shape: tuple[int, ...] | None = None
+    binary_probs: bool = True
+
+    def __post_init__(self):
+        for split in ("train", "test"):
+            x = getattr(self, f"{split}_x")
+            if not isinstance(x, torch.Tensor):
+                x = torch.as_tensor(x)
+            if x.dim() < 2:
+                raise ValueError(
+                    f"{split} data must have shape (num_examples, ...), got {tuple(x.shape)}"
+                )
+            if x.shape[0] == 0:
+                raise ValueError(f"the {split} split of {self.name!r} is empty; provide data")
+            x = x.reshape(x.shape[0], -1).to(torch.get_default_dtype())
+            check_finite(x, f"{split} data of {self.name!r}")
+            setattr(self, f"{split}_x", x)
+        if self.train_x.shape[1] != self.test_x.shape[1]:
+            raise ValueError(
+                f"train and test data have different dimensions ({self.train_x.shape[1]} vs "
+                f"{self.test_x.shape[1]}); flatten both the same way"
+            )
+        if self.image_shape is not None and _prod(self.image_shape) != self.data_dim:
+            raise ValueError(f"image_shape {self.image_shape} does not match {self.data_dim} dims")
+
+    @property
+    def data_dim(self) -> int:
+        return self.train_x.shape[1]
+
+    @property
+    def num_train(self) -> int:
+        return self.train_x.shape[0]
+
+    @property
+    def num_test(self) -> int:
+        return self.test_x.shape[0]
+
+    def for_likelihood(self, likelihood: str) -> DataBundle:
+        """The bundle with data mapped to what ``likelihood`` expects; the test split is
+        binarized with a fixed seed for ``bernoulli``."""
+        in_unit = self.train_x.min() >= 0 and self.train_x.max() <= 1
+        if likelihood in ("bernoulli", "logistic") and not in_unit:
+            raise ValueError(
+                f"{likelihood} likelihood needs data in [0, 1] but {self.name!r} spans "
+                f"[{float(self.train_x.min()):.3g}, {float(self.train_x.max()):.3g}]; "
+                "rescale it or use --likelihood gaussian"
+            )
+        test_x = self.test_x
+        if likelihood == "bernoulli":
+            test_x = binarize(test_x, seed=EVAL_BINARIZATION_SEED)
+        return DataBundle(
+            name=self.name,
+            train_x=prepare_for_likelihood(self.train_x, likelihood),
+            test_x=prepare_for_likelihood(test_x, likelihood),
+            train_y=self.train_y,
+            test_y=self.test_y,
+            image_shape=self.image_shape,
+            binary_probs=likelihood == "bernoulli",
+        )
+
+    @classmethod
+    def from_tensors(
+        cls,
+        train_x: torch.Tensor,
+        test_x: torch.Tensor | None = None,
+        train_y: torch.Tensor | None = None,
+        test_y: torch.Tensor | None = None,
+        name: str = "tensor",
+        image_shape: tuple[int, ...] | None = None,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+    ) -> DataBundle:
+        """Wrap user tensors; without ``test_x``, hold out a seeded ``test_fraction``."""
+        train_x = torch.as_tensor(train_x)
+        if test_x is None:
+            n = train_x.shape[0]
+            if n < 2:
+                raise ValueError(f"need at least 2 examples to split off a test set, got {n}")
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            n_test = max(1, int(round(test_fraction * n)))
+            test_idx, train_idx = perm[:n_test], perm[n_test:]
+            test_x, train_x = train_x[test_idx], train_x[train_idx]
+            if train_y is not None:
+                train_y = torch.as_tensor(train_y)
+                test_y, train_y = train_y[test_idx], train_y[train_idx]
+        return cls(name, train_x, torch.as_tensor(test_x), train_y, test_y, image_shape)
+
+    @classmethod
+    def from_loaders(
+        cls, train: Iterable, test: Iterable | None = None, name: str = "loader", **kwargs
+    ) -> DataBundle:
+        """Collect a user's ``DataLoader``s (batches ``x`` or ``(x, y, ...)``) into tensors."""
+        train_x, train_y = _collect(train)
+        test_x, test_y = _collect(test) if test is not None else (None, None)
+        return cls.from_tensors(train_x, test_x, train_y, test_y, name=name, **kwargs)
+
+
+def _collect(loader: Iterable) -> tuple[torch.Tensor, torch.Tensor | None]:
+    xs, ys = [], []
+    for batch in loader:
+        if isinstance(batch, (tuple, list)):
+            xs.append(torch.as_tensor(batch[0]))
+            if len(batch) > 1:
+                ys.append(torch.as_tensor(batch[1]))
+        else:
+            xs.append(torch.as_tensor(batch))
+    if not xs:
+        raise ValueError("the DataLoader yielded no batches; check the dataset is not empty")
+    x = torch.cat([b.reshape(b.shape[0], -1) for b in xs])
+    y = torch.cat(ys) if len(ys) == len(xs) else None
+    return x, y
+
+
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out

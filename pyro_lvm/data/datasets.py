@@ -1,0 +1,172 @@
+"""Named datasets: the embedded digits default and torchvision's image datasets.
+
+``digits`` (scikit-learn's 1797 8x8 images, 17 grey levels) ships with scikit-learn and is
+split with a fixed seed. The others are read from torchvision's folder layout under
+``data_dir`` and downloaded only when ``download=True`` (``--download``):
+
+=============== ================================================
+name            expected under ``data_dir``
+=============== ================================================
+mnist           ``MNIST/raw/train-images-idx3-ubyte`` (+ labels, t10k)
+fashion-mnist   ``FashionMNIST/raw/train-images-idx3-ubyte`` (...)
+cifar10         ``cifar-10-batches-py/data_batch_1`` ... ``test_batch``
+svhn            ``train_32x32.mat``, ``test_32x32.mat``
+celeba          ``celeba/img_align_celeba/*.jpg``, ``celeba/list_eval_partition.txt``
+=============== ================================================
+
+Intensities are scaled to [0, 1]; :meth:`DataBundle.for_likelihood` maps them to what a
+likelihood needs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pyro_lvm.data.bundle import DataBundle
+
+__all__ = ["DATASETS", "load_dataset", "load_digits"]
+
+DIGITS_TEST_SIZE = 297
+DIGITS_SPLIT_SEED = 0
+
+
+def load_digits() -> DataBundle:
+    """scikit-learn's digits in [0, 1] (pixel / 16), 1500 train / 297 test, fixed split."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    data = sk_load_digits()
+    x = torch.as_tensor(data.data / 16.0, dtype=torch.get_default_dtype())
+    y = torch.as_tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    test, train = perm[:DIGITS_TEST_SIZE], perm[DIGITS_TEST_SIZE:]
+    return DataBundle("digits", x[train], x[test], y[train], y[test], image_shape=(1, 8, 8))
+
+
+def _missing(name: str, root: Path, expected: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"dataset {name!r} not found: expected {root / expected}; pass --data-dir DIR "
+        "pointing at it, or add --download to fetch it"
+    )
+
+
+def _torchvision_mnist(cls_name: str, folder: str, name: str, root: Path, download: bool):
+    import torchvision
+
+    if not download and not (root / folder / "raw" / "train-images-idx3-ubyte").exists():
+        raise _missing(name, root, f"{folder}/raw/train-images-idx3-ubyte")
+    cls = getattr(torchvision.datasets, cls_name)
+    splits = [cls(str(root), train=train, download=download) for train in (True, False)]
+    (tr, te) = splits
+    return DataBundle(
+        name,
+        tr.data.float() / 255.0,
+        te.data.float() / 255.0,
+        tr.targets.long(),
+        te.targets.long(),
+        image_shape=(1, 28, 28),
+    )
+
+
+def _cifar10(root: Path, download: bool) -> DataBundle:
+    import torchvision
+
+    if not download and not (root / "cifar-10-batches-py" / "data_batch_1").exists():
+        raise _missing("cifar10", root, "cifar-10-batches-py/data_batch_1")
+    tr, te = (torchvision.datasets.CIFAR10(str(root), train=t, download=download) for t in (1, 0))
+
+    def to_x(d):  # (N, H, W, C) uint8 -> (N, C*H*W) in [0, 1]
+        return torch.as_tensor(d.data).permute(0, 3, 1, 2).float() / 255.0
+
+    return DataBundle(
+        "cifar10",
+        to_x(tr),
+        to_x(te),
+        torch.as_tensor(tr.targets),
+        torch.as_tensor(te.targets),
+        image_shape=(3, 32, 32),
+    )
+
+
+def _svhn(root: Path, download: bool) -> DataBundle:
+    import torchvision
+
+    if not download and not (root / "train_32x32.mat").exists():
+        raise _missing("svhn", root, "train_32x32.mat")
+    tr, te = (torchvision.datasets.SVHN(str(root), split=s, download=download) for s in ("train", "test"))
+
+    def to_x(d):
+        return torch.as_tensor(d.data).float() / 255.0
+
+    return DataBundle(
+        "svhn",
+        to_x(tr),
+        to_x(te),
+        torch.as_tensor(tr.labels).long(),
+        torch.as_tensor(te.labels).long(),
+        image_shape=(3, 32, 32),
+    )
+
+
+def _celeba(root: Path, download: bool, size: int = 32) -> DataBundle:
+    """CelebA aligned faces, centre-cropped to 140 px and resized to ``size`` (as in the
+    LAE paper's preprocessing). Read directly so small local copies work without
+    torchvision's checksum files."""
+    from PIL import Image
+
+    base = root / "celeba"
+    if download and not (base / "list_eval_partition.txt").exists():
+        import torchvision
+
+        torchvision.datasets.CelebA(str(root), split="all", download=True)
+    partition = base / "list_eval_partition.txt"
+    if not partition.exists():
+        raise _missing("celeba", root, "celeba/list_eval_partition.txt")
+    splits: dict[int, list[torch.Tensor]] = {0: [], 1: [], 2: []}
+    for line in partition.read_text().split("\n"):
+        if not line.strip():
+            continue
+        fname, split = line.split()
+        img = Image.open(base / "img_align_celeba" / fname).convert("RGB")
+        w, h = img.size
+        c = min(140, w, h)
+        left, top = (w - c) // 2, (h - c) // 2
+        img = img.crop((left, top, left + c, top + c)).resize((size, size), Image.BILINEAR)
+        arr = torch.as_tensor(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        splits[int(split)].append(arr)
+    if not splits[0] or not (splits[2] or splits[1]):
+        raise ValueError(f"celeba partition file {partition} lists no train or no test images")
+    test = splits[2] or splits[1]
+    return DataBundle(
+        "celeba", torch.stack(splits[0]), torch.stack(test), image_shape=(3, size, size)
+    )
+
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "celeba")
+
+
+def load_dataset(name: str = "digits", data_dir: str | Path = "data", download: bool = False) -> DataBundle:
+    """Load a named dataset as a :class:`DataBundle` with intensities in [0, 1].
+
+    Raises
+    ------
+    FileNotFoundError
+        The dataset is not under ``data_dir`` and ``download`` is false (the message says
+        which flag to pass).
+    """
+    root = Path(data_dir).expanduser()
+    if name == "digits":
+        return load_digits()
+    if name == "mnist":
+        return _torchvision_mnist("MNIST", "MNIST", name, root, download)
+    if name == "fashion-mnist":
+        return _torchvision_mnist("FashionMNIST", "FashionMNIST", name, root, download)
+    if name == "cifar10":
+        return _cifar10(root, download)
+    if name == "svhn":
+        return _svhn(root, download)
+    if name == "celeba":
+        return _celeba(root, download)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
