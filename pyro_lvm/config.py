@@ -33,6 +33,7 @@ class TrainConfig:
     seed: int = 0
     eval_samples: int = 1000
     eval_ais: int = 0
+    analytic_kl: bool = False
     device: str = "cpu"
     out: str = "runs/latest"
     # Langevin (lae, dlgm)

@@ -1,0 +1,203 @@
+"""The training loop shared by the CLI, the examples and user code.
+
+The loop knows nothing of models: it feeds minibatches to ``experiment.inference.step``
+and keeps the bookkeeping a research run needs: dynamic binarization, per-step logs,
+divergence detection, atomic checkpoints after every epoch (and on interruption) holding
+model, optimizer, sampler and random-generator states, so ``resume`` continues exactly as
+an uninterrupted run would, mid-epoch included.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pyro_lvm.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_save,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
+from pyro_lvm.data.bundle import DataBundle, binarize
+from pyro_lvm.recipes.base import Experiment
+
+__all__ = ["Trainer", "TrainerState"]
+
+
+@dataclass
+class TrainerState:
+    """Where training is: epoch, position inside it, logs."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    train_seconds: float = 0.0
+    epoch_loss_sum: float = 0.0
+    epoch_count: int = 0
+    shuffle_state: torch.Tensor | None = None
+    #: one record per finished epoch: epoch, train_loss (per datapoint), metrics
+    history: list[dict] = field(default_factory=list)
+    #: one record per step: step, loss per datapoint, and the inference metrics
+    steps: list[dict] = field(default_factory=list)
+
+
+class Trainer:
+    """Minibatch training of an :class:`~pyro_lvm.recipes.base.Experiment`.
+
+    Parameters
+    ----------
+    experiment : Experiment
+        Model, inference driver and modules to checkpoint.
+    data : DataBundle
+        Data already mapped for the likelihood (:meth:`DataBundle.for_likelihood`).
+    batch_size : int
+        Minibatch size (the last batch of an epoch may be smaller).
+    out_dir : path, optional
+        Where ``checkpoint.pt`` goes; no checkpoints when ``None``.
+    seed : int
+        Seeds the shuffling generator.
+    device : str
+        Where batches are moved.
+    log_metrics_every : int
+        Record ``inference.metrics()`` every this many steps.
+    """
+
+    def __init__(
+        self,
+        experiment: Experiment,
+        data: DataBundle,
+        batch_size: int,
+        out_dir: str | Path | None = None,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        log_metrics_every: int = 1,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"batch size must be positive, got {batch_size}")
+        if batch_size > data.num_train:
+            raise ValueError(
+                f"batch size {batch_size} is larger than the {data.num_train} training "
+                "examples; pass a smaller --batch-size"
+            )
+        head = data.train_x[:batch_size]
+        experiment.lvm.check_data(binarize(head, seed=0) if data.binary_probs else head)
+        self.experiment, self.data, self.batch_size = experiment, data, batch_size
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = torch.device(device)
+        self.log_metrics_every = log_metrics_every
+        self.shuffle = torch.Generator().manual_seed(seed)
+        self.state = TrainerState()
+        #: set (e.g. from a SIGINT handler) to stop cleanly after the current step
+        self.stop_requested = False
+
+    # -- checkpoints ----------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
+
+    def save(self) -> None:
+        """Write the checkpoint atomically (no-op without ``out_dir``)."""
+        if self.checkpoint_path is None:
+            return
+        atomic_save(
+            {
+                "modules": self.experiment.modules.state_dict(),
+                "inference": self.experiment.inference.state_dict(),
+                "trainer": asdict(self.state),
+                "shuffle": self.shuffle.get_state(),
+                "rng": rng_state(),
+            },
+            self.checkpoint_path,
+        )
+
+    def restore(self, path: str | Path) -> None:
+        """Load a checkpoint; the next :meth:`fit` continues exactly where it stopped."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.experiment.modules.load_state_dict(ckpt["modules"])
+        self.experiment.inference.load_state_dict(ckpt["inference"])
+        self.state = TrainerState(**ckpt["trainer"])
+        self.shuffle.set_state(ckpt["shuffle"])
+        set_rng_state(ckpt["rng"])
+
+    # -- the loop ---------------------------------------------------------------------
+    def _batches(self) -> list[torch.Tensor]:
+        gen = torch.Generator().set_state(self.state.shuffle_state)
+        return list(torch.randperm(self.data.num_train, generator=gen).split(self.batch_size))
+
+    def _step(self, idx: torch.Tensor) -> float:
+        x = self.data.train_x[idx].to(self.device)
+        if self.data.binary_probs:
+            x = binarize(x)
+        inference = self.experiment.inference
+        if self.experiment.pass_index:
+            return inference.step(x, idx.to(self.device))
+        return inference.step(x)
+
+    def fit(
+        self,
+        epochs: int,
+        on_step: Callable[[TrainerState, float], None] | None = None,
+        on_epoch: Callable[[TrainerState, dict], None] | None = None,
+    ) -> TrainerState:
+        """Train until ``epochs`` epochs are done (counting epochs already done).
+
+        ``on_step(state, loss_per_datapoint)`` and ``on_epoch(state, record)`` are hooks
+        for progress bars and loggers. Raises
+        :class:`~pyro_lvm.infer.diagnostics.DivergenceError` on a non-finite loss without
+        overwriting the last checkpoint; on ``KeyboardInterrupt`` saves a checkpoint of
+        the exact position, then re-raises. Setting :attr:`stop_requested` stops after
+        the current step, so the saved position is exact.
+        """
+        st = self.state
+        mid_step = False
+        try:
+            while st.epoch < epochs:
+                if st.batch == 0:
+                    st.shuffle_state = self.shuffle.get_state()
+                    torch.randperm(self.data.num_train, generator=self.shuffle)
+                    st.epoch_loss_sum, st.epoch_count = 0.0, 0
+                batches = self._batches()
+                while st.batch < len(batches):
+                    idx = batches[st.batch]
+                    t0 = time.perf_counter()
+                    mid_step = True
+                    loss = self._step(idx)
+                    mid_step = False
+                    st.train_seconds += time.perf_counter() - t0
+                    st.batch += 1
+                    st.step += 1
+                    st.epoch_loss_sum += loss
+                    st.epoch_count += len(idx)
+                    record = {"step": st.step, "loss": loss / len(idx)}
+                    if st.step % self.log_metrics_every == 0:
+                        record.update(self.experiment.inference.metrics())
+                    st.steps.append(record)
+                    if on_step is not None:
+                        on_step(st, loss / len(idx))
+                    if self.stop_requested:
+                        raise KeyboardInterrupt
+                epoch_record = {
+                    "epoch": st.epoch + 1,
+                    "train_loss": st.epoch_loss_sum / max(st.epoch_count, 1),
+                    **self.experiment.inference.metrics(),
+                }
+                st.history.append(epoch_record)
+                st.epoch += 1
+                st.batch = 0
+                self.save()
+                if on_epoch is not None:
+                    on_epoch(st, epoch_record)
+        except KeyboardInterrupt:
+            if not mid_step:  # a half-done step has no exact position: keep the last one
+                self.save()
+            raise
+        return st
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000.0 * self.state.train_seconds / max(self.state.step, 1)

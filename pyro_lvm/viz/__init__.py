@@ -1,0 +1,1 @@
+"""Matplotlib figures (imported lazily by the CLI and examples; Agg backend)."""
