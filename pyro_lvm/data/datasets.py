@@ -95,7 +95,9 @@ def _svhn(root: Path, download: bool) -> DataBundle:
 
     if not download and not (root / "train_32x32.mat").exists():
         raise _missing("svhn", root, "train_32x32.mat")
-    tr, te = (torchvision.datasets.SVHN(str(root), split=s, download=download) for s in ("train", "test"))
+    tr, te = (
+        torchvision.datasets.SVHN(str(root), split=s, download=download) for s in ("train", "test")
+    )
 
     def to_x(d):
         return torch.as_tensor(d.data).float() / 255.0
@@ -147,7 +149,9 @@ def _celeba(root: Path, download: bool, size: int = 32) -> DataBundle:
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn", "celeba")
 
 
-def load_dataset(name: str = "digits", data_dir: str | Path = "data", download: bool = False) -> DataBundle:
+def load_dataset(
+    name: str = "digits", data_dir: str | Path = "data", download: bool = False
+) -> DataBundle:
     """Load a named dataset as a :class:`DataBundle` with intensities in [0, 1].
 
     Raises

@@ -181,11 +181,9 @@ class DiscretizedLogistic(dist.TorchDistribution):
         log_delta = torch.where(centred < 0, left, right)
         lower = value < -1 + half / 2
         upper = value > 1 - half / 2
-        return torch.where(
-            lower, log_cdf_plus, torch.where(upper, log_one_minus_cdf_minus, log_delta)
-        )
+        return torch.where(lower, log_cdf_plus, torch.where(upper, log_sf_minus, log_delta))
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=torch.Size()):  # noqa: B008 (torch convention)
         shape = self._extended_shape(sample_shape)
         with torch.no_grad():
             u = torch.rand(shape, device=self.loc.device).clamp(1e-6, 1 - 1e-6)
