@@ -6,12 +6,32 @@ from pyro_lvm.infer.importance import (
     iwae_log_likelihood,
     log_importance_weights,
 )
+from pyro_lvm.infer.langevin import (
+    DualAveragingState,
+    LangevinInfo,
+    LangevinState,
+    dual_averaging_init,
+    dual_averaging_step_size,
+    dual_averaging_update,
+    langevin_init,
+    langevin_step,
+    potential_and_grad,
+)
 from pyro_lvm.infer.svi import ModuleSVI
 
 __all__ = [
     "DivergenceError",
+    "DualAveragingState",
+    "LangevinInfo",
+    "LangevinState",
     "ModuleSVI",
+    "dual_averaging_init",
+    "dual_averaging_step_size",
+    "dual_averaging_update",
     "elbo_per_datapoint",
     "iwae_log_likelihood",
+    "langevin_init",
+    "langevin_step",
     "log_importance_weights",
+    "potential_and_grad",
 ]
