@@ -1,5 +1,6 @@
 """Inference algorithms and likelihood evaluation."""
 
+from pyro_lvm.infer.closed_form import ClosedFormFit
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.infer.importance import (
     elbo_per_datapoint,
@@ -17,13 +18,16 @@ from pyro_lvm.infer.langevin import (
     langevin_step,
     potential_and_grad,
 )
+from pyro_lvm.infer.marginal import MarginalLikelihoodGD
 from pyro_lvm.infer.svi import ModuleSVI
 
 __all__ = [
+    "ClosedFormFit",
     "DivergenceError",
     "DualAveragingState",
     "LangevinInfo",
     "LangevinState",
+    "MarginalLikelihoodGD",
     "ModuleSVI",
     "dual_averaging_init",
     "dual_averaging_step_size",

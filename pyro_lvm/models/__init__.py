@@ -10,6 +10,14 @@ from pyro_lvm.models.likelihoods import (
     make_likelihood,
 )
 from pyro_lvm.models.nets import MLP
+from pyro_lvm.models.ppca import (
+    PPCA,
+    PPCAParams,
+    ppca_em,
+    ppca_log_likelihood,
+    ppca_mle,
+    ppca_posterior,
+)
 from pyro_lvm.models.vae import VAE, GaussianEncoder
 
 __all__ = [
@@ -21,6 +29,12 @@ __all__ = [
     "LatentVariableModel",
     "Likelihood",
     "MLP",
+    "PPCA",
+    "PPCAParams",
     "VAE",
     "make_likelihood",
+    "ppca_em",
+    "ppca_log_likelihood",
+    "ppca_mle",
+    "ppca_posterior",
 ]
