@@ -71,45 +71,53 @@ def _torchvision_mnist(cls_name: str, folder: str, name: str, root: Path, downlo
 
 
 def _cifar10(root: Path, download: bool) -> DataBundle:
-    import torchvision
+    """CIFAR-10 from the python pickles (read directly: torchvision re-checks checksums)."""
+    import pickle
 
-    if not download and not (root / "cifar-10-batches-py" / "data_batch_1").exists():
+    base = root / "cifar-10-batches-py"
+    if download and not (base / "test_batch").exists():
+        import torchvision
+
+        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+    if not (base / "data_batch_1").exists():
         raise _missing("cifar10", root, "cifar-10-batches-py/data_batch_1")
-    tr, te = (torchvision.datasets.CIFAR10(str(root), train=t, download=download) for t in (1, 0))
 
-    def to_x(d):  # (N, H, W, C) uint8 -> (N, C*H*W) in [0, 1]
-        return torch.as_tensor(d.data).permute(0, 3, 1, 2).float() / 255.0
+    def read(names):
+        xs, ys = [], []
+        for name in names:
+            with open(base / name, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            xs.append(torch.as_tensor(np.asarray(batch["data"], dtype=np.uint8)))
+            ys.append(torch.as_tensor(batch["labels"]))
+        return torch.cat(xs).float() / 255.0, torch.cat(ys).long()
 
-    return DataBundle(
-        "cifar10",
-        to_x(tr),
-        to_x(te),
-        torch.as_tensor(tr.targets),
-        torch.as_tensor(te.targets),
-        image_shape=(3, 32, 32),
-    )
+    train_x, train_y = read([f"data_batch_{i}" for i in range(1, 6)])
+    test_x, test_y = read(["test_batch"])
+    return DataBundle("cifar10", train_x, test_x, train_y, test_y, image_shape=(3, 32, 32))
 
 
 def _svhn(root: Path, download: bool) -> DataBundle:
-    import torchvision
+    """SVHN cropped digits from ``{train,test}_32x32.mat``."""
+    from scipy.io import loadmat
 
-    if not download and not (root / "train_32x32.mat").exists():
+    if download:
+        import torchvision
+
+        for split in ("train", "test"):
+            if not (root / f"{split}_32x32.mat").exists():
+                torchvision.datasets.SVHN(str(root), split=split, download=True)
+    if not (root / "train_32x32.mat").exists():
         raise _missing("svhn", root, "train_32x32.mat")
-    tr, te = (
-        torchvision.datasets.SVHN(str(root), split=s, download=download) for s in ("train", "test")
-    )
 
-    def to_x(d):
-        return torch.as_tensor(d.data).float() / 255.0
+    def read(split):
+        mat = loadmat(root / f"{split}_32x32.mat")
+        x = torch.as_tensor(mat["X"]).permute(3, 2, 0, 1)  # (H, W, C, N) -> (N, C, H, W)
+        y = torch.as_tensor(mat["y"].astype(np.int64)).reshape(-1) % 10  # label 10 is digit 0
+        return x.float() / 255.0, y
 
-    return DataBundle(
-        "svhn",
-        to_x(tr),
-        to_x(te),
-        torch.as_tensor(tr.labels).long(),
-        torch.as_tensor(te.labels).long(),
-        image_shape=(3, 32, 32),
-    )
+    train_x, train_y = read("train")
+    test_x, test_y = read("test")
+    return DataBundle("svhn", train_x, test_x, train_y, test_y, image_shape=(3, 32, 32))
 
 
 def _celeba(root: Path, download: bool, size: int = 32) -> DataBundle:

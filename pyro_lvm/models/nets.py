@@ -79,7 +79,7 @@ class MLP(nn.Sequential):
     @property
     def trunk(self) -> nn.Sequential:
         """Every layer but the final ``Linear`` (the features ``g(x)`` of ALD)."""
-        return self[:-1]
+        return nn.Sequential(*list(self)[:-1])  # shares the layers
 
     @property
     def head(self) -> nn.Linear:
