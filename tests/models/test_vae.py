@@ -12,7 +12,7 @@ def test_mlp_structure():
     assert sum(isinstance(m, torch.nn.LayerNorm) for m in net) == 2
     assert net.trunk(torch.zeros(2, 5)).shape == (2, 7)
     w = net[0].weight
-    assert torch.allclose(w @ w.T, torch.eye(7), atol=1e-5)
+    assert torch.allclose(w.T @ w, torch.eye(5), atol=1e-5)  # orthonormal columns
 
 
 @pytest.mark.parametrize(
