@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
-__all__ = ["DivergenceError", "check_loss"]
+__all__ = ["DivergenceError", "check_loss", "divergence_guard"]
 
 
 class DivergenceError(FloatingPointError):
@@ -18,3 +20,18 @@ def check_loss(loss: torch.Tensor, what: str = "loss") -> None:
             f"the {what} became {float(loss.detach().sum())}: training diverged; lower the "
             "learning rate (--lr) or restart from the last checkpoint"
         )
+
+
+@contextmanager
+def divergence_guard(what: str = "loss"):
+    """Turn a distribution's argument-validation error about NaN parameters (what torch
+    raises first when a network's output goes NaN) into a :class:`DivergenceError`."""
+    try:
+        yield
+    except ValueError as err:
+        if "found invalid values" in str(err) and "nan" in str(err).lower():
+            raise DivergenceError(
+                f"the {what} became NaN (a distribution got NaN parameters): training "
+                "diverged; lower the learning rate (--lr) or restart from the last checkpoint"
+            ) from None
+        raise

@@ -17,7 +17,7 @@ import pyro
 import torch
 from pyro.infer import ELBO, Trace_ELBO
 
-from pyro_lvm.infer.diagnostics import check_loss
+from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
 
 __all__ = ["ModuleSVI"]
 
@@ -55,7 +55,8 @@ class ModuleSVI:
     def step(self, *args, **kwargs) -> float:
         """One gradient step; returns the loss (minus the ELBO, summed over the batch)."""
         self.optim.zero_grad(set_to_none=True)
-        loss = self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
+        with divergence_guard():
+            loss = self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
         check_loss(loss)
         loss.backward()
         if self.clip_norm is not None:
