@@ -1,5 +1,6 @@
 """Inference algorithms and likelihood evaluation."""
 
+from pyro_lvm.infer.amortized_langevin import AmortizedLangevin, RankConditionWarning
 from pyro_lvm.infer.closed_form import ClosedFormFit
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.infer.importance import (
@@ -7,6 +8,7 @@ from pyro_lvm.infer.importance import (
     iwae_log_likelihood,
     log_importance_weights,
 )
+from pyro_lvm.infer.lae import LAE
 from pyro_lvm.infer.langevin import (
     DualAveragingState,
     LangevinInfo,
@@ -22,13 +24,16 @@ from pyro_lvm.infer.marginal import MarginalLikelihoodGD
 from pyro_lvm.infer.svi import ModuleSVI
 
 __all__ = [
+    "AmortizedLangevin",
     "ClosedFormFit",
     "DivergenceError",
     "DualAveragingState",
+    "LAE",
     "LangevinInfo",
     "LangevinState",
     "MarginalLikelihoodGD",
     "ModuleSVI",
+    "RankConditionWarning",
     "dual_averaging_init",
     "dual_averaging_step_size",
     "dual_averaging_update",

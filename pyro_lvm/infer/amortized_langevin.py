@@ -1,0 +1,503 @@
+r"""Amortized Langevin dynamics (ALD) as a Pyro MCMC kernel.
+
+Plain Langevin dynamics runs one chain per datapoint on its latent :math:`z_i`. ALD runs
+**one** chain on the weight :math:`\Phi` of an encoder's final linear layer, so that the
+encoder outputs *are* the posterior samples (Taniguchi et al. 2022):
+
+.. math::
+
+    z_i = \Phi\, g(x_i) + b, \qquad
+    V(\Phi) = -\sum_{i=1}^n \log p\bigl(x_i, z_i = \Phi g(x_i) + b\bigr),
+
+with the features :math:`g(x_i)` (the encoder trunk) and the bias :math:`b` held fixed.
+Each transition is a MALA step on :math:`\Phi` (see :mod:`pyro_lvm.infer.langevin`) with
+one accept/reject decision for the whole batch. If the feature matrix :math:`G` (rows
+:math:`g(x_i)^\top`) has full row rank :math:`n` (so the trunk must be at least as wide
+as the batch), the induced dynamics of :math:`(z_1, \dots, z_n)` is Langevin dynamics
+preconditioned by :math:`G G^\top`, whose stationary law is
+:math:`\prod_i p(z_i \mid x_i)`: the encoder outputs along the chain are exact posterior
+samples. With fewer features than datapoints some posteriors collapse; the kernel warns
+(:class:`RankConditionWarning`).
+
+**Temperature.** The potential is the *plain* sum over the rows given, as in the paper:
+temperature 1 for the posterior of exactly these rows. A subsampled ``pyro.plate`` would
+multiply the log-likelihood by :math:`N/n` and sample a colder posterior, so the kernel
+rejects models whose plates subsample: pass the minibatch you have, with a full-size plate.
+
+The potential is computed from the user's own Pyro model, conditioned on
+``latent_site = encoder(x)`` and traced inside :func:`pyro.poutine.block`; the model needs
+no changes to be trained with SVI (VAE) or with ALD (:class:`~pyro_lvm.infer.lae.LAE`).
+
+References
+----------
+Taniguchi, Iwasawa, Kumagai, Matsuo (2022), "Langevin Autoencoders for Learning Deep
+Latent Variable Models", NeurIPS.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pyro
+import torch
+import torch.nn.functional as F
+from pyro import poutine
+from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
+from pyro.poutine.util import site_is_subsample
+from torch import Tensor, nn
+
+from pyro_lvm.infer.diagnostics import DivergenceError
+from pyro_lvm.infer.langevin import (
+    DualAveragingState,
+    LangevinInfo,
+    LangevinState,
+    dual_averaging_init,
+    dual_averaging_step_size,
+    dual_averaging_update,
+    langevin_init,
+    langevin_proposal,
+    langevin_step,
+    mala_log_accept_ratio,
+    potential_and_grad,
+)
+
+__all__ = ["AmortizedLangevin", "RankConditionWarning"]
+
+
+class RankConditionWarning(UserWarning):
+    """The encoder has fewer features than the batch has rows: ALD samples then collapse."""
+
+
+def _final_linear(encoder: nn.Module) -> tuple[str, nn.Linear] | None:
+    """The encoder's final ``nn.Linear`` (its last module if a ``Sequential``, else the
+    last registered ``nn.Linear`` submodule), with its qualified name."""
+    if isinstance(encoder, nn.Linear):
+        return "", encoder
+    if isinstance(encoder, nn.Sequential) and len(encoder):
+        last = encoder[-1]
+        return (str(len(encoder) - 1), last) if isinstance(last, nn.Linear) else None
+    found = None
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.Linear):
+            found = (name, module)
+    return found
+
+
+class AmortizedLangevin(MCMCKernel):
+    r"""MALA on an encoder's final-layer weight; its outputs are posterior samples.
+
+    Parameters
+    ----------
+    model : callable
+        Pyro model ``model(x, ...)`` with a continuous latent site ``latent_site`` inside a
+        (full-size, not subsampled) data plate over the rows of ``x``; no other latent
+        sites.
+    encoder : nn.Module
+        ``encoder(x)`` returns latent values of the site's shape ``(n, latent_dim)``. It
+        receives the first positional argument given to the model.
+    latent_site : str
+        Name of the latent sample site.
+    step_size : float, optional
+        Initial MALA step size :math:`\eta`. By default it is found at setup by doubling or
+        halving :math:`10^{-3}` until one proposal's acceptance crosses the target.
+    mh : bool
+        Metropolis-Hastings correction (MALA); ``False`` gives unadjusted Langevin (ULA).
+    adapt_step_size : bool
+        Dual averaging of :math:`\log\eta` towards ``target_accept_prob`` during warmup
+        (under :class:`pyro.infer.MCMC`) or during every transition when asked to
+        (:class:`~pyro_lvm.infer.lae.LAE`).
+    target_accept_prob : float
+        Target acceptance probability (0.574 is optimal for MALA in high dimension).
+    params : sequence of str, optional
+        Names (as in ``encoder.named_parameters()``) of the parameters that form the chain
+        state, instead of the final ``nn.Linear``'s weight. Then the whole encoder is
+        re-evaluated at every proposal.
+    adapt_window : int, optional
+        Cap on the dual-averaging counter (see
+        :func:`~pyro_lvm.infer.langevin.dual_averaging_update`): keeps adaptation
+        responsive when the target keeps changing (training). ``None`` (default for
+        plain MCMC) is textbook dual averaging.
+
+    Examples
+    --------
+    >>> kernel = AmortizedLangevin(lvm.model, encoder)          # doctest: +SKIP
+    >>> mcmc = pyro.infer.MCMC(kernel, num_samples=500, warmup_steps=200)  # doctest: +SKIP
+    >>> mcmc.run(x)                                             # doctest: +SKIP
+    >>> z = mcmc.get_samples()["z"]        # (500, n, latent_dim)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        encoder: nn.Module,
+        *,
+        latent_site: str = "z",
+        step_size: float | None = None,
+        mh: bool = True,
+        adapt_step_size: bool = True,
+        target_accept_prob: float = 0.574,
+        params: Sequence[str] | None = None,
+        adapt_window: int | None = None,
+    ):
+        if step_size is not None and not step_size > 0:
+            raise ValueError(f"step_size must be positive, got {step_size}")
+        if not 0.0 < target_accept_prob < 1.0:
+            raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob}")
+        if adapt_window is not None and adapt_window < 1:
+            raise ValueError(f"adapt_window must be a positive integer, got {adapt_window}")
+        if not isinstance(encoder, nn.Module):
+            raise ValueError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+        self.model, self.encoder, self.latent_site = model, encoder, latent_site
+        self.mh, self.adapt_step_size = mh, adapt_step_size
+        self.target_accept_prob, self.adapt_window = target_accept_prob, adapt_window
+        self._init_step_size = step_size
+        self._initial_params: dict[str, Tensor] | None = None
+        self.transforms: dict = {}  # MCMC reads it; the state is unconstrained already
+        self.save_params = [latent_site]
+
+        named = dict(encoder.named_parameters())
+        self._head: nn.Linear | None = None
+        if params is None:
+            final = _final_linear(encoder)
+            if final is None:
+                raise ValueError(
+                    f"encoder {type(encoder).__name__} has no final nn.Linear layer to use as "
+                    "the chain state; end it with an nn.Linear or name the chain parameters "
+                    "with params=[...]"
+                )
+            prefix, self._head = final
+            params = [f"{prefix}.weight" if prefix else "weight"]
+        else:
+            params = list(params)
+            missing = [p for p in params if p not in named]
+            if not params or missing:
+                raise ValueError(
+                    f"params {missing or params} are not parameters of the encoder; choose "
+                    f"from {sorted(named)}"
+                )
+        self.param_names: list[str] = params
+        self.chain_params: list[nn.Parameter] = [named[p] for p in params]
+        # fast path: the chain is exactly the final Linear's weight of a Sequential, so the
+        # trunk features are computed once per batch and a proposal costs one matmul
+        self._trunk: nn.Module | None = None
+        plain_sequential = (
+            isinstance(encoder, nn.Sequential) and type(encoder).forward is nn.Sequential.forward
+        )
+        if self._head is not None and plain_sequential:
+            self._trunk = nn.Sequential(*list(encoder)[:-1])  # shares the modules
+        elif isinstance(encoder, nn.Linear) and self._head is not None:
+            self._trunk = nn.Identity()
+        self._reset()
+
+    # -- state ----------------------------------------------------------------------------
+    def _reset(self) -> None:
+        self._t = 0
+        self._warmup_steps = 0
+        self._args: tuple = ()
+        self._kwargs: dict = {}
+        self._features: Tensor | None = None
+        self._state: LangevinState | None = None
+        self._adapt: DualAveragingState | None = None
+        self._step_size: float | None = self._init_step_size
+        self._final_step_size: float | None = None
+        self._checked = False
+        self._warned = False
+        self._stats = {"accept_prob": 0.0, "accepted": 0.0, "n": 0}
+
+    @property
+    def step_size(self) -> float | None:
+        """The step size the next transition uses."""
+        return self._step_size
+
+    @property
+    def state(self) -> LangevinState | None:
+        """The current :class:`~pyro_lvm.infer.langevin.LangevinState` (flat position)."""
+        return self._state
+
+    def _flat_position(self) -> Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.chain_params])
+
+    def _unflatten(self, position: Tensor) -> list[Tensor]:
+        out, i = [], 0
+        for p in self.chain_params:
+            out.append(position[i : i + p.numel()].view_as(p))
+            i += p.numel()
+        return out
+
+    def _write_back(self, position: Tensor) -> None:
+        """The encoder holds the chain's current state."""
+        with torch.no_grad():
+            for p, value in zip(self.chain_params, self._unflatten(position)):
+                p.copy_(value)
+
+    # -- the potential --------------------------------------------------------------------
+    def latents(self, position: Tensor | None = None) -> Tensor:
+        """Encoder outputs :math:`z = \\Phi g(x) + b` at ``position`` (default: current)."""
+        if position is None:
+            position = self._state.position if self._state is not None else None
+            position = self._flat_position() if position is None else position
+        if self._trunk is not None:
+            (weight,) = self._unflatten(position)
+            return F.linear(self._features, weight, self._head.bias)
+        values = dict(zip(self.param_names, self._unflatten(position)))
+        return torch.func.functional_call(self.encoder, values, (self._args[0],))
+
+    def _log_joint(self, z: Tensor) -> Tensor:
+        # validation off: the Langevin core itself turns non-finite potentials into
+        # rejections, and Pyro's per-site NaN/inf checks cost a sync per site
+        with poutine.block(), pyro.validation_enabled(not self._checked):
+            model = poutine.condition(self.model, data={self.latent_site: z})
+            trace = poutine.trace(model).get_trace(*self._args, **self._kwargs)
+            if not self._checked:
+                self._check_trace(trace, z)
+            return trace.log_prob_sum()
+
+    def potential_fn(self, position: Tensor) -> Tensor:
+        """:math:`V = -\\log p(x, z = \\text{encoder}(x))`, summed over the batch."""
+        return -self._log_joint(self.latents(position))
+
+    def _check_trace(self, trace, z: Tensor) -> None:
+        sites = {
+            name: site
+            for name, site in trace.nodes.items()
+            if site["type"] == "sample" and not site_is_subsample(site)
+        }
+        if self.latent_site not in sites:
+            latent = [n for n, s in sites.items() if not s["is_observed"]]
+            raise ValueError(
+                f"the model has no sample site {self.latent_site!r}; pass latent_site= one "
+                f"of {sorted(sites)} (latent sites: {latent})"
+            )
+        fn = sites[self.latent_site]["fn"]
+        if fn.support.is_discrete:
+            raise ValueError(
+                f"latent site {self.latent_site!r} is discrete ({type(fn).__name__}); Langevin "
+                "dynamics needs continuous latents: use an SVI estimator (e.g. TraceNVIL_ELBO)"
+            )
+        site_shape = fn.batch_shape + fn.event_shape
+        if tuple(site_shape) != tuple(z.shape):
+            raise ValueError(
+                f"the encoder outputs shape {tuple(z.shape)} but latent site "
+                f"{self.latent_site!r} has shape {tuple(site_shape)}; make encoder(x) "
+                "match the latent site"
+            )
+        others = [n for n, s in sites.items() if not s["is_observed"] and n != self.latent_site]
+        if others:
+            raise ValueError(
+                f"the model has latent sites {others} besides {self.latent_site!r}; "
+                "AmortizedLangevin samples one latent site: condition or remove the others"
+            )
+        for name, site in trace.nodes.items():
+            if site_is_subsample(site):
+                full, sub = site["fn"].size, site["fn"].subsample_size
+                if sub is not None and sub != full:
+                    raise ValueError(
+                        f"plate {name!r} subsamples {sub} of {full} rows, which scales the "
+                        "potential by N/n (a colder chain); give the model the minibatch with "
+                        "a full-size plate (the potential is the plain minibatch sum)"
+                    )
+        self._checked = True
+
+    # -- batch set-up -----------------------------------------------------------------------
+    def prepare(self, *args, keep_graph: bool = False, **kwargs) -> LangevinState:
+        """Bind the data ``args`` and evaluate the state at the encoder's current weights.
+
+        With ``keep_graph`` the trunk features and the state's potential keep their
+        autograd graphs to the network parameters (what :class:`~pyro_lvm.infer.lae.LAE`
+        backpropagates); otherwise the features are computed once without a graph.
+        """
+        if not args:
+            raise ValueError("AmortizedLangevin needs the data: call run(x) / step(x)")
+        self._args, self._kwargs = args, kwargs
+        x = args[0]
+        if self._trunk is not None:
+            with torch.set_grad_enabled(keep_graph):
+                self._features = self._trunk(x)
+            self._check_rank(self._features.shape[-1], x.shape[0])
+        elif self._head is not None:
+            self._check_rank(self._head.in_features, x.shape[0])
+        position = self._flat_position()
+        state = langevin_init(position, self.potential_fn, keep_graph=keep_graph)
+        if not torch.isfinite(state.potential).all() or not torch.isfinite(state.grad).all():
+            raise DivergenceError(
+                f"the potential at the current encoder weights is {float(state.potential)}; "
+                "the model or encoder produced NaN/inf: lower the learning rate or re-initialise"
+            )
+        self._state = state
+        return state
+
+    def _check_rank(self, num_features: int, batch_size: int) -> None:
+        if num_features < batch_size and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"the encoder has {num_features} features for a batch of {batch_size}: ALD "
+                "samples collapse when the feature width is below the batch size; widen the "
+                "encoder's last hidden layer or use smaller batches",
+                RankConditionWarning,
+                stacklevel=3,
+            )
+
+    def _find_step_size(self) -> float:
+        """Double or halve :math:`\\eta` from 1e-3 until one proposal's acceptance
+        probability crosses the target (Hoffman & Gelman 2014, Algorithm 4)."""
+        state = self._state
+        state = LangevinState(state.position, state.potential.detach(), state.grad)
+        noise = torch.randn_like(state.position)
+        log_target = math.log(self.target_accept_prob)
+
+        def log_accept(eta: float) -> float:
+            position = langevin_proposal(state, eta, noise)
+            potential, grad = potential_and_grad(self.potential_fn, position)
+            proposal = LangevinState(position, potential, grad)
+            return float(mala_log_accept_ratio(state, proposal, eta))
+
+        features = self._features
+        if features is not None:  # never touch the graph a training step will backpropagate
+            self._features = features.detach()
+        try:
+            eta = 1e-3
+            direction = 1.0 if log_accept(eta) > log_target else -1.0
+            for _ in range(60):
+                new_eta = eta * 2.0**direction
+                crossed = (log_accept(new_eta) > log_target) != (direction > 0)
+                if crossed:
+                    return eta if direction > 0 else new_eta
+                eta = new_eta
+            return eta
+        finally:
+            self._features = features
+
+    def _start_adaptation(self) -> None:
+        if self._step_size is None:
+            self._step_size = self._find_step_size()
+        if self.adapt_step_size:
+            self._adapt = dual_averaging_init(self._step_size)
+
+    # -- transitions ----------------------------------------------------------------------
+    def transition(self, *, adapt: bool | None = None, keep_graph: bool = False) -> LangevinInfo:
+        """One MALA/ULA transition of the chain on the bound batch.
+
+        Parameters
+        ----------
+        adapt : bool, optional
+            Update the step size by dual averaging after this transition. Default: during
+            the warmup of an :class:`pyro.infer.MCMC` run only.
+        keep_graph : bool
+            Keep the new state's potential graph (see :meth:`prepare`).
+        """
+        if self._state is None:
+            raise RuntimeError("call prepare(x) (or setup) before transition()")
+        if self._step_size is None or (self.adapt_step_size and self._adapt is None):
+            self._start_adaptation()
+        if adapt is None:
+            adapt = self.adapt_step_size and self._t < self._warmup_steps
+        state, info = langevin_step(
+            self._state, self.potential_fn, self._step_size, mh=self.mh, keep_graph=keep_graph
+        )
+        self._state = state
+        self._write_back(state.position)
+        self._t += 1
+        if adapt and self._adapt is not None:
+            self._adapt = dual_averaging_update(
+                self._adapt, info.accept_prob, self.target_accept_prob, max_t=self.adapt_window
+            )
+            self._step_size = float(dual_averaging_step_size(self._adapt))
+            if self._t == self._warmup_steps:  # end of an MCMC warmup: freeze the average
+                self._step_size = float(dual_averaging_step_size(self._adapt, final=True))
+        self._stats["accept_prob"] += float(info.accept_prob)
+        self._stats["accepted"] += float(info.accepted)
+        self._stats["n"] += 1
+        return info
+
+    def release(self) -> None:
+        """Drop the bound data and every autograd graph (keep the chain and adaptation)."""
+        self._args, self._kwargs, self._features = (), {}, None
+        if self._state is not None:
+            self._state = LangevinState(*(t.detach() for t in self._state))
+
+    @torch.no_grad()
+    def potential(self, *args, **kwargs) -> Tensor:
+        """:math:`V` at the encoder's current weights on the batch ``args`` (no graph)."""
+        saved = self._args, self._kwargs, self._features
+        try:
+            self._args, self._kwargs = args, kwargs
+            if self._trunk is not None:
+                self._features = self._trunk(args[0])
+            return self.potential_fn(self._flat_position())
+        finally:
+            self._args, self._kwargs, self._features = saved
+
+    # -- MCMCKernel interface -------------------------------------------------------------
+    def setup(self, warmup_steps: int, *args, **kwargs) -> None:
+        self._reset()
+        self._warmup_steps = warmup_steps
+        if self._initial_params is not None:
+            named = dict(self.encoder.named_parameters())
+            initial = [self._initial_params.get(n, named[n]) for n in self.param_names]
+            self._write_back(torch.cat([p.detach().reshape(-1) for p in initial]))
+        self.prepare(*args, **kwargs)
+        self._start_adaptation()
+
+    @property
+    def initial_params(self) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return {self.latent_site: self.latents().detach().clone()}
+
+    @initial_params.setter
+    def initial_params(self, params: dict[str, Tensor]) -> None:
+        unknown = set(params) - set(self.param_names)
+        if unknown:
+            raise ValueError(
+                f"AmortizedLangevin starts from encoder weights: initial_params must be keyed "
+                f"by {self.param_names}, got {sorted(unknown)}"
+            )
+        self._initial_params = dict(params)
+
+    def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self._t == self._warmup_steps:
+            self._stats = {"accept_prob": 0.0, "accepted": 0.0, "n": 0}  # sampling phase only
+        self.transition()
+        with torch.no_grad():
+            return {self.latent_site: self.latents().detach().clone()}
+
+    def cleanup(self) -> None:
+        # MCMC calls this twice: idempotent; keeps the chain and the diagnostics
+        self.release()
+
+    def accept_rate(self) -> float:
+        """Fraction of accepted proposals (since warmup ended, under MCMC)."""
+        n = self._stats["n"]
+        return self._stats["accepted"] / n if n else float("nan")
+
+    def diagnostics(self) -> dict[str, Any]:
+        n = self._stats["n"]
+        return {
+            "accept_rate": self.accept_rate(),
+            "accept_prob": self._stats["accept_prob"] / n if n else float("nan"),
+            "step_size": self._step_size if self._step_size is not None else float("nan"),
+        }
+
+    def logging(self) -> dict[str, str]:
+        n = self._stats["n"]
+        return {
+            "step size": f"{self._step_size:.2e}" if self._step_size else "-",
+            "acc. prob": f"{self._stats['accept_prob'] / n:.3f}" if n else "-",
+        }
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Adaptation state (the chain state itself lives in the encoder's parameters)."""
+        return {
+            "t": self._t,
+            "step_size": self._step_size,
+            "adapt": None if self._adapt is None else self._adapt._asdict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._t = int(state["t"])
+        self._step_size = state["step_size"]
+        adapt = state["adapt"]
+        self._adapt = None if adapt is None else DualAveragingState(**adapt)

@@ -1,0 +1,172 @@
+r"""Langevin autoencoders: train a decoder with amortized Langevin dynamics (ALD).
+
+:class:`LAE` is an SVI-like driver for Algorithm 2 of Taniguchi et al. (2022). On each
+minibatch :math:`x_1, \dots, x_n` it
+
+1. computes the encoder trunk features :math:`g(x_i; \psi)` once,
+2. runs :math:`T` MALA transitions of the chain :math:`\Phi` (the weight of the encoder's
+   final linear layer; see :class:`~pyro_lvm.infer.amortized_langevin.AmortizedLangevin`),
+   the step size adapting towards the target acceptance throughout training,
+3. takes one optimizer step on every other parameter (decoder :math:`\theta`, likelihood
+   scale, encoder trunk :math:`\psi` and the final layer's bias) on the mean potential at
+   the :math:`T` chain states after each transition,
+
+.. math::
+
+    \mathcal L(\theta, \psi) = \frac1T \sum_{t=1}^T V_t, \qquad
+    V_t = -\sum_{i=1}^n \log p_\theta\bigl(x_i, z_i = \Phi_t\, g(x_i; \psi) + b\bigr),
+
+with :math:`\Phi_t` held constant. :math:`\Phi` never gets an optimizer step; the chain
+persists across minibatches.
+
+**Temperature.** :math:`V` is the plain minibatch sum (temperature 1), as in the paper;
+the returned loss is therefore a batch-summed :math:`-\log p(x, z)` like
+:class:`~pyro_lvm.infer.svi.ModuleSVI`'s negative ELBO (which lacks the entropy term).
+
+**Cost.** Every potential is evaluated once, with its graph to :math:`\theta, \psi`
+kept: the Metropolis-Hastings test of a proposal needs :math:`V(\Phi')`, and the graph of
+whichever state the chain holds after each transition (the accepted proposal or the kept
+state) is the one backpropagated for the update; the trunk runs once per minibatch. A
+step costs :math:`T + 1` decoder passes plus one backward pass through the selected graphs.
+
+References
+----------
+Taniguchi, Iwasawa, Kumagai, Matsuo (2022), "Langevin Autoencoders for Learning Deep
+Latent Variable Models", NeurIPS, Algorithm 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pyro_lvm.infer.amortized_langevin import AmortizedLangevin
+from pyro_lvm.infer.diagnostics import check_loss
+
+__all__ = ["LAE"]
+
+#: dual-averaging memory (steps) while training: the target moves with the decoder
+DEFAULT_ADAPT_WINDOW = 1000
+
+
+class LAE:
+    """SVI-like trainer for a Langevin autoencoder.
+
+    Parameters
+    ----------
+    model : callable
+        Pyro model ``model(x)`` with a continuous latent site inside a full-size data plate.
+    encoder : nn.Module
+        Deterministic encoder ``x -> z`` ending in an ``nn.Linear`` whose weight is the
+        chain state.
+    optim : torch.optim.Optimizer
+        Optimizer over the parameters to train (model and encoder). The chain parameters
+        are **removed** from its parameter groups here (they move only by MCMC), so
+        ``Adam([*model.parameters(), *encoder.parameters()])`` is fine.
+    num_steps : int
+        Kernel transitions :math:`T` per minibatch (the paper's default is 2).
+    kernel : AmortizedLangevin, optional
+        A ready kernel (then ``kernel_options`` must be empty).
+    clip_norm : float, optional
+        Clip the global gradient norm of the optimizer's parameters.
+    **kernel_options
+        Passed to :class:`~pyro_lvm.infer.amortized_langevin.AmortizedLangevin`
+        (``latent_site``, ``step_size``, ``mh``, ``adapt_step_size``,
+        ``target_accept_prob``, ``params``, ``adapt_window``; the latter defaults to
+        1000 here so the step size keeps tracking the target acceptance while the
+        decoder changes).
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        encoder: nn.Module,
+        optim: torch.optim.Optimizer,
+        *,
+        num_steps: int = 2,
+        kernel: AmortizedLangevin | None = None,
+        clip_norm: float | None = None,
+        **kernel_options: Any,
+    ):
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps (T) must be a positive integer, got {num_steps}")
+        if kernel is None:
+            kernel_options.setdefault("adapt_window", DEFAULT_ADAPT_WINDOW)
+            kernel = AmortizedLangevin(model, encoder, **kernel_options)
+        elif kernel_options:
+            raise ValueError(
+                f"got a kernel and kernel options {sorted(kernel_options)}; configure the "
+                "kernel itself"
+            )
+        self.model, self.encoder, self.optim = model, encoder, optim
+        self.kernel, self.num_steps, self.clip_norm = kernel, num_steps, clip_norm
+        chain = {id(p) for p in kernel.chain_params}
+        for group in optim.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in chain]
+        for p in kernel.chain_params:
+            optim.state.pop(p, None)
+        self._metrics = {"accept_prob": 0.0, "step_size": 0.0, "n": 0}
+        self._last = {"accept_rate": float("nan"), "step_size": float("nan")}
+
+    def _params(self):
+        return [p for group in self.optim.param_groups for p in group["params"]]
+
+    def step(self, *args, **kwargs) -> float:
+        """``T`` transitions, then one optimizer step; returns the mean batch-summed
+        potential :math:`\\frac1T\\sum_t V_t`."""
+        kernel = self.kernel
+        self.optim.zero_grad(set_to_none=True)
+        try:
+            kernel.prepare(*args, keep_graph=True, **kwargs)
+            potentials = []
+            for _ in range(self.num_steps):
+                info = kernel.transition(adapt=kernel.adapt_step_size, keep_graph=True)
+                potentials.append(kernel.state.potential)
+                self._metrics["accept_prob"] += float(info.accept_prob)
+                self._metrics["step_size"] += float(info.step_size)
+                self._metrics["n"] += 1
+            # a state kept over several transitions appears several times: autograd sums
+            # its gradient and traverses its graph once
+            loss = sum(potentials) / self.num_steps
+            check_loss(loss, "LAE potential")
+            loss.backward()
+        finally:
+            kernel.release()
+        if self.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._params(), self.clip_norm)
+        self.optim.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate_loss(self, *args, **kwargs) -> float:
+        """The batch-summed potential :math:`V` at the current chain state (no update)."""
+        return float(self.kernel.potential(*args, **kwargs))
+
+    def metrics(self) -> dict[str, float]:
+        """Mean acceptance probability and step size since the last call."""
+        n = self._metrics["n"]
+        if n:
+            self._last = {
+                "accept_rate": self._metrics["accept_prob"] / n,
+                "step_size": self._metrics["step_size"] / n,
+            }
+            self._metrics = {"accept_prob": 0.0, "step_size": 0.0, "n": 0}
+        return dict(self._last)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer and kernel adaptation state (the chain itself is an encoder parameter)."""
+        return {
+            "optim": self.optim.state_dict(),
+            "kernel": self.kernel.state_dict(),
+            "metrics": dict(self._metrics),
+            "last": dict(self._last),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optim.load_state_dict(state["optim"])
+        self.kernel.load_state_dict(state["kernel"])
+        self._metrics = dict(state.get("metrics", self._metrics))
+        self._last = dict(state.get("last", self._last))
