@@ -1,8 +1,10 @@
 """Inference algorithms and likelihood evaluation."""
 
+from pyro_lvm.infer.ais import AISResult, ais_log_likelihood, annealed_importance_sampling
 from pyro_lvm.infer.amortized_langevin import AmortizedLangevin, RankConditionWarning
 from pyro_lvm.infer.closed_form import ClosedFormFit
 from pyro_lvm.infer.diagnostics import DivergenceError
+from pyro_lvm.infer.dlgm import DLGM
 from pyro_lvm.infer.importance import (
     elbo_per_datapoint,
     iwae_log_likelihood,
@@ -21,9 +23,25 @@ from pyro_lvm.infer.langevin import (
     potential_and_grad,
 )
 from pyro_lvm.infer.marginal import MarginalLikelihoodGD
+from pyro_lvm.infer.refine import (
+    GaussianProposal,
+    LangevinProposalGuide,
+    RefineInfo,
+    fit_langevin_proposal,
+    refine_latents,
+)
 from pyro_lvm.infer.svi import ModuleSVI
 
 __all__ = [
+    "AISResult",
+    "DLGM",
+    "GaussianProposal",
+    "LangevinProposalGuide",
+    "RefineInfo",
+    "ais_log_likelihood",
+    "annealed_importance_sampling",
+    "fit_langevin_proposal",
+    "refine_latents",
     "AmortizedLangevin",
     "ClosedFormFit",
     "DivergenceError",

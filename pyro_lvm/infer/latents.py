@@ -32,7 +32,7 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["LatentSpec", "find_latents", "sample_prior", "log_densities", "unpack"]
+__all__ = ["LatentSpec", "find_latents", "sample_prior", "log_densities", "pack", "unpack"]
 
 _CHAIN_PLATE = "_latent_chains"
 
@@ -160,7 +160,9 @@ def unpack(spec: LatentSpec, z: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def _pack(spec: LatentSpec, values: dict[str, torch.Tensor], num_chains: int) -> torch.Tensor:
+def pack(spec: LatentSpec, values: dict[str, torch.Tensor], num_chains: int = 1) -> torch.Tensor:
+    """Concatenate ``{site: value}`` into a ``(num_chains, B, spec.size)`` tensor (values of
+    shape ``(B, *shape)`` are broadcast over the chains)."""
     parts = []
     for name, shape in zip(spec.names, spec.shapes):
         v = values[name]
@@ -177,7 +179,7 @@ def sample_prior(
         trace = poutine.trace(_chain_plate(num_chains, spec.max_plate_nesting)(model)).get_trace(
             *args, **kwargs
         )
-    return _pack(spec, {n: trace.nodes[n]["value"] for n in spec.names}, num_chains)
+    return pack(spec, {n: trace.nodes[n]["value"] for n in spec.names}, num_chains)
 
 
 def _sum_per_datapoint(lp: torch.Tensor, spec: LatentSpec, num_chains: int) -> torch.Tensor:
