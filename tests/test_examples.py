@@ -1,0 +1,35 @@
+"""Every example runs with tiny settings (and every example is listed here)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+# script name -> tiny command-line arguments; add one entry per example
+TINY = {
+    "vae_digits.py": ["--epochs", "1", "--hidden-dim", "16", "--eval-samples", "10"],
+}
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name[:-3], EXAMPLES / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_example_is_smoke_tested():
+    assert {p.name for p in EXAMPLES.glob("*.py")} == set(TINY)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_example_runs(name, tmp_path):
+    module = _load(name)
+    result = module.main(module.parse_args([*TINY[name], "--out", str(tmp_path)]))
+    assert isinstance(result, dict) and result
+    for key, value in result.items():
+        if isinstance(value, float):
+            assert math.isfinite(value), (key, value)
