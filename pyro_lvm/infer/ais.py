@@ -35,9 +35,10 @@ weights are discarded; the estimator chains are independent of them, so conditio
 the tuning chains they run AIS with a fixed step-size schedule and their weights are
 exactly unbiased.
 
-**Cost.** Each annealing step evaluates the model's log density and gradient twice per
-chain (once to re-target the cached gradient to :math:`\beta_t`, once at the proposal):
-``2 * num_steps * (num_chains + num_tuning_chains)`` decoder passes per datapoint.
+**Cost.** One model evaluation (forward, and backward for the gradients of the prior and
+the likelihood terms separately) per annealing step and chain: the cached potential and
+gradient are re-targeted to each new :math:`\beta_t` exactly, without re-evaluation.
+``num_steps * (num_chains + num_tuning_chains)`` decoder passes per datapoint.
 
 References
 ----------
@@ -57,6 +58,7 @@ from typing import NamedTuple
 import torch
 
 from pyro_lvm.infer.langevin import (
+    LangevinState,
     dual_averaging_init,
     dual_averaging_step_size,
     dual_averaging_update,
@@ -196,33 +198,44 @@ def annealed_importance_sampling(
     eta = torch.as_tensor(step_size, dtype=z.dtype, device=z.device).expand(batch).clone()
     adapt = dual_averaging_init(eta) if adapt_step_size else None
 
-    # the closure stores log p(x | z) at the points it evaluates: the weight increments
-    # need its value at the current state, which the (re-targeting) init just computed
-    last = {}
+    # each evaluation also records log p(x | z) and its gradient (one extra backward pass,
+    # no extra forward): the weight increments need the value at the current state, and
+    # moving to the next temperature then re-targets the cached potential and gradient
+    # exactly, V_t = V_{t-1} - (beta_t - beta_{t-1}) log p(x | z), without re-evaluating
+    evaluated: dict[str, torch.Tensor] = {}
 
     def make_potential(beta: float):
         def potential(position: torch.Tensor) -> torch.Tensor:
             log_prior, log_lik = log_densities(model, spec, position, *args, **kwargs)
-            last["log_lik"] = log_lik.detach()
+            grad = None
+            if log_lik.requires_grad:
+                (grad,) = torch.autograd.grad(
+                    log_lik.sum(), position, retain_graph=True, allow_unused=True
+                )
+            evaluated["log_lik"] = log_lik.detach()
+            evaluated["grad"] = torch.zeros_like(position) if grad is None else grad.detach()
             return -(log_prior + beta * log_lik)
 
         return potential
 
+    state = langevin_init(z, make_potential(0.0))
+    log_lik, grad_log_lik = evaluated["log_lik"], evaluated["grad"]
     log_w = z.new_zeros(total, batch)
     accept_sum = z.new_zeros(total, batch)
     num_transitions = len(betas) - 2
     for t in range(1, len(betas)):
-        potential = make_potential(betas[t])
-        if t < len(betas) - 1:
-            state = langevin_init(z, potential)
-        else:  # the last weight increment needs the value only
-            with torch.no_grad():
-                potential(z)
-        log_w = log_w + (betas[t] - betas[t - 1]) * last["log_lik"]
+        d_beta = betas[t] - betas[t - 1]
+        log_w = log_w + d_beta * log_lik
         if t == len(betas) - 1:
             break
-        state, info = langevin_step(state, potential, eta.expand(total, batch), mh=mh, event_dim=1)
-        z = state.position
+        state = LangevinState(
+            state.position, state.potential - d_beta * log_lik, state.grad - d_beta * grad_log_lik
+        )
+        state, info = langevin_step(
+            state, make_potential(betas[t]), eta.expand(total, batch), mh=mh, event_dim=1
+        )
+        log_lik = torch.where(info.accepted, evaluated["log_lik"], log_lik)
+        grad_log_lik = torch.where(info.accepted.unsqueeze(-1), evaluated["grad"], grad_log_lik)
         accept_sum = accept_sum + info.accept_prob
         if adapt is not None:
             # tuning chains only, past steps only: the estimator chains stay exact AIS
