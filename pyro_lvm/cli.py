@@ -109,6 +109,8 @@ def setup_run(
     """Seed, load the data and build the experiment described by ``config``."""
     config.validate()
     _check_device(config.device)
+    # the data are checked once up front; per-step argument validation only costs time
+    pyro.enable_validation(False)
     pyro.set_rng_seed(config.seed)
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.download)
@@ -205,6 +207,9 @@ def run_train(
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
             bar.close()
+    finalize = getattr(experiment.inference, "finalize", None)
+    if finalize is not None:  # post-training fits, e.g. the mixture prior of ae-gmm
+        finalize(data.train_x.to(config.device))
     metrics = _metrics(config, experiment, data, trainer)
     if writer is not None:
         for key, value in metrics.items():
