@@ -79,7 +79,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--validation", action="store_true", help="keep Pyro validation on")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "vae_overhead.json"))
+    parser.add_argument(
+        "--out", default=str(Path(__file__).parent / "results" / "vae_overhead.json")
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pyro.enable_validation(args.validation)
@@ -93,8 +95,10 @@ def main(argv=None) -> list[dict]:
     rows = [measure(*c, steps=args.steps, repeats=args.repeats) for c in configs]
     print(f"{'D':>5} {'H':>5} {'B':>4} {'pyro_lvm ms':>12} {'torch ms':>9} {'ratio':>6}")
     for r in rows:
-        print(f"{r['data_dim']:5d} {r['hidden_dim']:5d} {r['batch']:4d} {r['pyro_lvm_ms']:12.3f} "
-              f"{r['torch_ms']:9.3f} {r['ratio']:6.3f}")
+        print(
+            f"{r['data_dim']:5d} {r['hidden_dim']:5d} {r['batch']:4d} {r['pyro_lvm_ms']:12.3f} "
+            f"{r['torch_ms']:9.3f} {r['ratio']:6.3f}"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"threads": args.threads, "rows": rows}, indent=2))
     return rows

@@ -37,8 +37,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     data = load_digits().for_likelihood("bernoulli")
-    vae = VAE(data.data_dim, args.latent_dim, hidden_dim=args.hidden_dim,
-              likelihood=BernoulliLikelihood())
+    vae = VAE(
+        data.data_dim,
+        args.latent_dim,
+        hidden_dim=args.hidden_dim,
+        likelihood=BernoulliLikelihood(),
+    )
     svi = ModuleSVI(vae.model, vae.guide, torch.optim.Adam(vae.parameters(), lr=args.lr))
     experiment = Experiment(lvm=vae, inference=svi, modules=vae)
     trainer = Trainer(experiment, data, args.batch_size, seed=args.seed)
