@@ -1,0 +1,189 @@
+"""AIS against PPCA's exact log-likelihood.
+
+Tolerances. With ``C`` chains and log weights of standard deviation ``s`` (measured), the
+delta method gives ``E[L_hat] ~= log p(x) - s^2 / (2C)`` and ``sd(L_hat) ~= s / sqrt(C)``
+(valid for ``s`` of order 1, which the tests also assert: prior importance sampling on
+these models has ``s`` near 100). Each datapoint must lie within 4 standard errors of
+the bias-corrected exact value, the pooled mean within 4 pooled standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from linear_gaussian import exact_log_likelihood, linear_gaussian_vae, sample_data
+
+from pyro_lvm.infer import AISResult, ais_log_likelihood, annealed_importance_sampling
+from pyro_lvm.infer.ais import ais_schedule
+from pyro_lvm.models import VAE, GaussianLikelihood
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny tensors: threads only add contention (conftest restores the count)
+    torch.set_num_threads(1)
+
+
+def _check_against_exact(result: AISResult, exact: torch.Tensor, max_sd: float) -> None:
+    num_chains = result.log_weights.shape[0]
+    sd = result.log_weights.std(0)
+    assert (sd < max_sd).all(), f"log-weight sd {sd.tolist()}: the annealing is not working"
+    se = sd / math.sqrt(num_chains)
+    err = result.log_likelihood - (exact - sd**2 / (2 * num_chains))
+    assert (err.abs() < 4 * se).all(), f"errors {err.tolist()} vs 4 se {(4 * se).tolist()}"
+    pooled_se = se.pow(2).sum().sqrt() / len(se)
+    assert err.mean().abs() < 4 * pooled_se
+
+
+def test_ais_matches_ppca_exact(float64):
+    torch.manual_seed(0)
+    vae = linear_gaussian_vae(seed=0)
+    x = sample_data(vae, 6, seed=10)
+    result = annealed_importance_sampling(vae.model, x, num_steps=500, num_chains=16)
+    assert result.log_likelihood.shape == (6,)
+    assert result.log_weights.shape == (16, 6)
+    _check_against_exact(result, exact_log_likelihood(vae, x), max_sd=1.5)
+
+
+@pytest.mark.slow
+def test_ais_matches_ppca_exact_long(float64):
+    torch.manual_seed(1)
+    vae = linear_gaussian_vae(data_dim=20, latent_dim=5, sigma=0.2, seed=1)
+    x = sample_data(vae, 10, seed=11)
+    result = annealed_importance_sampling(vae.model, x, num_steps=5000, num_chains=32)
+    _check_against_exact(result, exact_log_likelihood(vae, x), max_sd=0.6)
+
+
+def test_ais_few_steps_is_below_exact_on_average(float64):
+    torch.manual_seed(0)
+    vae = linear_gaussian_vae(seed=0)
+    x = sample_data(vae, 20, seed=12)
+    err = ais_log_likelihood(vae.model, x, num_steps=10, num_chains=4) - exact_log_likelihood(
+        vae, x
+    )
+    # the bound is stochastic: single datapoints may exceed log p(x), the mean may not
+    assert err.mean() < 0
+    # more annealing steps tighten it
+    err_more = ais_log_likelihood(
+        vae.model, x, num_steps=100, num_chains=4
+    ) - exact_log_likelihood(vae, x)
+    assert err.mean() < err_more.mean() < 0
+
+
+@pytest.mark.parametrize("num_steps", [1, 20])
+def test_ais_weights_are_unbiased(float64, num_steps):
+    # 1-D model: exp(log w) / p(x) must average to 1 (Neal 2001), also with step-size
+    # adaptation, which only the discarded tuning chains drive
+    torch.manual_seed(0)
+    vae = linear_gaussian_vae(data_dim=1, latent_dim=1, sigma=0.5, seed=3)
+    x = torch.tensor([[-2.0], [0.3], [2.5]])
+    num_chains = 4000
+    result = annealed_importance_sampling(
+        vae.model, x, num_steps=num_steps, num_chains=num_chains, step_size=0.5
+    )
+    ratio = (result.log_weights - exact_log_likelihood(vae, x)).exp()
+    se = ratio.std(0) / math.sqrt(num_chains)
+    assert ((ratio.mean(0) - 1).abs() < 4 * se).all(), (ratio.mean(0), se)
+
+
+def test_ais_step_size_adaptation_tracks_target(float64):
+    torch.manual_seed(0)
+    vae = linear_gaussian_vae(seed=0)
+    x = sample_data(vae, 4, seed=13)
+    adapted = annealed_importance_sampling(vae.model, x, num_steps=300, num_chains=8)
+    assert ((adapted.accept_rate > 0.45) & (adapted.accept_rate < 0.7)).all()
+    fixed = annealed_importance_sampling(
+        vae.model, x, num_steps=300, num_chains=8, step_size=1.0, adapt_step_size=False
+    )
+    assert (fixed.step_size == 1.0).all()
+    assert (fixed.accept_rate < 0.1).all()
+    exact = exact_log_likelihood(vae, x)
+    assert (exact - fixed.log_likelihood).mean() > (exact - adapted.log_likelihood).mean()
+
+
+def test_ais_multiple_latent_sites(float64):
+    # z = (z1, z2) split over two sites: the packing must recover the PPCA likelihood
+    torch.manual_seed(0)
+    vae = linear_gaussian_vae(data_dim=6, latent_dim=3, seed=4)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z1 = pyro.sample("z1", dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+            z2 = pyro.sample("z2", dist.Normal(torch.zeros(x.shape[0]), 1.0))
+            z = torch.cat([z1, z2.unsqueeze(-1)], -1)
+            pyro.sample("x", vae.decode(z), obs=x)
+
+    x = sample_data(vae, 4, seed=14)
+    result = annealed_importance_sampling(
+        model, x, num_steps=500, num_chains=16, latent_site=["z1", "z2"]
+    )
+    _check_against_exact(result, exact_log_likelihood(vae, x), max_sd=1.5)
+
+
+def test_ais_runs_on_a_nonlinear_vae():
+    torch.manual_seed(0)
+    vae = VAE(5, 2, hidden_dim=8, depth=1, likelihood=GaussianLikelihood())
+    x = torch.randn(7, 5)
+    ll = ais_log_likelihood(vae.model, x, num_steps=5, num_chains=3, schedule="linear")
+    assert ll.shape == (7,) and torch.isfinite(ll).all()
+    with torch.no_grad():  # gradients w.r.t. z are enabled internally
+        ll = ais_log_likelihood(vae.model, x, num_steps=3, num_chains=2, schedule=[0, 0.5, 1])
+    assert ll.shape == (7,) and not ll.requires_grad
+
+
+def test_ais_schedule():
+    for kind in ("sigmoid", "linear"):
+        betas = ais_schedule(50, kind)
+        assert betas.shape == (51,) and betas[0] == 0 and betas[-1] == 1
+        assert (betas.diff() > 0).all()
+    assert torch.allclose(
+        ais_schedule(4, "linear"), torch.tensor([0, 0.25, 0.5, 0.75, 1.0]).double()
+    )
+    sigmoid = ais_schedule(100)
+    # the sigmoid schedule takes smaller steps at both ends than in the middle
+    assert sigmoid.diff()[0] < sigmoid.diff()[50] and sigmoid.diff()[-1] < sigmoid.diff()[50]
+
+
+def _discrete_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Bernoulli(0.5 * torch.ones(x.shape[0], 2)).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
+def _positive_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.LogNormal(torch.zeros(x.shape[0], 2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
+def _global_model(x):
+    z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+
+@pytest.mark.parametrize(
+    "model, kwargs, match",
+    [
+        (_discrete_model, {}, "is discrete"),
+        (_positive_model, {}, "constrained support"),
+        (_global_model, {}, "outside the data plate"),
+        (linear_gaussian_vae(data_dim=2, latent_dim=2).model, {"latent_site": "w"}, "not found"),
+        (_discrete_model, {"num_chains": 0}, "num_chains"),
+        (_discrete_model, {"step_size": 0.0}, "step_size"),
+        (_discrete_model, {"num_tuning_chains": 0}, "num_tuning_chains"),
+        (_discrete_model, {"target_accept_prob": 1.0}, "target_accept_prob"),
+        (linear_gaussian_vae(data_dim=2, latent_dim=2).model, {"schedule": "cosine"}, "schedule"),
+        (linear_gaussian_vae(data_dim=2, latent_dim=2).model, {"schedule": [0, 0.7]}, "0 to 1"),
+        (linear_gaussian_vae(data_dim=2, latent_dim=2).model, {"num_steps": 0}, "num_steps"),
+    ],
+)
+def test_ais_bad_input(model, kwargs, match):
+    x = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=match) as info:
+        ais_log_likelihood(model, x, **{"num_steps": 2, **kwargs})
+    assert "\n" not in str(info.value)
