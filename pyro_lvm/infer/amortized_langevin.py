@@ -246,20 +246,23 @@ class AmortizedLangevin(MCMCKernel):
         return torch.func.functional_call(self.encoder, values, (self._args[0],))
 
     def _log_joint(self, z: Tensor) -> Tensor:
+        if not self._checked:
+            self._check_model(z)
         # validation off: the Langevin core itself turns non-finite potentials into
         # rejections, and Pyro's per-site NaN/inf checks cost a sync per site
-        with poutine.block(), pyro.validation_enabled(not self._checked):
+        with poutine.block(), pyro.validation_enabled(False):
             model = poutine.condition(self.model, data={self.latent_site: z})
             trace = poutine.trace(model).get_trace(*self._args, **self._kwargs)
-            if not self._checked:
-                self._check_trace(trace, z)
             return trace.log_prob_sum()
 
     def potential_fn(self, position: Tensor) -> Tensor:
         """:math:`V = -\\log p(x, z = \\text{encoder}(x))`, summed over the batch."""
         return -self._log_joint(self.latents(position))
 
-    def _check_trace(self, trace, z: Tensor) -> None:
+    def _check_model(self, z: Tensor) -> None:
+        """One-line errors for a model ALD cannot sample (traced once, from the prior)."""
+        with poutine.block(), torch.no_grad():
+            trace = poutine.trace(self.model).get_trace(*self._args, **self._kwargs)
         sites = {
             name: site
             for name, site in trace.nodes.items()
@@ -269,7 +272,7 @@ class AmortizedLangevin(MCMCKernel):
             latent = [n for n, s in sites.items() if not s["is_observed"]]
             raise ValueError(
                 f"the model has no sample site {self.latent_site!r}; pass latent_site= one "
-                f"of {sorted(sites)} (latent sites: {latent})"
+                f"of its latent sites {latent}"
             )
         fn = sites[self.latent_site]["fn"]
         if fn.support.is_discrete:
@@ -277,12 +280,12 @@ class AmortizedLangevin(MCMCKernel):
                 f"latent site {self.latent_site!r} is discrete ({type(fn).__name__}); Langevin "
                 "dynamics needs continuous latents: use an SVI estimator (e.g. TraceNVIL_ELBO)"
             )
-        site_shape = fn.batch_shape + fn.event_shape
-        if tuple(site_shape) != tuple(z.shape):
+        site_shape = tuple(fn.batch_shape + fn.event_shape)
+        if site_shape != tuple(z.shape):
             raise ValueError(
                 f"the encoder outputs shape {tuple(z.shape)} but latent site "
-                f"{self.latent_site!r} has shape {tuple(site_shape)}; make encoder(x) "
-                "match the latent site"
+                f"{self.latent_site!r} has shape {site_shape}; make encoder(x) match the "
+                "latent site"
             )
         others = [n for n, s in sites.items() if not s["is_observed"] and n != self.latent_site]
         if others:
@@ -290,14 +293,14 @@ class AmortizedLangevin(MCMCKernel):
                 f"the model has latent sites {others} besides {self.latent_site!r}; "
                 "AmortizedLangevin samples one latent site: condition or remove the others"
             )
-        for name, site in trace.nodes.items():
-            if site_is_subsample(site):
-                full, sub = site["fn"].size, site["fn"].subsample_size
-                if sub is not None and sub != full:
+        for site in sites.values():
+            for frame in site["cond_indep_stack"]:
+                if frame.full_size is not None and frame.full_size != frame.size:
                     raise ValueError(
-                        f"plate {name!r} subsamples {sub} of {full} rows, which scales the "
-                        "potential by N/n (a colder chain); give the model the minibatch with "
-                        "a full-size plate (the potential is the plain minibatch sum)"
+                        f"plate {frame.name!r} subsamples {frame.size} of {frame.full_size} "
+                        "rows, which scales the potential by N/n (a colder chain); give the "
+                        "model the minibatch with a full-size plate (the potential is the "
+                        "plain minibatch sum)"
                     )
         self._checked = True
 

@@ -218,15 +218,22 @@ def mala_log_accept_ratio(
     ``-inf`` where the proposal's potential or gradient is not finite.
     """
     event_dim = _event_dim(state.position, event_dim)
-    eta = _as_step_size(step_size, state.position)
+    return _log_accept_ratio(state, proposal, _as_step_size(step_size, state.position), event_dim)
+
+
+def _log_accept_ratio(
+    state: LangevinState, proposal: LangevinState, eta: Tensor, event_dim: int
+) -> Tensor:
     eta_b = _pad_event(eta, event_dim)
     x, x_new = state.position, proposal.position
     forward = _sum_event((x_new - x + eta_b * state.grad) ** 2, event_dim)  # -4eta log q(x'|x)
     backward = _sum_event((x - x_new + eta_b * proposal.grad) ** 2, event_dim)
     v, v_new = state.potential.detach(), proposal.potential.detach()
     log_ratio = v - v_new + (forward - backward) / (4 * eta)
-    finite = torch.isfinite(v_new) & _sum_event(~torch.isfinite(proposal.grad), event_dim).eq(0)
-    return torch.where(finite & ~torch.isnan(log_ratio), log_ratio, -math.inf)
+    # a non-finite potential or gradient at the proposal makes log_ratio NaN or +-inf
+    # (+inf only from V(x') = -inf, which is no better): reject it
+    finite = torch.isfinite(log_ratio) & torch.isfinite(_sum_event(proposal.grad, event_dim))
+    return torch.where(finite, log_ratio, -math.inf)
 
 
 def _select(accepted: Tensor, new: Tensor, old: Tensor, event_dim: int) -> Tensor:
@@ -274,10 +281,13 @@ def langevin_step(
     """
     event_dim = _event_dim(state.position, event_dim)
     eta = _as_step_size(step_size, state.position)
-    new_position = langevin_proposal(state, eta, noise, event_dim=event_dim)
+    eta_b = _pad_event(eta, event_dim)
+    if noise is None:
+        noise = torch.randn_like(state.position)
+    new_position = state.position - eta_b * state.grad + (2 * eta_b).sqrt() * noise
     new_potential, new_grad = potential_and_grad(potential_fn, new_position, keep_graph=keep_graph)
     proposal = LangevinState(new_position.detach(), new_potential, new_grad)
-    log_ratio = mala_log_accept_ratio(state, proposal, eta, event_dim=event_dim)
+    log_ratio = _log_accept_ratio(state, proposal, eta, event_dim)
     if mh:
         accept_prob = log_ratio.clamp(max=0.0).exp()
         log_u = torch.rand_like(accept_prob).log()

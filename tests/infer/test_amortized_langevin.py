@@ -1,0 +1,293 @@
+"""AmortizedLangevin against the exact posterior of a linear-Gaussian model (PPCA).
+
+Model: z_i ~ N(0, I_2), x_i | z_i ~ N(W z_i + mu, sigma^2 I_4) for three datapoints; the
+exact posterior is N(m_i, C) with C = sigma^2 (W^T W + sigma^2 I)^-1 and
+m_i = C W^T (x_i - mu) / sigma^2. The encoder's trunk is fixed and its features have full
+row rank (the rank condition), so the encoder outputs along the chain are exact posterior
+samples; tolerances are Z Monte Carlo standard errors from the effective sample size.
+"""
+
+import json
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import HMC, MCMC
+from pyro.ops.stats import effective_sample_size
+from torch import nn
+
+from pyro_lvm.infer import AmortizedLangevin, RankConditionWarning
+from pyro_lvm.infer.langevin import dual_averaging_init
+
+Z = 4.5
+N, D, LATENT = 3, 4, 2
+
+
+def make_problem(orthonormal: bool = True, width: int = N):
+    """Data, model, encoder (trunk frozen, head weight = chain) and the exact posterior."""
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(D, LATENT, generator=gen)
+    mu = torch.randn(D, generator=gen)
+    sigma = 0.6
+    x = torch.randn(N, D, generator=gen) * 2
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], LATENT), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ W.T + mu, sigma).to_event(1), obs=x)
+
+    trunk = nn.Linear(D, width)
+    head = nn.Linear(width, LATENT)
+    with torch.no_grad():
+        if orthonormal:  # trunk features of the data = an orthogonal matrix: G G^T = I
+            q, _ = torch.linalg.qr(torch.randn(N, N, generator=gen))
+            trunk.weight.copy_((torch.linalg.pinv(x) @ q).T)
+            trunk.bias.zero_()
+        head.weight.normal_(generator=gen)
+        head.bias.copy_(torch.randn(LATENT, generator=gen))
+    encoder = nn.Sequential(trunk, head) if orthonormal else nn.Sequential(trunk, nn.Tanh(), head)
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    cov = sigma**2 * torch.linalg.inv(W.T @ W + sigma**2 * torch.eye(LATENT))
+    mean = (x - mu) @ W @ cov / sigma**2
+    return x, model, encoder, mean, cov
+
+
+def check_posterior(samples, mean, cov):
+    """Every datapoint's mean and covariance entries within Z standard errors."""
+    for i in range(N):
+        z = samples[:, i]
+        for a in range(LATENT):
+            ess = effective_sample_size(z[None, :, a], 0, 1)
+            se = (cov[a, a] / ess).sqrt()
+            assert abs(z[:, a].mean() - mean[i, a]) < Z * se, (i, a)
+            for b in range(a, LATENT):
+                prod = (z[:, a] - mean[i, a]) * (z[:, b] - mean[i, b])
+                # Var[(za - ma)(zb - mb)] = C_aa C_bb + C_ab^2 for a Gaussian
+                sd = (cov[a, a] * cov[b, b] + cov[a, b] ** 2).sqrt()
+                ess = effective_sample_size(prod[None], 0, 1)
+                assert abs(prod.mean() - cov[a, b]) < Z * sd / ess.sqrt(), (i, a, b)
+
+
+def test_exact_posterior_every_datapoint(float64):
+    x, model, encoder, mean, cov = make_problem()
+    kernel = AmortizedLangevin(model, encoder)
+    mcmc = MCMC(kernel, num_samples=1200, warmup_steps=200, disable_progbar=True)
+    mcmc.run(x)
+    samples = mcmc.get_samples()["z"]
+    assert samples.shape == (1200, N, LATENT)
+    diag = kernel.diagnostics()
+    assert 0.3 < diag["accept_rate"] < 0.85  # MH is active, adapted near 0.574
+    check_posterior(samples, mean, cov)
+    # the encoder holds the chain's last state
+    torch.testing.assert_close(encoder(x), samples[-1])
+
+
+@pytest.mark.slow
+def test_exact_posterior_random_features(float64):
+    # generic features (tanh of a random projection, width 6 > N): preconditioned by G G^T
+    x, model, encoder, mean, cov = make_problem(orthonormal=False, width=6)
+    kernel = AmortizedLangevin(model, encoder)
+    mcmc = MCMC(kernel, num_samples=20000, warmup_steps=1000, disable_progbar=True)
+    mcmc.run(x)
+    check_posterior(mcmc.get_samples()["z"], mean, cov)
+
+
+def test_ula_bias_in_latent_space(float64):
+    # with orthonormal features z_i' = z_i - eta P (z_i - m_i) + sqrt(2 eta) xi_i with
+    # independent xi_i (P = C^-1): per-datapoint ULA. Its stationary covariance S solves
+    # S = (I - eta P) S (I - eta P) + 2 eta I, i.e. S = C (I - eta P / 2)^-1: the mean is
+    # unbiased and each posterior variance lam is inflated to lam / (1 - eta / (2 lam)).
+    x, model, encoder, mean, cov = make_problem()
+    eta = torch.linalg.eigvalsh(cov).min().item()  # doubles the smallest variance
+    inflated = cov @ torch.linalg.inv(torch.eye(LATENT) - eta * torch.linalg.inv(cov) / 2)
+    kernel = AmortizedLangevin(model, encoder, step_size=eta, mh=False, adapt_step_size=False)
+    mcmc = MCMC(kernel, num_samples=800, warmup_steps=50, disable_progbar=True)
+    mcmc.run(x)
+    samples = mcmc.get_samples()["z"]
+    assert kernel.diagnostics()["accept_rate"] == 1.0
+    check_posterior(samples, mean, inflated)
+    # and the bias is real: the smallest-variance direction is clearly too wide
+    evals, evecs = torch.linalg.eigh(cov)
+    proj = (samples - mean) @ evecs[:, 0]
+    assert proj.pow(2).mean() > 1.5 * evals[0]
+
+
+def test_one_leapfrog_hmc_on_the_same_potential(float64):
+    # HMC(num_steps=1, step eps) is MALA with eta = eps^2 / 2: same stationary moments
+    x, model, encoder, mean, cov = make_problem()
+    eta = 0.05
+    kernel = AmortizedLangevin(model, encoder, step_size=eta, adapt_step_size=False)
+    kernel.prepare(x)
+    hmc = HMC(
+        potential_fn=lambda p: kernel.potential_fn(p["phi"]),
+        step_size=math.sqrt(2 * eta),
+        num_steps=1,
+        adapt_step_size=False,
+    )
+    phi0 = kernel.state.position.clone()
+    mcmc = MCMC(
+        hmc, num_samples=800, warmup_steps=100, initial_params={"phi": phi0}, disable_progbar=True
+    )
+    mcmc.run()
+    z_hmc = torch.stack([kernel.latents(p) for p in mcmc.get_samples()["phi"]])
+    kernel.prepare(x)
+    z_ald = []
+    for _ in range(900):
+        kernel.transition()
+        z_ald.append(kernel.latents().detach())
+    z_ald = torch.stack(z_ald[100:])
+    for z in (z_hmc, z_ald):
+        check_posterior(z, mean, cov)
+    for a in range(LATENT):  # and directly against each other
+        ua, ub = z_hmc[:, :, a], z_ald[:, :, a]
+        for i in range(N):
+            se2 = sum(cov[a, a] / effective_sample_size(u[None, :, i], 0, 1) for u in (ua, ub))
+            assert abs(ua[:, i].mean() - ub[:, i].mean()) < Z * se2.sqrt()
+
+
+def test_mcmc_api_shapes_diagnostics_and_cleanup():
+    x, model, encoder, _, _ = make_problem()
+    x = x.float()
+    encoder = encoder.float()
+    kernel = AmortizedLangevin(model, encoder, step_size=1e-3)
+    mcmc = MCMC(kernel, num_samples=7, warmup_steps=5, disable_progbar=True)
+    mcmc.run(x)
+    assert mcmc.get_samples()["z"].shape == (7, N, LATENT)
+    diag = kernel.diagnostics()
+    assert set(diag) >= {"accept_rate", "step_size"} and diag["step_size"] > 0
+    assert "accept_rate" in mcmc.diagnostics()
+    json.dumps(kernel.logging())
+    kernel.cleanup()
+    kernel.cleanup()  # MCMC calls it twice
+    assert kernel.diagnostics() == diag
+
+
+def test_warmup_adapts_then_freezes(float64):
+    x, model, encoder, _, _ = make_problem()
+    kernel = AmortizedLangevin(model, encoder, step_size=1e-5)
+    mcmc = MCMC(kernel, num_samples=20, warmup_steps=100, disable_progbar=True)
+    mcmc.run(x)
+    assert kernel.step_size > 1e-3  # adapted away from a far-too-small start
+    frozen = kernel.step_size
+    kernel.prepare(x)
+    kernel.transition()
+    assert kernel.step_size == frozen  # no adaptation after warmup
+
+
+def test_default_step_size_search(float64):
+    x, model, encoder, _, _ = make_problem()
+    kernel = AmortizedLangevin(model, encoder, adapt_step_size=False)
+    kernel.prepare(x)
+    for _ in range(200):
+        kernel.transition()
+    assert 0.1 < kernel.accept_rate() < 0.98
+
+
+def test_nan_potential_is_rejected():
+    # the likelihood is -inf for z_0 > 0.5 at any datapoint: the chain must stay out
+    x, _, encoder, _, _ = make_problem()
+    x, encoder = x.float(), encoder.float()
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], LATENT), 1.0).to_event(1))
+            bad = torch.where(z[:, 0] > 0.5, torch.tensor(math.inf), torch.tensor(0.0))
+            pyro.factor("wall", -bad)
+
+    with torch.no_grad():
+        encoder[-1].weight.zero_()
+        encoder[-1].bias.zero_()
+    kernel = AmortizedLangevin(model, encoder, step_size=0.5, adapt_step_size=False)
+    mcmc = MCMC(kernel, num_samples=200, disable_progbar=True)
+    mcmc.run(x)
+    z = mcmc.get_samples()["z"]
+    assert torch.isfinite(z).all() and (z[..., 0] <= 0.5).all()
+    assert kernel.accept_rate() < 1.0
+
+
+def test_chain_params_by_name_match_fast_path(float64):
+    x, model, encoder, _, _ = make_problem(orthonormal=False, width=6)
+    fast = AmortizedLangevin(model, encoder)
+    generic = AmortizedLangevin(model, encoder, params=["2.weight"])
+    assert generic._trunk is None and fast._trunk is not None
+    torch.testing.assert_close(fast.potential(x), generic.potential(x))
+    kernel = AmortizedLangevin(model, encoder, params=["2.weight", "2.bias"], step_size=1e-3)
+    mcmc = MCMC(kernel, num_samples=3, warmup_steps=2, disable_progbar=True)
+    mcmc.run(x)
+    assert mcmc.get_samples()["z"].shape == (3, N, LATENT)
+
+
+def test_rank_condition_warning():
+    x, model, encoder, _, _ = make_problem(orthonormal=False, width=2)
+    x, encoder = x.float(), encoder.float()
+    kernel = AmortizedLangevin(model, encoder)
+    with pytest.warns(RankConditionWarning, match="2 features for a batch of 3"):
+        kernel.prepare(x)
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_step_size():
+    _, model, encoder, _, _ = make_problem()
+    with pytest.raises(ValueError, match="step_size must be positive"):
+        AmortizedLangevin(model, encoder, step_size=0.0)
+    with pytest.raises(ValueError, match="step_size must be positive"):
+        AmortizedLangevin(model, encoder, step_size=-1e-3)
+    with pytest.raises(ValueError, match="target_accept_prob"):
+        AmortizedLangevin(model, encoder, target_accept_prob=1.0)
+    with pytest.raises(ValueError, match="step_size must be positive"):
+        dual_averaging_init(0.0)
+
+
+def test_missing_latent_site():
+    x, model, encoder, _, _ = make_problem()
+    kernel = AmortizedLangevin(model, encoder.float(), latent_site="w")
+    with pytest.raises(ValueError, match="no sample site 'w'"):
+        kernel.prepare(x.float())
+
+
+def test_encoder_without_final_linear():
+    _, model, _, _, _ = make_problem()
+    with pytest.raises(ValueError, match="no final nn.Linear"):
+        AmortizedLangevin(model, nn.Sequential(nn.Linear(D, LATENT), nn.Tanh()))
+    with pytest.raises(ValueError, match="no final nn.Linear"):
+        AmortizedLangevin(model, nn.Tanh())
+    with pytest.raises(ValueError, match="not parameters of the encoder"):
+        AmortizedLangevin(model, nn.Linear(D, LATENT), params=["head.weight"])
+
+
+def test_discrete_latent_site():
+    x = torch.rand(N, D)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Bernoulli(0.5 * torch.ones(x.shape[0], LATENT)).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    kernel = AmortizedLangevin(model, nn.Linear(D, LATENT))
+    with pytest.raises(ValueError, match="discrete"):
+        kernel.prepare(x)
+
+
+def test_subsampled_plate_is_refused():
+    x = torch.randn(N, D)
+
+    def model(x):
+        with pyro.plate("data", 100, subsample=torch.arange(x.shape[0])):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], LATENT), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+    kernel = AmortizedLangevin(model, nn.Linear(D, LATENT))
+    with pytest.raises(ValueError, match="subsamples 3 of 100 rows"):
+        kernel.prepare(x)
+
+
+def test_encoder_shape_mismatch():
+    x, model, _, _, _ = make_problem()
+    kernel = AmortizedLangevin(model, nn.Linear(D, LATENT + 1))
+    with pytest.raises(ValueError, match="encoder outputs shape"):
+        kernel.prepare(x.float())
