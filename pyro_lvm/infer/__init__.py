@@ -2,6 +2,7 @@
 
 from pyro_lvm.infer.ais import AISResult, ais_log_likelihood, annealed_importance_sampling
 from pyro_lvm.infer.amortized_langevin import AmortizedLangevin, RankConditionWarning
+from pyro_lvm.infer.autoencoder import AutoencoderFit
 from pyro_lvm.infer.closed_form import ClosedFormFit
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.infer.dlgm import DLGM
@@ -33,6 +34,7 @@ from pyro_lvm.infer.refine import (
 from pyro_lvm.infer.svi import ModuleSVI
 
 __all__ = [
+    "AutoencoderFit",
     "AISResult",
     "DLGM",
     "GaussianProposal",

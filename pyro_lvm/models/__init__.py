@@ -1,6 +1,13 @@
 """Ready Pyro models, networks and likelihoods."""
 
+from pyro_lvm.models.ae_gmm import AEGMM
 from pyro_lvm.models.base import LatentVariableModel
+from pyro_lvm.models.gmm import (
+    GaussianMixtureInfo,
+    GaussianMixtureParams,
+    fit_gaussian_mixture,
+    gaussian_mixture,
+)
 from pyro_lvm.models.likelihoods import (
     BernoulliLikelihood,
     DiscretizedLogistic,
@@ -21,6 +28,11 @@ from pyro_lvm.models.ppca import (
 from pyro_lvm.models.vae import VAE, GaussianEncoder
 
 __all__ = [
+    "AEGMM",
+    "GaussianMixtureInfo",
+    "GaussianMixtureParams",
+    "fit_gaussian_mixture",
+    "gaussian_mixture",
     "BernoulliLikelihood",
     "DiscretizedLogistic",
     "DiscretizedLogisticLikelihood",
