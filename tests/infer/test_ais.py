@@ -55,7 +55,7 @@ def test_ais_matches_ppca_exact_long(float64):
     vae = linear_gaussian_vae(data_dim=20, latent_dim=5, sigma=0.2, seed=1)
     x = sample_data(vae, 10, seed=11)
     result = annealed_importance_sampling(vae.model, x, num_steps=5000, num_chains=32)
-    _check_against_exact(result, exact_log_likelihood(vae, x), max_sd=0.6)
+    _check_against_exact(result, exact_log_likelihood(vae, x), max_sd=1.2)
 
 
 def test_ais_few_steps_is_below_exact_on_average(float64):
