@@ -11,6 +11,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 # script name -> tiny command-line arguments; add one entry per example
 TINY = {
     "vae_digits.py": ["--epochs", "1", "--hidden-dim", "16", "--eval-samples", "10"],
+    "ae_gmm_digits.py": ["--epochs", "1", "--hidden-dim", "16", "--eval-samples", "10"],
 }
 
 
