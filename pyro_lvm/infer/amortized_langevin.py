@@ -261,7 +261,9 @@ class AmortizedLangevin(MCMCKernel):
 
     def _check_model(self, z: Tensor) -> None:
         """One-line errors for a model ALD cannot sample (traced once, from the prior)."""
-        with poutine.block(), torch.no_grad():
+        # sampling from the prior must not consume random numbers: a resumed run has to
+        # continue exactly as an uninterrupted one (which did this check long ago)
+        with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
             trace = poutine.trace(self.model).get_trace(*self._args, **self._kwargs)
         sites = {
             name: site
