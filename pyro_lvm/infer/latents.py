@@ -94,7 +94,10 @@ def find_latents(
         One line naming the problem: a discrete or constrained latent, a latent outside the
         data plate, a missing site, a model without latents.
     """
-    with torch.no_grad(), poutine.block():
+    # fork the RNG: inspecting the model must not shift the random stream of the caller
+    # (a resumed run must draw exactly what an uninterrupted one draws)
+    devices = [a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.is_cuda]
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), poutine.block():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
     latent = [
         (name, site)
