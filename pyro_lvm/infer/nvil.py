@@ -20,9 +20,11 @@ model's dependency structure and by conditional independence of the datapoints) 
 
 Differences from :class:`pyro.infer.TraceGraph_ELBO`:
 
-* learning signals are *per datapoint and free of the subsample scale*
-  :math:`N/B`: the surrogate multiplies the scaled score by the unscaled signal (Pyro
-  multiplies scaled by scaled, which inflates the score term by :math:`N/B`);
+* learning signals are *per datapoint and free of the subsample scale* :math:`N/B`:
+  baselines see (and are fitted to) the per-datapoint signal, and the centred signal is
+  scaled back afterwards (Pyro fits its baselines to the scaled cost, so a baseline
+  learned at one batch size is wrong at another, and neural baselines must learn
+  :math:`N/B`);
 * baselines are typed :class:`torch.nn.Module` objects attached per site, and the
   running average is kept per dataset row (keyed by the data plate's subsample indices),
   so the batch size may change between steps;
@@ -43,6 +45,7 @@ Graphs", NeurIPS.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -194,7 +197,9 @@ class TraceNVIL_ELBO(ELBO):
         """A guide trace (with provenance on non-reparameterized values), the model
         replayed against it, and the data plate's subsample indices."""
         recorder = _RecordSubsample()
-        with TrackNonReparam(), recorder:
+        # provenance tracking (dependency structure) is only needed to Rao-Blackwellize
+        tracker = TrackNonReparam() if self.rao_blackwellize else contextlib.nullcontext()
+        with tracker, recorder:
             model_trace, guide_trace = get_importance_trace(
                 "dense", self.max_plate_nesting, model, guide, args, kwargs
             )
@@ -266,8 +271,11 @@ class TraceNVIL_ELBO(ELBO):
             if name in self.baselines:
                 signal, site_fit = _apply_baselines(self.baselines[name], ctx, signal, update)
                 fit_loss = fit_loss + site_fit
-            score = guide_site["score_parts"].score_function  # scaled by the subsample scale
-            surrogate = surrogate + (score * signal).sum()
+            if guide_site["mask"] is not None:
+                signal = signal * guide_site["mask"]
+            # Pyro leaves the score function unscaled: scale the centred signal back
+            score = guide_site["score_parts"].score_function
+            surrogate = surrogate + (score * (signal * scale)).sum()
         return (
             detach_provenance(elbo),
             detach_provenance(surrogate),
@@ -317,4 +325,4 @@ class TraceNVIL_ELBO(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:
             loss.backward()
-        return float(loss)
+        return float(loss.detach())

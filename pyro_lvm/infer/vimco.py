@@ -156,4 +156,4 @@ class VIMCO(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:
             loss.backward()
-        return float(loss)
+        return float(loss.detach())

@@ -127,14 +127,22 @@ def exact_grad(module: nn.Module, objective) -> torch.Tensor:
 def estimate_grads(module, loss_fn, repeats: int, after_step=None) -> torch.Tensor:
     """Stack ``repeats`` independent gradient estimates of ``loss_fn`` -> (repeats, P)."""
     out = []
+    loss_fn().backward()  # one validated pass, then validation off for speed
+    with pyro.validation_enabled(False):
+        out.extend(_repeat(module, loss_fn, repeats, after_step))
+    module.zero_grad()
+    return torch.stack(out)
+
+
+def _repeat(module, loss_fn, repeats, after_step):
+    out = []
     for _ in range(repeats):
         module.zero_grad()
         loss_fn().backward()
         out.append(flat_grad(module).clone())
         if after_step is not None:
             after_step()
-    module.zero_grad()
-    return torch.stack(out)
+    return out
 
 
 def assert_unbiased(samples: torch.Tensor, exact: torch.Tensor, z: float = 4.0) -> None:
