@@ -122,10 +122,11 @@ def ppca_mle(x: torch.Tensor, latent_dim: int) -> PPCAParams:
     evals, evecs = torch.linalg.eigh(S)  # ascending
     evals, evecs = evals.flip(0).clamp(min=0), evecs.flip(1)
     sigma2 = evals[latent_dim:].mean()
-    if not sigma2 > 0:
+    # below ~1e-10 of the top eigenvalue, sigma^2 is eigensolver round-off, not noise
+    if not sigma2 > 1e-10 * evals[0]:
         raise ValueError(
-            f"the data lie in a subspace of dimension <= {latent_dim}, so the noise variance "
-            "is zero; use a smaller latent_dim"
+            f"the data lie (numerically) in a subspace of dimension <= {latent_dim}, so the "
+            "noise variance is zero; use a smaller latent_dim"
         )
     W = evecs[:, :latent_dim] * (evals[:latent_dim] - sigma2).clamp(min=0).sqrt()
     W = _canonical_signs(W)
