@@ -29,10 +29,11 @@ class MarginalLikelihoodGD:
 
     Parameters
     ----------
-    log_likelihood : callable
+    log_likelihood : callable or model
         ``log_likelihood(x) -> Tensor`` of per-datapoint exact :math:`\\log p(x_n)`, shape
-        ``(B,)``, differentiable in the parameters being trained; e.g.
-        ``PPCA.exact_log_likelihood``. Any model exposing ``exact_log_likelihood`` works.
+        ``(B,)``, differentiable in the parameters being trained; or any object with such
+        an ``exact_log_likelihood`` method (e.g. a :class:`~pyro_lvm.models.PPCA`), which
+        is then used.
     optim : torch.optim.Optimizer
         Optimizer over the parameters to fit.
     clip_norm : float, optional
@@ -48,14 +49,15 @@ class MarginalLikelihoodGD:
 
     def __init__(
         self,
-        log_likelihood: Callable[[torch.Tensor], torch.Tensor],
+        log_likelihood: Callable[[torch.Tensor], torch.Tensor] | object,
         optim: torch.optim.Optimizer,
         clip_norm: float | None = None,
     ):
+        log_likelihood = getattr(log_likelihood, "exact_log_likelihood", log_likelihood)
         if not callable(log_likelihood):
             raise ValueError(
-                "MarginalLikelihoodGD needs a callable log_likelihood(x); pass e.g. "
-                "model.exact_log_likelihood"
+                "MarginalLikelihoodGD needs a callable log_likelihood(x) or a model with an "
+                "exact_log_likelihood method; pass e.g. model.exact_log_likelihood"
             )
         self.log_likelihood, self.optim, self.clip_norm = log_likelihood, optim, clip_norm
         self._grad_norm = float("nan")
