@@ -37,6 +37,7 @@ Latent Variable Models", NeurIPS, Algorithm 2.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,8 @@ __all__ = ["LAE"]
 
 #: dual-averaging memory (steps) while training: the target moves with the decoder
 DEFAULT_ADAPT_WINDOW = 1000
+#: number of latest transitions averaged by :meth:`LAE.metrics`
+METRICS_WINDOW = 100
 
 
 class LAE:
@@ -108,8 +111,8 @@ class LAE:
             group["params"] = [p for p in group["params"] if id(p) not in chain]
         for p in kernel.chain_params:
             optim.state.pop(p, None)
-        self._metrics = {"accept_prob": 0.0, "step_size": 0.0, "n": 0}
-        self._last = {"accept_rate": float("nan"), "step_size": float("nan")}
+        # (accept_prob, step_size) of the latest transitions, for metrics()
+        self._recent: deque[tuple[float, float]] = deque(maxlen=METRICS_WINDOW)
 
     def _params(self):
         return [p for group in self.optim.param_groups for p in group["params"]]
@@ -125,9 +128,7 @@ class LAE:
             for _ in range(self.num_steps):
                 info = kernel.transition(adapt=kernel.adapt_step_size, keep_graph=True)
                 potentials.append(kernel.state.potential)
-                self._metrics["accept_prob"] += float(info.accept_prob)
-                self._metrics["step_size"] += float(info.step_size)
-                self._metrics["n"] += 1
+                self._recent.append((float(info.accept_prob), float(info.step_size)))
             # a state kept over several transitions appears several times: autograd sums
             # its gradient and traverses its graph once
             loss = sum(potentials) / self.num_steps
@@ -146,27 +147,23 @@ class LAE:
         return float(self.kernel.potential(*args, **kwargs))
 
     def metrics(self) -> dict[str, float]:
-        """Mean acceptance probability and step size since the last call."""
-        n = self._metrics["n"]
-        if n:
-            self._last = {
-                "accept_rate": self._metrics["accept_prob"] / n,
-                "step_size": self._metrics["step_size"] / n,
-            }
-            self._metrics = {"accept_prob": 0.0, "step_size": 0.0, "n": 0}
-        return dict(self._last)
+        """Mean acceptance probability (a Rao-Blackwellized acceptance rate) and step size
+        over the latest transitions (at most ``METRICS_WINDOW``); reading them changes
+        nothing, so a progress bar may call this every step."""
+        if not self._recent:
+            return {"accept_rate": float("nan"), "step_size": float("nan")}
+        accept, step = zip(*self._recent)
+        return {"accept_rate": sum(accept) / len(accept), "step_size": sum(step) / len(step)}
 
     def state_dict(self) -> dict[str, Any]:
         """Optimizer and kernel adaptation state (the chain itself is an encoder parameter)."""
         return {
             "optim": self.optim.state_dict(),
             "kernel": self.kernel.state_dict(),
-            "metrics": dict(self._metrics),
-            "last": dict(self._last),
+            "recent": list(self._recent),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optim.load_state_dict(state["optim"])
         self.kernel.load_state_dict(state["kernel"])
-        self._metrics = dict(state.get("metrics", self._metrics))
-        self._last = dict(state.get("last", self._last))
+        self._recent = deque(map(tuple, state.get("recent", [])), maxlen=METRICS_WINDOW)

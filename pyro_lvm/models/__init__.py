@@ -8,6 +8,7 @@ from pyro_lvm.models.gmm import (
     fit_gaussian_mixture,
     gaussian_mixture,
 )
+from pyro_lvm.models.lae import LangevinAutoencoder
 from pyro_lvm.models.likelihoods import (
     BernoulliLikelihood,
     DiscretizedLogistic,
@@ -38,6 +39,7 @@ __all__ = [
     "DiscretizedLogisticLikelihood",
     "GaussianEncoder",
     "GaussianLikelihood",
+    "LangevinAutoencoder",
     "LatentVariableModel",
     "Likelihood",
     "MLP",

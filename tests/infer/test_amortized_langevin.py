@@ -21,6 +21,14 @@ from torch import nn
 from pyro_lvm.infer import AmortizedLangevin, RankConditionWarning
 from pyro_lvm.infer.langevin import dual_averaging_init
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: one thread is ~10x faster than two on a shared, busy CPU
+    # (the conftest fixture restores the thread count after each test)
+    torch.set_num_threads(1)
+
+
 Z = 4.5
 N, D, LATENT = 3, 4, 2
 

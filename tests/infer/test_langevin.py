@@ -22,6 +22,14 @@ from pyro_lvm.infer.langevin import (
     potential_and_grad,
 )
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small tensors: one thread is ~10x faster than two on a shared, busy CPU
+    # (the conftest fixture restores the thread count after each test)
+    torch.set_num_threads(1)
+
+
 Z = 4.5  # standard errors allowed (several comparisons per test)
 
 

@@ -1,0 +1,98 @@
+r"""Langevin autoencoder: a decoder model with a *deterministic* encoder.
+
+The generative model is the VAE's (:class:`~pyro_lvm.models.base.LatentVariableModel`:
+:math:`z_i \sim \mathcal N(0, I)`, :math:`x_i \mid z_i \sim p_\theta(x_i \mid z_i)`).
+The encoder :math:`x \mapsto \Phi g(x; \psi) + b` is an :class:`~pyro_lvm.models.nets.MLP`
+whose final ``nn.Linear`` weight :math:`\Phi` is the state of an amortized Langevin chain
+(:class:`pyro_lvm.infer.LAE`): along the chain its outputs are posterior samples, so the
+encoder is a sampler, not a variational distribution.
+
+For likelihood evaluation the paper uses the proposal
+:math:`q(z \mid x) = \mathcal N(\text{encoder}(x), s^2 I)` with :math:`s = 0.05`
+(``test_scale``); :meth:`LangevinAutoencoder.guide` is that proposal.
+
+References
+----------
+Taniguchi, Iwasawa, Kumagai, Matsuo (2022), "Langevin Autoencoders for Learning Deep
+Latent Variable Models", NeurIPS.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from pyro_lvm.models.base import LatentVariableModel
+from pyro_lvm.models.likelihoods import BernoulliLikelihood, Likelihood
+from pyro_lvm.models.nets import MLP
+
+__all__ = ["LangevinAutoencoder"]
+
+
+class LangevinAutoencoder(LatentVariableModel):
+    """MLP decoder and deterministic MLP encoder with the same trunk settings.
+
+    Parameters
+    ----------
+    data_dim, latent_dim : int
+        Data and latent dimensions.
+    hidden_dim, depth : int
+        Width and number of hidden layers of both networks. ALD needs the encoder's last
+        hidden width to be at least the batch size (the rank condition).
+    likelihood : Likelihood, optional
+        Observation model (default Bernoulli).
+    layer_norm, orthogonal_init : bool
+        The LAE paper's network options.
+    test_scale : float
+        Standard deviation :math:`s` of the evaluation proposal
+        :math:`\\mathcal N(\\text{encoder}(x), s^2 I)`.
+    decoder, encoder : nn.Module, optional
+        Replace the MLPs (the encoder must end in an ``nn.Linear``).
+    """
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        hidden_dim: int = 256,
+        depth: int = 2,
+        likelihood: Likelihood | None = None,
+        layer_norm: bool = False,
+        orthogonal_init: bool = False,
+        activation: str = "relu",
+        test_scale: float = 0.05,
+        decoder: nn.Module | None = None,
+        encoder: nn.Module | None = None,
+    ):
+        if latent_dim <= 0:
+            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        if not test_scale > 0:
+            raise ValueError(f"test_scale must be positive, got {test_scale}")
+        net = dict(
+            hidden_dim=hidden_dim,
+            depth=depth,
+            layer_norm=layer_norm,
+            orthogonal_init=orthogonal_init,
+            activation=activation,
+        )
+        if decoder is None:
+            decoder = MLP(latent_dim, data_dim, **net)
+        super().__init__(data_dim, latent_dim, decoder, likelihood or BernoulliLikelihood())
+        self.encoder = encoder if encoder is not None else MLP(data_dim, latent_dim, **net)
+        self.test_scale = test_scale
+
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        """The evaluation proposal :math:`\\mathcal N(\\text{encoder}(x), s^2 I)`."""
+        loc = self.encoder(x)
+        return dist.Normal(loc, torch.full_like(loc, self.test_scale)).to_event(1)
+
+    def guide(self, x: torch.Tensor) -> None:
+        """Pyro guide: the evaluation proposal (not used for training)."""
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample(self.latent_site, self.posterior(x))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
