@@ -13,7 +13,9 @@ set, by :meth:`AutoencoderFit.finalize`: the trainer calls
 
 1. ``inference.step(x)`` for every minibatch, as for any inference algorithm;
 2. ``inference.finalize(train_x)`` once training has finished and before evaluation or
-   sampling (and again after further training, since the codes have moved).
+   sampling (and again after further training, since the codes have moved), then saves
+   a checkpoint: the fitted prior lives in the model's buffers, so only a checkpoint
+   written after ``finalize`` carries it to later evaluation and sampling.
 """
 
 from __future__ import annotations

@@ -167,7 +167,9 @@ class AEGMM(LatentVariableModel):
         return self.encoder(x)
 
     # -- evaluation proposal ----------------------------------------------------------
-    def posterior(self, x: torch.Tensor, log_scale: torch.Tensor | None = None):
+    def posterior(
+        self, x: torch.Tensor, log_scale: torch.Tensor | None = None
+    ) -> dist.Distribution:
         r"""The proposal :math:`\mathcal N(e_\phi(x), \mathrm{diag}\, s^2)` (one event dim)."""
         log_scale = self.proposal_log_scale if log_scale is None else log_scale
         loc = self.encoder(x)
@@ -244,13 +246,17 @@ class AEGMM(LatentVariableModel):
 
         Grey-level data for a Bernoulli likelihood are binarized once first, as the
         encoder saw them in training. Randomness (binarization, EM start, subset, ELBO
-        noise) comes from torch's global generator: deterministic given the seed.
+        noise) is drawn from a fork of torch's global generator: the fit is deterministic
+        given the generator's state and leaves that state untouched, so a checkpoint
+        written after ``finalize`` resumes training exactly as if it never ran.
         """
         self.check_data(train_x)
-        x = train_x
-        if isinstance(self.likelihood, BernoulliLikelihood) and ((x > 0) & (x < 1)).any():
-            x = torch.bernoulli(x)
-        out = self.fit_prior(x, **em_options)
-        subset = torch.randperm(x.shape[0], device=x.device)[:num_proposal_points]
-        out.update(self.fit_proposal_scale(x[subset]))
+        devices = [train_x.device] if train_x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            x = train_x
+            if isinstance(self.likelihood, BernoulliLikelihood) and ((x > 0) & (x < 1)).any():
+                x = torch.bernoulli(x)
+            out = self.fit_prior(x, **em_options)
+            subset = torch.randperm(x.shape[0], device=x.device)[:num_proposal_points]
+            out.update(self.fit_proposal_scale(x[subset]))
         return out

@@ -18,8 +18,14 @@ def test_ae_gmm_recipe_trains_finalizes_and_evaluates():
     assert exp.guide == exp.lvm.guide
     Trainer(exp, data, batch_size=500).fit(2)
     assert not bool(exp.lvm.prior_fitted)
+    rng = torch.get_rng_state()
     exp.inference.finalize(data.train_x)
     assert bool(exp.lvm.prior_fitted) and exp.inference.metrics()["gmm_converged"] == 1.0
+    # deterministic given the generator, which it leaves alone (exact resume after it)
+    assert torch.equal(torch.get_rng_state(), rng)
+    fitted = {k: v.clone() for k, v in exp.lvm.state_dict().items()}
+    exp.inference.finalize(data.train_x)
+    assert all(torch.equal(v, exp.lvm.state_dict()[k]) for k, v in fitted.items())
     out = evaluate(exp, data.test_x[:50], eval_samples=20)
     assert out["test_nelbo"] >= out["test_nll"] > 0  # IWAE >= ELBO with the same weights
     assert out["test_recon_nll"] > 0
