@@ -18,7 +18,9 @@ from pyro_lvm.infer.baselines import (
 from pyro_lvm.infer.nvil import TraceNVIL_ELBO
 from pyro_lvm.infer.tracegraph import DifferentiableTraceGraph_ELBO
 
-PARTICLES, REPEATS = 100, 120
+PARTICLES, REPEATS = 10, 100
+# 20 copies of each row: one step averages 20 * PARTICLES independent estimates per row
+ROWS = DATA.repeat(20, 1)
 
 
 def _net():
@@ -86,11 +88,11 @@ SLOW = pytest.mark.slow
 )
 def test_gradient_unbiased(float64, layers, kind):
     toy = ToySBN(layers)
-    exact = exact_grad(toy, lambda: toy.exact_elbo(DATA))
+    exact = exact_grad(toy, lambda: toy.exact_elbo(ROWS))
     elbo = _estimator(toy, kind)
     samples = estimate_grads(
         toy,
-        lambda: elbo.differentiable_loss(toy.model, toy.guide, DATA),
+        lambda: elbo.differentiable_loss(toy.model, toy.guide, ROWS),
         REPEATS,
         after_step=_fit_step(elbo),
     )
@@ -100,39 +102,39 @@ def test_gradient_unbiased(float64, layers, kind):
 @pytest.mark.parametrize("layers", [1, pytest.param(2, marks=SLOW)])
 def test_reinforce_unbiased(float64, layers):
     toy = ToySBN(layers)
-    exact = exact_grad(toy, lambda: toy.exact_elbo(DATA))
+    exact = exact_grad(toy, lambda: toy.exact_elbo(ROWS))
     elbo = _estimator(toy, "none", rao_blackwellize=False)
     samples = estimate_grads(
-        toy, lambda: elbo.differentiable_loss(toy.model, toy.guide, DATA), REPEATS
+        toy, lambda: elbo.differentiable_loss(toy.model, toy.guide, ROWS), REPEATS
     )
     assert_unbiased(samples, exact)
 
 
 def test_subsample_scale_unbiased_and_signal_unscaled(float64):
-    # rows 4, 7, 2 of a 10-row dataset: the minibatch ELBO is scaled by 10/3
-    idx = torch.tensor([4, 7, 2])
-    toy = ToySBN(1, num_data=10)
-    exact = exact_grad(toy, lambda: toy.exact_elbo(DATA, scale=10 / 3))
+    # 60 rows of a 200-row dataset: the minibatch ELBO is scaled by 200/60
+    idx = torch.arange(60) * 3 + 1
+    toy = ToySBN(1, num_data=200)
+    exact = exact_grad(toy, lambda: toy.exact_elbo(ROWS, scale=200 / 60))
     elbo = _estimator(toy, "running")
     samples = estimate_grads(
-        toy, lambda: elbo.differentiable_loss(toy.model, toy.guide, DATA, idx), REPEATS
+        toy, lambda: elbo.differentiable_loss(toy.model, toy.guide, ROWS, idx), REPEATS
     )
     assert_unbiased(samples, exact)
     # the baseline target is the per-datapoint signal, not N/B times it
     averages = {}
-    for num_data in (10, None):
+    for num_data in (200, None):
         pyro.set_rng_seed(3)
         toy.num_data = num_data
         fresh = _estimator(toy, "running")
-        fresh.differentiable_loss(toy.model, toy.guide, DATA, idx)
+        fresh.differentiable_loss(toy.model, toy.guide, ROWS, idx)
         averages[num_data] = fresh.baselines["z1"][0].average[idx]
-    assert torch.allclose(averages[10], averages[None])
+    assert torch.allclose(averages[200], averages[None])
     assert (averages[None] < 0).all()
 
 
 def test_normalization_unbiased_for_the_rescaled_gradient(float64):
     toy = ToySBN(1)
-    exact = exact_grad(toy, lambda: toy.exact_elbo(DATA))
+    exact = exact_grad(toy, lambda: toy.exact_elbo(ROWS))
     norm = SignalNormalization(beta=0.8)
     elbo = TraceNVIL_ELBO(
         num_particles=PARTICLES,
@@ -141,12 +143,12 @@ def test_normalization_unbiased_for_the_rescaled_gradient(float64):
         baselines={"z1": [ConstantBaseline(-3.0), norm]},
     )
     for _ in range(20):  # warm the running variance, then freeze it
-        elbo.differentiable_loss(toy.model, toy.guide, DATA)
+        elbo.differentiable_loss(toy.model, toy.guide, ROWS)
     elbo.eval()
     scale = float(norm.scale)
     assert scale > 1.0
     samples = estimate_grads(
-        toy, lambda: elbo.differentiable_loss(toy.model, toy.guide, DATA), REPEATS
+        toy, lambda: elbo.differentiable_loss(toy.model, toy.guide, ROWS), REPEATS
     )
     num_guide = sum(p.numel() for p in toy.enc.parameters())
     offset = sum(p.numel() for p in toy.parameters()) - num_guide
@@ -156,9 +158,9 @@ def test_normalization_unbiased_for_the_rescaled_gradient(float64):
     assert_unbiased(samples, exact)
 
 
-def _guide_variance(toy, elbo, repeats=REPEATS):
+def _guide_variance(toy, elbo, repeats=60):
     samples = estimate_grads(
-        toy, lambda: elbo.differentiable_loss(toy.model, toy.guide, DATA), repeats
+        toy, lambda: elbo.differentiable_loss(toy.model, toy.guide, ROWS), repeats
     )
     num_guide = sum(p.numel() for p in toy.enc.parameters())
     return samples[:, -num_guide:].var(0).sum()
@@ -172,14 +174,14 @@ def test_baselines_reduce_variance(float64, kind):
     plain = _guide_variance(toy, _estimator(toy, "none"))
     elbo = _estimator(toy, kind)
     step = _fit_step(elbo)
-    for _ in range(100):  # warm the baselines
+    for _ in range(60):  # warm the baselines
         toy.zero_grad()
-        elbo.differentiable_loss(toy.model, toy.guide, DATA).backward()
+        elbo.differentiable_loss(toy.model, toy.guide, ROWS).backward()
         if step is not None:
             step()
     elbo.eval()
     reduced = _guide_variance(toy, elbo)
-    # variance estimates from 120 repeats are within ~25%; the true ratio is ~0.1-0.2
+    # variance estimates from 60 repeats are within ~40%; the true ratio is ~0.1-0.2
     assert reduced < 0.5 * plain, (float(reduced), float(plain))
 
 
@@ -188,11 +190,11 @@ def test_constant_baseline_changes_only_the_variance(float64):
     a = _estimator(toy, "none")
     b = _estimator(toy, "constant")
     pyro.set_rng_seed(1)
-    la = a.differentiable_loss(toy.model, toy.guide, DATA)
+    la = a.differentiable_loss(toy.model, toy.guide, ROWS)
     pyro.set_rng_seed(1)
-    lb = b.differentiable_loss(toy.model, toy.guide, DATA)
+    lb = b.differentiable_loss(toy.model, toy.guide, ROWS)
     assert torch.allclose(la, lb)  # the loss value is minus the ELBO either way
-    assert torch.allclose(la, -toy.exact_elbo(DATA), rtol=0.1)
+    assert torch.allclose(la, -toy.exact_elbo(ROWS), rtol=0.05)
 
 
 def test_batch_size_may_change_between_steps(float64):
