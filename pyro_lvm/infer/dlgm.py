@@ -40,13 +40,19 @@ from pyro.poutine.util import site_is_subsample
 from pyro_lvm.infer.diagnostics import check_loss
 from pyro_lvm.infer.langevin import (
     DualAveragingState,
+    LangevinState,
     dual_averaging_init,
     dual_averaging_step_size,
     dual_averaging_update,
-    langevin_init,
     langevin_step,
 )
-from pyro_lvm.infer.latents import LatentSpec, find_latents, log_densities, pack
+from pyro_lvm.infer.latents import (
+    LatentSpec,
+    find_latents,
+    log_densities,
+    pack,
+    trace_log_densities,
+)
 
 __all__ = ["DLGM"]
 
@@ -144,7 +150,7 @@ class DLGM:
                     "reparameterized (e.g. Normal) encoder"
                 )
         elbo = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
-        return guide_trace, -elbo
+        return guide_trace, model_trace, -elbo
 
     def _find_guide_params(self, guide_trace) -> list[torch.Tensor]:
         params = [p for p in self._params() if p.requires_grad]
@@ -158,24 +164,35 @@ class DLGM:
             )
         return found
 
+    @staticmethod
+    def _initial_state(spec, guide_trace, model_trace) -> LangevinState:
+        # the ELBO's model trace already holds log p(x, z_0): differentiate it with respect
+        # to the guide's sample instead of evaluating the model again at z_0
+        values = [guide_trace.nodes[n]["value"] for n in spec.names]
+        log_prior, log_lik = trace_log_densities(model_trace, spec)
+        joint = log_prior + log_lik
+        grads = torch.autograd.grad(joint.sum(), values, retain_graph=True)
+        position = pack(spec, {n: v.detach() for n, v in zip(spec.names, values)})
+        grad = pack(spec, dict(zip(spec.names, grads)))
+        return LangevinState(position, -joint.detach(), -grad.detach())
+
     # -- the Inference protocol ---------------------------------------------------------
     def step(self, x: torch.Tensor) -> float:
         """One update; returns minus the ELBO summed over the batch (before the update)."""
         spec = self._spec(x)
         self.optim.zero_grad(set_to_none=True)
         with poutine.block():
-            guide_trace, encoder_loss = self._elbo_traces(x)
+            guide_trace, model_trace, encoder_loss = self._elbo_traces(x)
             check_loss(encoder_loss)
             if self._guide_params is None:
                 self._guide_params = self._find_guide_params(guide_trace)
-            z0 = pack(spec, {n: guide_trace.nodes[n]["value"].detach() for n in spec.names})
+            state = self._initial_state(spec, guide_trace, model_trace)
 
             def potential(position: torch.Tensor) -> torch.Tensor:
                 log_prior, log_lik = log_densities(self.model, spec, position, x)
                 return -(log_prior + log_lik)
 
             eta = self.step_size
-            state = langevin_init(z0, potential)
             accept = []
             for t in range(self.num_steps):
                 last = t == self.num_steps - 1
@@ -214,7 +231,7 @@ class DLGM:
     def evaluate_loss(self, x: torch.Tensor) -> float:
         """Minus the single-sample ELBO summed over the batch, without an update."""
         with poutine.block():
-            return self._elbo_traces(x)[1].item()
+            return self._elbo_traces(x)[2].item()
 
     def state_dict(self) -> dict:
         return {

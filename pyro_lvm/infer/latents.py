@@ -32,7 +32,15 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
-__all__ = ["LatentSpec", "find_latents", "sample_prior", "log_densities", "pack", "unpack"]
+__all__ = [
+    "LatentSpec",
+    "find_latents",
+    "sample_prior",
+    "log_densities",
+    "trace_log_densities",
+    "pack",
+    "unpack",
+]
 
 _CHAIN_PLATE = "_latent_chains"
 
@@ -208,8 +216,15 @@ def log_densities(
     conditioned = poutine.condition(model, data=unpack(spec, z))
     with poutine.block():
         trace = poutine.trace(conditioned).get_trace(*args, **kwargs)
-    log_prior = z.new_zeros(num_chains, spec.batch_size)
-    log_lik = z.new_zeros(num_chains, spec.batch_size)
+    return trace_log_densities(trace, spec, num_chains)
+
+
+def trace_log_densities(
+    trace, spec: LatentSpec, num_chains: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log p(z), log p(x | z))``, each ``(num_chains, B)``, from a model trace that has
+    values at every site (e.g. a model trace replayed against a guide trace)."""
+    log_prior = log_lik = None
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or site_is_subsample(site):
             continue
@@ -217,7 +232,9 @@ def log_densities(
             site["fn"].log_prob(site["value"]) * site["scale"], spec, num_chains
         )
         if name in spec.names:
-            log_prior = log_prior + lp
+            log_prior = lp if log_prior is None else log_prior + lp
         else:
-            log_lik = log_lik + lp
+            log_lik = lp if log_lik is None else log_lik + lp
+    if log_prior is None or log_lik is None:
+        raise ValueError("the model trace lacks its latent or its observed sites")
     return log_prior, log_lik
