@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import pyro.distributions as dist
 import torch
+from torch.distributions import constraints
 
 __all__ = [
     "GaussianMixtureInfo",
@@ -80,9 +81,19 @@ class GaussianMixtureInfo(NamedTuple):
     num_iters: int
 
 
+class _GaussianMixture(dist.MixtureSameFamily):
+    """:class:`~pyro.distributions.MixtureSameFamily` whose support is its components'
+    (``real_vector``) rather than an opaque wrapper, so samplers that require real-valued
+    latents (AIS, Langevin) accept it."""
+
+    @constraints.dependent_property
+    def support(self):
+        return self.component_distribution.support
+
+
 def gaussian_mixture(params: GaussianMixtureParams) -> dist.MixtureSameFamily:
     """The mixture as a distribution with batch shape ``()`` and event shape ``(Z,)``."""
-    return dist.MixtureSameFamily(
+    return _GaussianMixture(
         dist.Categorical(logits=params.logits),
         dist.MultivariateNormal(params.loc, scale_tril=params.scale_tril),
     )
