@@ -12,6 +12,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = {
     "vae_digits.py": ["--epochs", "1", "--hidden-dim", "16", "--eval-samples", "10"],
     "ae_gmm_digits.py": ["--epochs", "1", "--hidden-dim", "16", "--eval-samples", "10"],
+    "ppca_digits.py": ["--steps", "5", "--em-iters", "5", "--elbo-samples", "2"],
 }
 
 
