@@ -137,7 +137,7 @@ def _mean_log_likelihood(S: torch.Tensor, W: torch.Tensor, sigma2: torch.Tensor)
     r"""Mean log-likelihood :math:`-\frac12(D\log 2\pi + \log|C| + \mathrm{tr}\,C^{-1}S)`
     at :math:`\mu = \bar x`, from the covariance ``S`` (Woodbury, no ``D x D`` solve)."""
     D, q = W.shape
-    L = torch.linalg.cholesky(W.T @ W + sigma2 * torch.eye(q, dtype=W.dtype))
+    L = torch.linalg.cholesky(W.T @ W + sigma2 * torch.eye(q, dtype=W.dtype, device=W.device))
     logdet = (D - q) * sigma2.log() + 2 * L.diagonal().log().sum()
     A = torch.linalg.solve_triangular(L, W.T, upper=False)  # L^{-1} W^T, (q, D)
     trace = (S.diagonal().sum() - (A @ S * A).sum()) / sigma2
@@ -189,10 +189,10 @@ def ppca_em(
         raise ValueError(f"num_iters must be >= 0, got {num_iters}")
     mu, S = _moments(x)
     D, q = S.shape[0], latent_dim
-    eye = torch.eye(q, dtype=S.dtype)
+    eye = torch.eye(q, dtype=S.dtype, device=S.device)
     if init is None:
         scale = (S.diagonal().mean() / q).sqrt()
-        W = scale * torch.randn(D, q, generator=generator, dtype=S.dtype)
+        W = scale * torch.randn(D, q, generator=generator, dtype=S.dtype).to(S.device)
         sigma2 = S.diagonal().mean()
     else:
         if init.W.shape != (D, q):
