@@ -74,8 +74,8 @@ def test_ais_few_steps_is_below_exact_on_average(float64):
     assert err.mean() < err_more.mean() < 0
 
 
-@pytest.mark.parametrize("num_steps", [1, 20])
-def test_ais_weights_are_unbiased(float64, num_steps):
+@pytest.mark.parametrize("num_steps, num_leapfrog", [(1, 1), (20, 1), (20, 3)])
+def test_ais_weights_are_unbiased(float64, num_steps, num_leapfrog):
     # 1-D model: exp(log w) / p(x) must average to 1 (Neal 2001), also with step-size
     # adaptation, which only the discarded tuning chains drive
     torch.manual_seed(0)
@@ -83,11 +83,27 @@ def test_ais_weights_are_unbiased(float64, num_steps):
     x = torch.tensor([[-2.0], [0.3], [2.5]])
     num_chains = 4000
     result = annealed_importance_sampling(
-        vae.model, x, num_steps=num_steps, num_chains=num_chains, step_size=0.5
+        vae.model,
+        x,
+        num_steps=num_steps,
+        num_chains=num_chains,
+        step_size=0.5,
+        num_leapfrog=num_leapfrog,
     )
     ratio = (result.log_weights - exact_log_likelihood(vae, x)).exp()
     se = ratio.std(0) / math.sqrt(num_chains)
     assert ((ratio.mean(0) - 1).abs() < 4 * se).all(), (ratio.mean(0), se)
+
+
+def test_ais_with_hmc_transitions_matches_ppca_exact(float64):
+    torch.manual_seed(0)
+    vae = linear_gaussian_vae(seed=0)
+    x = sample_data(vae, 6, seed=10)
+    result = annealed_importance_sampling(
+        vae.model, x, num_steps=400, num_chains=16, num_leapfrog=3, target_accept_prob=0.65
+    )
+    assert ((result.accept_rate > 0.5) & (result.accept_rate < 0.8)).all()
+    _check_against_exact(result, exact_log_likelihood(vae, x), max_sd=1.5)
 
 
 def test_ais_step_size_adaptation_tracks_target(float64):
@@ -180,6 +196,7 @@ def _global_model(x):
         (linear_gaussian_vae(data_dim=2, latent_dim=2).model, {"schedule": "cosine"}, "schedule"),
         (linear_gaussian_vae(data_dim=2, latent_dim=2).model, {"schedule": [0, 0.7]}, "0 to 1"),
         (linear_gaussian_vae(data_dim=2, latent_dim=2).model, {"num_steps": 0}, "num_steps"),
+        (_discrete_model, {"num_leapfrog": 0}, "num_leapfrog"),
     ],
 )
 def test_ais_bad_input(model, kwargs, match):
