@@ -210,6 +210,7 @@ def run_train(
     finalize = getattr(experiment.inference, "finalize", None)
     if finalize is not None:  # post-training fits, e.g. the mixture prior of ae-gmm
         finalize(data.train_x.to(config.device))
+        trainer.save()  # evaluate/sample must see the fitted state
     metrics = _metrics(config, experiment, data, trainer)
     if writer is not None:
         for key, value in metrics.items():

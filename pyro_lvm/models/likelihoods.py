@@ -127,7 +127,9 @@ class GaussianLikelihood(Likelihood):
 
 def _log_diff_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``log(exp(a) - exp(b))`` for ``a > b``."""
-    return a + torch.log1p(-torch.exp((b - a).clamp(max=-1e-30)))
+    # log(-expm1(d)) stays finite (and so do its gradients) even where torch.where later
+    # discards this branch; log1p(-exp(d)) would round to log(0) in float32 for |d| < 6e-8
+    return a + torch.log(-torch.expm1((b - a).clamp(max=-1e-30)))
 
 
 class DiscretizedLogistic(dist.TorchDistribution):

@@ -81,3 +81,13 @@ def test_bad_likelihood_settings():
         make_likelihood("mse")
     with pytest.raises(ValueError, match="positive"):
         GaussianLikelihood(scale=0.0)
+
+
+def test_discretized_logistic_gradients_finite_float32():
+    loc = torch.linspace(-3, 30, 200).unsqueeze(-1).requires_grad_()
+    log_scale = torch.tensor(-2.0, requires_grad=True)
+    grid = GRID.float()
+    lp = DiscretizedLogistic(loc, log_scale.exp().expand(loc.shape)).log_prob(grid)
+    lp.sum().backward()
+    assert torch.isfinite(lp).all()
+    assert torch.isfinite(loc.grad).all() and torch.isfinite(log_scale.grad)
