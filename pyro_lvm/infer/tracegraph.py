@@ -9,11 +9,12 @@ compared with :class:`~pyro_lvm.infer.TraceNVIL_ELBO` under the same driver
 (:class:`~pyro_lvm.infer.ModuleSVI`). Pyro's behaviour is kept as is, including its
 known defects: the decaying average lives in the global param store with the batch's
 shape (one slot per batch position, not per datapoint; a different batch size raises an
-error), and costs include the subsample scale.
+error unless ``reset_on_resize``), and baseline targets include the subsample scale.
 """
 
 from __future__ import annotations
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.infer import TraceGraph_ELBO
@@ -31,13 +32,23 @@ class DifferentiableTraceGraph_ELBO(TraceGraph_ELBO):
         (``use_decaying_avg_baseline=True``).
     baseline_beta : float
         Its decay (Pyro's default 0.9).
+    reset_on_resize : bool
+        Restart a decaying average whose shape no longer matches the batch (e.g. a
+        smaller last batch of an epoch) instead of letting Pyro raise.
     **kwargs
         Passed to :class:`~pyro.infer.TraceGraph_ELBO` (``num_particles``, ...).
     """
 
-    def __init__(self, decaying_avg_baseline: bool = False, baseline_beta: float = 0.9, **kwargs):
+    def __init__(
+        self,
+        decaying_avg_baseline: bool = False,
+        baseline_beta: float = 0.9,
+        reset_on_resize: bool = False,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.decaying_avg_baseline, self.baseline_beta = decaying_avg_baseline, baseline_beta
+        self.reset_on_resize = reset_on_resize
 
     def _infer_config(self, msg) -> dict:
         if (
@@ -57,7 +68,15 @@ class DifferentiableTraceGraph_ELBO(TraceGraph_ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):
         guide = poutine.infer_config(guide, self._infer_config)
-        return super()._get_trace(model, guide, args, kwargs)
+        model_trace, guide_trace = super()._get_trace(model, guide, args, kwargs)
+        if self.reset_on_resize:
+            store = pyro.get_param_store()
+            for name, site in guide_trace.nodes.items():
+                key = "__baseline_avg_downstream_cost_" + name
+                if site["type"] == "sample" and key in store:
+                    if store[key].shape != site["log_prob"].shape:
+                        del store[key]  # Pyro would raise: restart the average
+        return model_trace, guide_trace
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """Minus the ELBO estimate, with Pyro's TraceGraph gradient."""

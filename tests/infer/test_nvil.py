@@ -89,7 +89,8 @@ SLOW = pytest.mark.slow
 def test_gradient_unbiased(float64, layers, kind):
     toy = ToySBN(layers)
     exact = exact_grad(toy, lambda: toy.exact_elbo(ROWS))
-    elbo = _estimator(toy, kind)
+    # with baselines, also check the cached dependency structure (and save time)
+    elbo = _estimator(toy, kind, cache_dependencies=kind != "none")
     samples = estimate_grads(
         toy,
         lambda: elbo.differentiable_loss(toy.model, toy.guide, ROWS),
@@ -115,7 +116,7 @@ def test_subsample_scale_unbiased_and_signal_unscaled(float64):
     idx = torch.arange(60) * 3 + 1
     toy = ToySBN(1, num_data=200)
     exact = exact_grad(toy, lambda: toy.exact_elbo(ROWS, scale=200 / 60))
-    elbo = _estimator(toy, "running")
+    elbo = _estimator(toy, "running", cache_dependencies=True)
     samples = estimate_grads(
         toy, lambda: elbo.differentiable_loss(toy.model, toy.guide, ROWS, idx), REPEATS
     )
@@ -141,6 +142,7 @@ def test_normalization_unbiased_for_the_rescaled_gradient(float64):
         vectorize_particles=True,
         max_plate_nesting=1,
         baselines={"z1": [ConstantBaseline(-3.0), norm]},
+        cache_dependencies=True,
     )
     for _ in range(20):  # warm the running variance, then freeze it
         elbo.differentiable_loss(toy.model, toy.guide, ROWS)
@@ -172,7 +174,7 @@ def _guide_variance(toy, elbo, repeats=60):
 def test_baselines_reduce_variance(float64, kind):
     toy = ToySBN(1)
     plain = _guide_variance(toy, _estimator(toy, "none"))
-    elbo = _estimator(toy, kind)
+    elbo = _estimator(toy, kind, cache_dependencies=True)
     step = _fit_step(elbo)
     for _ in range(60):  # warm the baselines
         toy.zero_grad()
@@ -286,3 +288,19 @@ def test_running_average_index_out_of_range(float64):
     elbo = TraceNVIL_ELBO(max_plate_nesting=1, baselines={"z1": RunningAverageBaseline(4)})
     with pytest.raises(ValueError, match="num_data=4"):
         elbo.differentiable_loss(toy.model, toy.guide, DATA, torch.tensor([0, 1, 7]))
+
+
+def test_cached_dependencies_give_the_same_estimate(float64):
+    toy = ToySBN(2)
+    grads = []
+    for cache in (False, True):
+        elbo = TraceNVIL_ELBO(
+            max_plate_nesting=1, baselines=_baselines("running", toy), cache_dependencies=cache
+        )
+        pyro.set_rng_seed(11)
+        for _ in range(3):  # the first step finds the structure, the next ones reuse it
+            toy.zero_grad()
+            elbo.differentiable_loss(toy.model, toy.guide, DATA).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in toy.parameters()]))
+    assert torch.allclose(grads[0], grads[1])
+    assert len(elbo._dependencies) == 1
