@@ -3,6 +3,13 @@
 from pyro_lvm.infer.ais import AISResult, ais_log_likelihood, annealed_importance_sampling
 from pyro_lvm.infer.amortized_langevin import AmortizedLangevin, RankConditionWarning
 from pyro_lvm.infer.autoencoder import AutoencoderFit
+from pyro_lvm.infer.baselines import (
+    Baseline,
+    ConstantBaseline,
+    NeuralBaseline,
+    RunningAverageBaseline,
+    SignalNormalization,
+)
 from pyro_lvm.infer.closed_form import ClosedFormFit
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.infer.dlgm import DLGM
@@ -24,6 +31,7 @@ from pyro_lvm.infer.langevin import (
     potential_and_grad,
 )
 from pyro_lvm.infer.marginal import MarginalLikelihoodGD
+from pyro_lvm.infer.nvil import TraceNVIL_ELBO
 from pyro_lvm.infer.refine import (
     GaussianProposal,
     LangevinProposalGuide,
@@ -32,8 +40,18 @@ from pyro_lvm.infer.refine import (
     refine_latents,
 )
 from pyro_lvm.infer.svi import ModuleSVI
+from pyro_lvm.infer.tracegraph import DifferentiableTraceGraph_ELBO
+from pyro_lvm.infer.vimco import VIMCO
 
 __all__ = [
+    "Baseline",
+    "ConstantBaseline",
+    "DifferentiableTraceGraph_ELBO",
+    "NeuralBaseline",
+    "RunningAverageBaseline",
+    "SignalNormalization",
+    "TraceNVIL_ELBO",
+    "VIMCO",
     "AutoencoderFit",
     "AISResult",
     "DLGM",

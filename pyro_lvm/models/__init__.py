@@ -26,9 +26,12 @@ from pyro_lvm.models.ppca import (
     ppca_mle,
     ppca_posterior,
 )
+from pyro_lvm.models.sbn import BernoulliVAE, SigmoidBeliefNet
 from pyro_lvm.models.vae import VAE, GaussianEncoder
 
 __all__ = [
+    "BernoulliVAE",
+    "SigmoidBeliefNet",
     "AEGMM",
     "GaussianMixtureInfo",
     "GaussianMixtureParams",
