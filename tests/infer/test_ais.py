@@ -204,3 +204,32 @@ def test_ais_bad_input(model, kwargs, match):
     with pytest.raises(ValueError, match=match) as info:
         ais_log_likelihood(model, x, **{"num_steps": 2, **kwargs})
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_ais_agrees_with_long_iwae_on_a_trained_vae():
+    # a nonlinear decoder has no exact answer; two estimators of the same log p(x) with
+    # independent errors must agree within their combined standard errors
+    from sklearn.datasets import load_digits
+
+    from pyro_lvm.infer import LangevinProposalGuide, ModuleSVI, log_importance_weights
+
+    torch.manual_seed(0)
+    data = (torch.tensor(load_digits().data, dtype=torch.float32) / 16 > 0.5).float()
+    vae = VAE(64, 4, hidden_dim=64, depth=1)
+    svi = ModuleSVI(vae.model, vae.guide, torch.optim.Adam(vae.parameters(), lr=3e-3))
+    for _ in range(20):
+        for batch in data[:1500][torch.randperm(1500)].split(100):
+            svi.step(batch)
+    x = data[1500:1520]
+    ais = annealed_importance_sampling(vae.model, x, num_steps=2000, num_chains=16)
+    se_ais = ais.log_weights.std(0) / 4
+    guide = LangevinProposalGuide(vae.model, vae.encode, 200)
+    with torch.no_grad():
+        log_w = log_importance_weights(vae.model, guide, x, num_samples=5000, chunk_size=1000)
+    iwae = log_w.logsumexp(0) - math.log(5000)
+    se_iwae = (log_w - iwae).exp().std(0) / math.sqrt(5000)
+    se = (se_ais**2 + se_iwae**2).sqrt()
+    diff = ais.log_likelihood - iwae
+    assert (diff.abs() < 4 * se).all(), (diff, se)
+    assert diff.mean().abs() < 4 * se.pow(2).sum().sqrt() / len(se)
