@@ -10,6 +10,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 # script name -> tiny command-line arguments; add one entry per example
 TINY = {
+    "ald_conjugate_gaussian.py": ["--num-samples", "60", "--warmup-steps", "20"],
+    "ald_multimodal.py": ["--num-samples", "60", "--warmup-steps", "20", "--vi-steps", "20"],
     "vae_digits.py": ["--epochs", "1", "--hidden-dim", "16", "--eval-samples", "10"],
     "ae_gmm_digits.py": ["--epochs", "1", "--hidden-dim", "16", "--eval-samples", "10"],
     "ppca_digits.py": ["--steps", "5", "--em-iters", "5", "--elbo-samples", "2"],
