@@ -144,7 +144,8 @@ class RunningAverageBaseline(Baseline):
         b_i \leftarrow \beta\, b_i + (1 - \beta)\, \bar\ell_i ,
 
     where :math:`\bar\ell_i` is the signal of row :math:`i` averaged over particles. A row
-    seen for the first time starts at its signal; until then it uses the global average.
+    not seen yet uses the global average, and its average starts from there (shrinkage:
+    after a few visits it is a blend of the global and the row's own history).
     With ``per_datapoint=False`` only the global average is kept (NVIL's :math:`c`).
 
     Parameters
@@ -206,6 +207,7 @@ class RunningAverageBaseline(Baseline):
         if not self.training:
             return
         beta = self.beta
+        fallback = self.global_average * self.global_seen  # before this batch
         batch_mean = target.mean().to(self.global_average)
         self.global_average.copy_(
             torch.where(
@@ -217,8 +219,10 @@ class RunningAverageBaseline(Baseline):
             return
         idx = self._indices(ctx)
         rows = _per_datapoint_mean(target, ctx.data_dim).to(self.average)
-        old = self.average[idx]
-        self.average[idx] = torch.where(self.seen[idx], beta * old + (1 - beta) * rows, rows)
+        # a new row starts from the global average (shrinkage): one noisy visit would
+        # make a worse baseline than the global average
+        old = torch.where(self.seen[idx], self.average[idx], fallback)
+        self.average[idx] = beta * old + (1 - beta) * rows
         self.seen[idx] = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
