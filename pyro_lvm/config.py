@@ -44,6 +44,8 @@ class TrainConfig:
     adapt: bool = True
     test_scale: float = 0.05
     refine_steps: int = 0
+    #: LAE feature preconditioning damping (None: plain ALD on the last-layer weight)
+    precondition: float | None = None
     # Bernoulli latents (sbn)
     estimator: str = "nvil"
     num_particles: int = 1
@@ -77,6 +79,10 @@ class TrainConfig:
                 f"--target-accept must be in (0, 1), got {self.target_accept}",
             ),
             (self.test_scale > 0, f"--test-scale must be positive, got {self.test_scale}"),
+            (
+                self.precondition is None or self.precondition > 0,
+                f"--precondition must be positive, got {self.precondition}",
+            ),
             (
                 self.num_particles > 0,
                 f"--num-particles must be positive, got {self.num_particles}",

@@ -115,6 +115,18 @@ class AmortizedLangevin(MCMCKernel):
         Names (as in ``encoder.named_parameters()``) of the parameters that form the chain
         state, instead of the final ``nn.Linear``'s weight. Then the whole encoder is
         re-evaluated at every proposal.
+    precondition : float, optional
+        Feature preconditioning with this relative damping :math:`\lambda` (e.g. 1e-3):
+        per batch the chain moves :math:`\Phi = \Phi_0 + U A` with
+        :math:`A = (G G^\top + \lambda\bar e I)^{-1} G` (:math:`\bar e` the mean
+        eigenvalue of :math:`G G^\top`), and MALA runs on :math:`U` (one column per
+        datapoint). Then :math:`z = z_0 + P U^\top` with
+        :math:`P = G G^\top (G G^\top + \lambda\bar e I)^{-1} \approx I`: per-datapoint
+        Langevin in latent space, whatever the conditioning of the features. A fixed linear
+        reparametrization per batch, so the stationary law of the latents is unchanged.
+        Without it, the step size is set by the stiffest direction of :math:`G G^\top`
+        (typically the mode shared by all datapoints, as trained features are far from
+        centred) and per-datapoint directions barely move.
     adapt_window : int, optional
         Cap on the dual-averaging counter (see
         :func:`~pyro_lvm.infer.langevin.dual_averaging_update`): keeps adaptation
@@ -141,11 +153,14 @@ class AmortizedLangevin(MCMCKernel):
         target_accept_prob: float = 0.574,
         params: Sequence[str] | None = None,
         adapt_window: int | None = None,
+        precondition: float | None = None,
     ):
         if step_size is not None and not step_size > 0:
             raise ValueError(f"step_size must be positive, got {step_size}")
         if not 0.0 < target_accept_prob < 1.0:
             raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob}")
+        if precondition is not None and not precondition > 0:
+            raise ValueError(f"precondition (a damping) must be positive, got {precondition}")
         if adapt_window is not None and adapt_window < 1:
             raise ValueError(f"adapt_window must be a positive integer, got {adapt_window}")
         if not isinstance(encoder, nn.Module):
@@ -190,6 +205,13 @@ class AmortizedLangevin(MCMCKernel):
             self._trunk = nn.Sequential(*list(encoder)[:-1])  # shares the modules
         elif isinstance(encoder, nn.Linear) and self._head is not None:
             self._trunk = nn.Identity()
+        if precondition is not None and self._trunk is None:
+            raise ValueError(
+                "precondition needs the chain to be the final nn.Linear weight of an "
+                "nn.Sequential encoder (params=None)"
+            )
+        self.precondition = precondition
+        self._reparam: tuple[Tensor, Tensor] | None = None
         self._reset()
 
     # -- state ----------------------------------------------------------------------------
@@ -218,9 +240,17 @@ class AmortizedLangevin(MCMCKernel):
         return self._state
 
     def _flat_position(self) -> Tensor:
+        """The chain position at the encoder's current weights."""
+        if self._reparam is not None:
+            phi0, A = self._reparam
+            return torch.zeros(phi0.shape[0] * A.shape[0], dtype=phi0.dtype, device=phi0.device)
         return torch.cat([p.detach().reshape(-1) for p in self.chain_params])
 
     def _unflatten(self, position: Tensor) -> list[Tensor]:
+        """Chain parameter values at ``position``."""
+        if self._reparam is not None:
+            phi0, A = self._reparam
+            return [phi0 + position.view(phi0.shape[0], A.shape[0]) @ A]
         out, i = [], 0
         for p in self.chain_params:
             out.append(position[i : i + p.numel()].view_as(p))
@@ -235,7 +265,7 @@ class AmortizedLangevin(MCMCKernel):
 
     # -- the potential --------------------------------------------------------------------
     def latents(self, position: Tensor | None = None) -> Tensor:
-        """Encoder outputs :math:`z = \\Phi g(x) + b` at ``position`` (default: current)."""
+        r"""Encoder outputs :math:`z = \Phi g(x) + b` at ``position`` (default: current)."""
         if position is None:
             position = self._state.position if self._state is not None else None
             position = self._flat_position() if position is None else position
@@ -322,6 +352,8 @@ class AmortizedLangevin(MCMCKernel):
             with torch.set_grad_enabled(keep_graph):
                 self._features = self._trunk(x)
             self._check_rank(self._features.shape[-1], x.shape[0])
+            if self.precondition is not None:
+                self._reparam = self._feature_preconditioner(self._features.detach())
         elif self._head is not None:
             self._check_rank(self._head.in_features, x.shape[0])
         position = self._flat_position()
@@ -333,6 +365,14 @@ class AmortizedLangevin(MCMCKernel):
             )
         self._state = state
         return state
+
+    def _feature_preconditioner(self, features: Tensor) -> tuple[Tensor, Tensor]:
+        r""":math:`(\Phi_0, A)` with :math:`A = (G G^\top + \lambda \bar e I)^{-1} G`."""
+        gram = features @ features.T
+        damping = self.precondition * gram.diagonal().mean()
+        eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        A = torch.linalg.solve(gram + damping * eye, features)
+        return self._head.weight.detach().clone(), A
 
     def _check_rank(self, num_features: int, batch_size: int) -> None:
         if num_features < batch_size and not self._warned:
@@ -420,6 +460,11 @@ class AmortizedLangevin(MCMCKernel):
     def release(self) -> None:
         """Drop the bound data and every autograd graph (keep the chain and adaptation)."""
         self._args, self._kwargs, self._features = (), {}, None
+        if self._reparam is not None and self._state is not None:
+            # the position U is relative to this batch's features: store the weights
+            self._write_back(self._state.position)
+            self._state = None
+        self._reparam = None
         if self._state is not None:
             self._state = LangevinState(*(t.detach() for t in self._state))
 
@@ -429,9 +474,7 @@ class AmortizedLangevin(MCMCKernel):
         saved = self._args, self._kwargs, self._features
         try:
             self._args, self._kwargs = args, kwargs
-            if self._trunk is not None:
-                self._features = self._trunk(args[0])
-            return self.potential_fn(self._flat_position())
+            return -self._log_joint(self.encoder(args[0]))
         finally:
             self._args, self._kwargs, self._features = saved
 

@@ -52,6 +52,7 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         mh=config.mh,
         adapt_step_size=config.adapt,
         target_accept_prob=config.target_accept,
+        precondition=config.precondition,
     )
     eval_guide = lvm.guide
     if config.refine_steps > 0:

@@ -81,10 +81,12 @@ def test_rejected_chain_never_moves_but_the_rest_trains():
     assert not torch.equal(lvm.decoder.state_dict()["0.weight"], dec["0.weight"])
 
 
-@pytest.mark.parametrize("num_steps", [1, 2, 3])
-def test_gradient_is_the_mean_potential_at_the_chain_states(float64, num_steps):
+@pytest.mark.parametrize("num_steps,precondition", [(1, None), (2, None), (3, None), (2, 1e-3)])
+def test_gradient_is_the_mean_potential_at_the_chain_states(float64, num_steps, precondition):
     x = data()[:BATCH]
-    lvm, encoder, lae = make(num_steps=num_steps, step_size=1e-3, adapt_step_size=False)
+    lvm, encoder, lae = make(
+        num_steps=num_steps, step_size=1e-3, adapt_step_size=False, precondition=precondition
+    )
     lae.optim = torch.optim.SGD(lae._params(), lr=0.0)  # keep the gradients, move nothing
     states, original = [], lae.kernel.transition
 
