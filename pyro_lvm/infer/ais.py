@@ -199,7 +199,8 @@ def annealed_importance_sampling(
         MALA step size :math:`\eta` (proposal variance :math:`2\eta`): a float, or one per
         datapoint (shape ``(B,)``). With adaptation, the initial value.
     schedule : str or sequence
-        ``"sigmoid"``, ``"linear"``, or explicit increasing :math:`\beta` values from 0 to 1.
+        ``"sigmoid"``, ``"linear"``, or explicit increasing :math:`\beta` values from 0 to 1
+        (which then replace ``num_steps``).
     latent_site : str or sequence of str, optional
         The model's latent sites (default: all unobserved sites).
     mh : bool
