@@ -12,6 +12,7 @@ from pyro_lvm.infer.baselines import (
 )
 from pyro_lvm.infer.closed_form import ClosedFormFit
 from pyro_lvm.infer.diagnostics import DivergenceError
+from pyro_lvm.infer.disarm import DisARM
 from pyro_lvm.infer.dlgm import DLGM
 from pyro_lvm.infer.importance import (
     elbo_per_datapoint,
@@ -47,6 +48,7 @@ __all__ = [
     "Baseline",
     "ConstantBaseline",
     "DifferentiableTraceGraph_ELBO",
+    "DisARM",
     "NeuralBaseline",
     "RunningAverageBaseline",
     "SignalNormalization",

@@ -19,6 +19,7 @@ from torch import nn
 
 from pyro_lvm.config import TrainConfig
 from pyro_lvm.infer.baselines import NeuralBaseline, RunningAverageBaseline, SignalNormalization
+from pyro_lvm.infer.disarm import DisARM
 from pyro_lvm.infer.nvil import TraceNVIL_ELBO
 from pyro_lvm.infer.svi import ModuleSVI
 from pyro_lvm.infer.tracegraph import DifferentiableTraceGraph_ELBO
@@ -37,6 +38,7 @@ ESTIMATORS = {
     "nvil": "TraceNVIL_ELBO: Rao-Blackwellized, running average + neural baseline + "
     "signal normalisation",
     "vimco": "VIMCO: K-sample bound with leave-one-out baselines (--num-particles >= 2)",
+    "disarm": "DisARM: antithetic pairs for one factorized Bernoulli layer (--num-layers 1)",
 }
 
 
@@ -83,6 +85,12 @@ def make_estimator(name: str, num_particles: int, sites, data_dim: int) -> ELBO:
         if num_particles < 2:
             raise ValueError(f"--estimator vimco needs --num-particles >= 2, got {num_particles}")
         return VIMCO(num_particles=num_particles, max_plate_nesting=1)
+    if name == "disarm":
+        if len(sites) != 1:
+            raise ValueError(
+                f"--estimator disarm needs --num-layers 1 (one Bernoulli layer), got {len(sites)}"
+            )
+        return DisARM(num_particles=num_particles)
     raise ValueError(f"unknown estimator {name!r}; choose one of {', '.join(ESTIMATORS)}")
 
 

@@ -21,9 +21,14 @@ def _data(n=12, d=10):
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_every_estimator_trains_with_changing_batch_sizes(estimator):
-    config = _config(estimator=estimator, num_particles=3 if estimator == "vimco" else 1)
+    layers = 1 if estimator == "disarm" else 2
+    config = _config(
+        estimator=estimator,
+        num_particles=3 if estimator == "vimco" else 1,
+        num_layers=layers,
+    )
     exp = get_recipe("sbn").build(config, 10, BernoulliLikelihood())
-    assert isinstance(exp.lvm, SigmoidBeliefNet) and exp.lvm.num_layers == 2
+    assert isinstance(exp.lvm, SigmoidBeliefNet) and exp.lvm.num_layers == layers
     assert exp.pass_index and not exp.continuous_latents
     x = _data()
     before = [p.detach().clone() for p in exp.lvm.parameters()]
@@ -55,5 +60,7 @@ def test_bad_estimator_settings():
     build = get_recipe("sbn").build
     with pytest.raises(ValueError, match="--num-particles >= 2"):
         build(_config(estimator="vimco", num_particles=1), 10, BernoulliLikelihood())
+    with pytest.raises(ValueError, match="--num-layers 1"):
+        build(_config(estimator="disarm", num_layers=2), 10, BernoulliLikelihood())
     with pytest.raises(ValueError, match="unknown estimator"):
         build(_config(estimator="rebar"), 10, BernoulliLikelihood())
