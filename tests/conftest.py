@@ -14,6 +14,8 @@ def _seed_and_clear():
     pyro.set_rng_seed(0)
     pyro.enable_validation(True)
     threads = torch.get_num_threads()
+    # the models under test are small: one thread is faster and immune to oversubscription
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -27,7 +28,10 @@ def divergence_guard(what: str = "loss"):
     """Turn a distribution's argument-validation error about NaN parameters (what torch
     raises first when a network's output goes NaN) into a :class:`DivergenceError`."""
     try:
-        yield
+        with warnings.catch_warnings():
+            # Pyro warns "Encountered NaN" before returning a NaN loss; check_loss reports it
+            warnings.filterwarnings("ignore", message="Encountered NaN", category=UserWarning)
+            yield
     except ValueError as err:
         if "found invalid values" in str(err) and "nan" in str(err).lower():
             raise DivergenceError(
