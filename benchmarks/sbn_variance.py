@@ -10,7 +10,8 @@ binarization in training) and MNIST when ``--data-dir`` holds it. Estimators (th
 - ``nvil``: :class:`pyro_lvm.infer.TraceNVIL_ELBO` with a global running average, a
   neural baseline and signal normalisation (the CLI's default);
 - ``nvil_pd``: the same with the per-datapoint running average;
-- ``vimco``: :class:`pyro_lvm.infer.VIMCO` with ``--vimco-particles`` samples.
+- ``vimco``: :class:`pyro_lvm.infer.VIMCO` with ``--vimco-particles`` samples;
+- ``disarm``: :class:`pyro_lvm.infer.DisARM`, one antithetic pair (two model passes).
 
 Three measurements per estimator:
 
@@ -54,7 +55,7 @@ from pyro_lvm.infer import (
 from pyro_lvm.models import SigmoidBeliefNet
 from pyro_lvm.recipes.sbn import make_estimator, nvil_baselines
 
-ESTIMATORS = ["reinforce", "tracegraph", "nvil", "nvil_pd", "vimco"]
+ESTIMATORS = ["reinforce", "tracegraph", "nvil", "nvil_pd", "vimco", "disarm"]
 
 
 def make_model(arch: str, data_dim: int, latent_dim: int, seed: int) -> SigmoidBeliefNet:
@@ -159,7 +160,7 @@ def run(dataset, arch, args) -> list[dict]:
     pyro.clear_param_store()
     train(reference, make_loss("nvil", reference, 1), train_x, args, steps=args.pretrain)
     rows = []
-    for name in ESTIMATORS:
+    for name in args.estimators:
         pyro.set_rng_seed(args.seed)
         pyro.clear_param_store()
         frozen = make_model(arch, d, args.latent_dim, args.seed)
@@ -187,6 +188,7 @@ def run(dataset, arch, args) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", nargs="+", default=["linear", "nonlinear"])
+    p.add_argument("--estimators", nargs="+", default=ESTIMATORS, choices=ESTIMATORS)
     p.add_argument("--latent-dim", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -222,13 +224,14 @@ def main(argv=None) -> list[dict]:
     print(f"steps N={args.steps}, wall time T={args.seconds}s, batch {args.batch_size}")
     print(header)
     for row in rows:
-        ref = next(
+        refs = [
             r["encoder_grad_variance"]
             for r in rows
             if r["estimator"] == "reinforce"
             and r["arch"] == row["arch"]
             and r["dataset"] == row["dataset"]
-        )
+        ]
+        ref = refs[0] if refs else float("nan")
         row["variance_ratio_to_reinforce"] = row["encoder_grad_variance"] / ref
         print(
             f"{row['dataset']:8} {row['arch']:9} {row['estimator']:10} "
