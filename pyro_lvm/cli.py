@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     t.add_argument("--no-figures", action="store_true")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = t.add_argument_group("Langevin (lae, dlgm)")
     g.add_argument("--langevin-steps", type=int, default=2, help="transitions T per batch")
     g.add_argument("--step-size", type=float, default=None, help="initial step size")
@@ -76,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-adapt", dest="adapt", action="store_false", help="fixed step size")
     g.add_argument("--test-scale", type=float, default=0.05, help="q = N(encoder(x), s^2)")
     g.add_argument("--refine-steps", type=int, default=0, help="test-time MALA steps")
+    g.add_argument(
+        "--precondition",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="lae: per-batch feature preconditioning with damping LAMBDA (off by default)",
+    )
     g = t.add_argument_group("Bernoulli latents (sbn)")
     g.add_argument("--estimator", default="nvil", help="reinforce|tracegraph|nvil|vimco|disarm")
     g.add_argument("--num-particles", type=int, default=1)
@@ -335,6 +343,10 @@ def run_sample(run_dir: str, num: int = 64, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads <= 0:
+                raise CLIError(f"--threads must be positive, got {args.threads}")
+            torch.set_num_threads(args.threads)
         if args.command == "train":
             config = _config_from_args(args)
             metrics = run_train(
