@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dataset", default="digits", choices=DATASETS)
     t.add_argument("--data-dir", default="data", help="folder holding torchvision datasets")
     t.add_argument("--download", action="store_true", help="download a missing dataset")
-    t.add_argument("--epochs", type=int, default=None, help="total epochs (default 10)")
+    t.add_argument("--epochs", type=int, default=None, help="total epochs (default 50)")
     t.add_argument("--batch-size", type=int, default=100)
     t.add_argument("--latent-dim", type=int, default=8)
     t.add_argument("--hidden-dim", type=int, default=256)
@@ -145,7 +145,7 @@ def _config_from_args(args) -> TrainConfig:
             config.epochs = args.epochs
         return config
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    fields["epochs"] = 10 if args.epochs is None else args.epochs
+    fields["epochs"] = 50 if args.epochs is None else args.epochs
     fields["likelihood"] = args.likelihood or DEFAULT_LIKELIHOOD.get(args.model, "bernoulli")
     fields["out"] = args.out or f"runs/{args.model}-{args.dataset}"
     return TrainConfig(**fields)

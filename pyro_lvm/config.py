@@ -21,12 +21,14 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str = "data"
     download: bool = False
-    epochs: int = 10
+    epochs: int = 50
     batch_size: int = 100
     latent_dim: int = 8
     hidden_dim: int = 256
     depth: int = 2
     layer_norm: bool = False
+    #: orthogonal weights and zero biases in every MLP (the LAE paper's initialisation)
+    orthogonal_init: bool = False
     lr: float = 1e-3
     optimizer: str = "adam"
     likelihood: str = "bernoulli"
@@ -46,6 +48,8 @@ class TrainConfig:
     refine_steps: int = 0
     #: LAE feature preconditioning damping (None: plain ALD on the last-layer weight)
     precondition: float | None = None
+    #: lae: encoder feature normalization before the chain layer (none|center|standardize)
+    feature_norm: str = "none"
     # Bernoulli latents (sbn)
     estimator: str = "nvil"
     num_particles: int = 1
@@ -82,6 +86,10 @@ class TrainConfig:
             (
                 self.precondition is None or self.precondition > 0,
                 f"--precondition must be positive, got {self.precondition}",
+            ),
+            (
+                self.feature_norm in ("none", "center", "standardize"),
+                f"--feature-norm must be none, center or standardize, got {self.feature_norm!r}",
             ),
             (
                 self.num_particles > 0,
