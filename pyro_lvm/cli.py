@@ -84,6 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LAMBDA",
         help="lae: per-batch feature preconditioning with damping LAMBDA (off by default)",
     )
+    g.add_argument(
+        "--feature-norm",
+        choices=["none", "center", "standardize"],
+        default="none",
+        help="lae: running-statistics centring of the encoder features before the chain layer",
+    )
+    g.add_argument(
+        "--orthogonal-init", action="store_true", help="orthogonal weights, zero biases (all)"
+    )
     g = t.add_argument_group("Bernoulli latents (sbn)")
     g.add_argument("--estimator", default="nvil", help="reinforce|tracegraph|nvil|vimco|disarm")
     g.add_argument("--num-particles", type=int, default=1)

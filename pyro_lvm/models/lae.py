@@ -25,10 +25,14 @@ import torch
 from torch import nn
 
 from pyro_lvm.models.base import LatentVariableModel
+from pyro_lvm.models.centering import FeatureCentering
 from pyro_lvm.models.likelihoods import BernoulliLikelihood, Likelihood
 from pyro_lvm.models.nets import MLP
 
-__all__ = ["LangevinAutoencoder"]
+__all__ = ["LangevinAutoencoder", "FEATURE_NORMS"]
+
+#: encoder feature normalizations (see :class:`~pyro_lvm.models.centering.FeatureCentering`)
+FEATURE_NORMS = ("none", "center", "standardize")
 
 
 class LangevinAutoencoder(LatentVariableModel):
@@ -48,6 +52,12 @@ class LangevinAutoencoder(LatentVariableModel):
     test_scale : float
         Standard deviation :math:`s` of the evaluation proposal
         :math:`\\mathcal N(\\text{encoder}(x), s^2 I)`.
+    feature_norm : {"none", "center", "standardize"}
+        Insert a :class:`~pyro_lvm.models.centering.FeatureCentering` layer between the
+        default encoder's trunk and its final ``nn.Linear``: running-mean centring (and,
+        for ``"standardize"``, per-feature scaling) of the features :math:`g(x)`, which
+        removes the common mode that dominates :math:`G G^\\top` and dictates the ALD
+        step size. Default ``"none"`` (the paper's encoder).
     decoder, encoder : nn.Module, optional
         Replace the MLPs (the encoder must end in an ``nn.Linear``).
     """
@@ -65,9 +75,19 @@ class LangevinAutoencoder(LatentVariableModel):
         test_scale: float = 0.05,
         decoder: nn.Module | None = None,
         encoder: nn.Module | None = None,
+        feature_norm: str = "none",
     ):
         if latent_dim <= 0:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(
+                f"unknown feature_norm {feature_norm!r}; choose one of {list(FEATURE_NORMS)}"
+            )
+        if feature_norm != "none" and encoder is not None:
+            raise ValueError(
+                "feature_norm applies to the default MLP encoder; add a FeatureCentering "
+                "layer to your own encoder instead"
+            )
         if not test_scale > 0:
             raise ValueError(f"test_scale must be positive, got {test_scale}")
         net = dict(
@@ -80,7 +100,14 @@ class LangevinAutoencoder(LatentVariableModel):
         if decoder is None:
             decoder = MLP(latent_dim, data_dim, **net)
         super().__init__(data_dim, latent_dim, decoder, likelihood or BernoulliLikelihood())
-        self.encoder = encoder if encoder is not None else MLP(data_dim, latent_dim, **net)
+        if encoder is None:
+            encoder = MLP(data_dim, latent_dim, **net)
+            if feature_norm != "none":
+                width = hidden_dim if depth > 0 else data_dim
+                centering = FeatureCentering(width, standardize=feature_norm == "standardize")
+                encoder.insert(len(encoder) - 1, centering)  # the last module stays Linear
+        self.encoder = encoder
+        self.feature_norm = feature_norm
         self.test_scale = test_scale
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:

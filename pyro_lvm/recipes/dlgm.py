@@ -41,6 +41,7 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         depth=config.depth,
         likelihood=likelihood,
         layer_norm=config.layer_norm,
+        orthogonal_init=config.orthogonal_init,
     )
     inference = DLGM(
         vae.model,

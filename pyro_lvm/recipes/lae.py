@@ -40,7 +40,9 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         depth=config.depth,
         likelihood=likelihood,
         layer_norm=config.layer_norm,
+        orthogonal_init=config.orthogonal_init,
         test_scale=config.test_scale,
+        feature_norm=config.feature_norm,
     )
     # LAE removes the chain weight (the encoder's last Linear) from the optimizer
     inference = LAE(

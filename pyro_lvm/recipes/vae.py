@@ -31,6 +31,7 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         depth=config.depth,
         likelihood=likelihood,
         layer_norm=config.layer_norm,
+        orthogonal_init=config.orthogonal_init,
     )
     # analytic KL (TraceMeanField_ELBO) has lower variance for the Gaussian guide
     loss = TraceMeanField_ELBO() if config.analytic_kl else Trace_ELBO()
