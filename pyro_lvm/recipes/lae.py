@@ -7,6 +7,11 @@ with ``--langevin-steps`` MALA transitions per minibatch (``--no-mh``: unadjuste
 size ``--step-size`` (default: found by a doubling/halving search at the first step, then)
 adapted towards ``--target-accept`` throughout training unless ``--no-adapt``.
 
+``--feature-norm center`` centres the encoder features with running means before the
+chain layer (:class:`~pyro_lvm.models.centering.FeatureCentering`): without it the
+features' shared direction dictates a tiny step size (see docs/langevin.md, "Beating the
+VAE"). ``--orthogonal-init`` gives every network the paper's initialisation.
+
 The chain's potential is the plain minibatch sum (temperature 1, as in the paper). ALD
 needs the encoder's last hidden width (``--hidden-dim``) to be at least the batch size
 (``--batch-size``); otherwise the kernel warns (samples of some datapoints collapse).
