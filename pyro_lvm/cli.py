@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden-dim", type=int, default=256)
     t.add_argument("--depth", type=int, default=2, help="hidden layers per network")
     t.add_argument("--layer-norm", action="store_true", help="LayerNorm in hidden layers")
+    t.add_argument(
+        "--orthogonal-init", action="store_true", help="orthogonal weights, zero biases"
+    )
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     t.add_argument("--likelihood", choices=["bernoulli", "gaussian", "logistic"], default=None)
@@ -94,9 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "center", "standardize"],
         default="none",
         help="lae: running-statistics centring of the encoder features before the chain layer",
-    )
-    g.add_argument(
-        "--orthogonal-init", action="store_true", help="orthogonal weights, zero biases (all)"
     )
     g = t.add_argument_group("Bernoulli latents (sbn)")
     g.add_argument("--estimator", default="nvil", help="reinforce|tracegraph|nvil|vimco|disarm")

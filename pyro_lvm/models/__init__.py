@@ -2,6 +2,7 @@
 
 from pyro_lvm.models.ae_gmm import AEGMM
 from pyro_lvm.models.base import LatentVariableModel
+from pyro_lvm.models.centering import FeatureCentering
 from pyro_lvm.models.gmm import (
     GaussianMixtureInfo,
     GaussianMixtureParams,
@@ -30,6 +31,7 @@ from pyro_lvm.models.sbn import BernoulliVAE, SigmoidBeliefNet
 from pyro_lvm.models.vae import VAE, GaussianEncoder
 
 __all__ = [
+    "FeatureCentering",
     "BernoulliVAE",
     "SigmoidBeliefNet",
     "AEGMM",

@@ -11,7 +11,7 @@ from torch import nn
 
 from pyro_lvm.models.base import LatentVariableModel
 
-__all__ = ["Experiment", "Inference"]
+__all__ = ["Experiment", "Inference", "network_options"]
 
 
 class Inference(Protocol):
@@ -67,3 +67,13 @@ class Experiment:
     @property
     def guide(self) -> Callable:
         return self.eval_guide if self.eval_guide is not None else self.lvm.guide
+
+
+def network_options(config) -> dict[str, Any]:
+    """The MLP options every recipe shares, so compared methods get identical networks."""
+    return {
+        "hidden_dim": config.hidden_dim,
+        "depth": config.depth,
+        "layer_norm": config.layer_norm,
+        "orthogonal_init": config.orthogonal_init,
+    }

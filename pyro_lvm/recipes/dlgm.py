@@ -24,7 +24,7 @@ from pyro_lvm.infer.dlgm import DLGM
 from pyro_lvm.infer.refine import LangevinProposalGuide
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.vae import VAE
-from pyro_lvm.recipes.base import Experiment
+from pyro_lvm.recipes.base import Experiment, network_options
 from pyro_lvm.recipes.vae import make_optimizer
 
 __all__ = ["build", "DEFAULT_STEP_SIZE"]
@@ -37,11 +37,8 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
     vae = VAE(
         data_dim,
         config.latent_dim,
-        hidden_dim=config.hidden_dim,
-        depth=config.depth,
         likelihood=likelihood,
-        layer_norm=config.layer_norm,
-        orthogonal_init=config.orthogonal_init,
+        **network_options(config),
     )
     inference = DLGM(
         vae.model,

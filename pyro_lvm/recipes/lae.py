@@ -31,7 +31,7 @@ from pyro_lvm.infer.lae import LAE
 from pyro_lvm.infer.refine import LangevinProposalGuide
 from pyro_lvm.models.lae import LangevinAutoencoder
 from pyro_lvm.models.likelihoods import Likelihood
-from pyro_lvm.recipes.base import Experiment
+from pyro_lvm.recipes.base import Experiment, network_options
 from pyro_lvm.recipes.vae import make_optimizer
 
 __all__ = ["build"]
@@ -41,11 +41,8 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
     lvm = LangevinAutoencoder(
         data_dim,
         config.latent_dim,
-        hidden_dim=config.hidden_dim,
-        depth=config.depth,
         likelihood=likelihood,
-        layer_norm=config.layer_norm,
-        orthogonal_init=config.orthogonal_init,
+        **network_options(config),
         test_scale=config.test_scale,
         feature_norm=config.feature_norm,
     )

@@ -9,7 +9,7 @@ from pyro_lvm.config import TrainConfig
 from pyro_lvm.infer.svi import ModuleSVI
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.vae import VAE
-from pyro_lvm.recipes.base import Experiment
+from pyro_lvm.recipes.base import Experiment, network_options
 
 __all__ = ["build", "make_optimizer"]
 
@@ -27,11 +27,8 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
     vae = VAE(
         data_dim,
         config.latent_dim,
-        hidden_dim=config.hidden_dim,
-        depth=config.depth,
         likelihood=likelihood,
-        layer_norm=config.layer_norm,
-        orthogonal_init=config.orthogonal_init,
+        **network_options(config),
     )
     # analytic KL (TraceMeanField_ELBO) has lower variance for the Gaussian guide
     loss = TraceMeanField_ELBO() if config.analytic_kl else Trace_ELBO()
