@@ -10,6 +10,18 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 # script name -> tiny command-line arguments; add one entry per example
 TINY = {
+    "lae_vs_vae_digits.py": [
+        "--epochs",
+        "1",
+        "--hidden-dim",
+        "128",
+        "--depth",
+        "1",
+        "--refine-steps",
+        "2",
+        "--eval-samples",
+        "5",
+    ],
     "bernoulli_vae.py": ["--epochs", "1", "--hidden-dim", "16", "--eval-samples", "10"],
     "ald_conjugate_gaussian.py": ["--num-samples", "60", "--warmup-steps", "20"],
     "ald_multimodal.py": ["--num-samples", "60", "--warmup-steps", "20", "--vi-steps", "20"],
