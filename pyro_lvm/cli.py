@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--feature-norm",
         choices=["none", "center", "standardize"],
-        default="none",
+        default="center",
         help="lae: running-statistics centring of the encoder features before the chain layer",
     )
     g = t.add_argument_group("Bernoulli latents (sbn)")

@@ -49,7 +49,7 @@ class TrainConfig:
     #: LAE feature preconditioning damping (None: plain ALD on the last-layer weight)
     precondition: float | None = None
     #: lae: encoder feature normalization before the chain layer (none|center|standardize)
-    feature_norm: str = "none"
+    feature_norm: str = "center"
     # Bernoulli latents (sbn)
     estimator: str = "nvil"
     num_particles: int = 1

@@ -34,7 +34,11 @@ def test_lae_recipe_feature_norm():
     assert isinstance(exp.lvm.encoder[-1], nn.Linear)
     assert exp.inference.kernel.chain_params == [exp.lvm.encoder[-1].weight]
     default = get_recipe("lae").build(TrainConfig(model="lae"), 64, make_likelihood("logistic"))
-    assert not any(isinstance(m, FeatureCentering) for m in default.lvm.modules())
+    # centring is the default: without it the chain freezes (docs/langevin.md)
+    assert sum(isinstance(m, FeatureCentering) for m in default.lvm.modules()) == 1
+    plain = TrainConfig(model="lae", feature_norm="none")
+    plain_exp = get_recipe("lae").build(plain, 64, make_likelihood("logistic"))
+    assert not any(isinstance(m, FeatureCentering) for m in plain_exp.lvm.modules())
 
 
 def test_bad_feature_norm():
