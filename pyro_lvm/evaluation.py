@@ -89,7 +89,9 @@ def _ais(experiment, test_x, num_steps, batch_size, device, data_dim) -> dict[st
 
     lvm = experiment.lvm
     estimates = [
-        ais_log_likelihood(lvm.model, x.to(device), num_steps=num_steps)
+        ais_log_likelihood(
+            lvm.model, x.to(device), num_steps=num_steps, max_plate_nesting=lvm.max_plate_nesting
+        )
         for x in _batches(test_x, batch_size)
     ]
     nll = -torch.cat(estimates).mean().item()
