@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import signal
 import sys
 import time
@@ -23,13 +24,23 @@ from pathlib import Path
 import pyro
 import torch
 
-from pyro_lvm.checkpoint import CHECKPOINT_NAME, atomic_save
+from pyro_lvm import __version__
+from pyro_lvm.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, atomic_save, load_checkpoint
 from pyro_lvm.config import TrainConfig
 from pyro_lvm.data import DATASETS, DataBundle, load_dataset
 from pyro_lvm.evaluation import evaluate
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.models.likelihoods import make_likelihood
 from pyro_lvm.recipes import RECIPES, Experiment, get_recipe
+from pyro_lvm.rundir import (
+    RunLock,
+    check_run_dir,
+    check_writable,
+    clear_run,
+    non_finite_keys,
+    prepare_run_dir,
+    write_json,
+)
 from pyro_lvm.trainer import Trainer
 
 __all__ = ["main", "build_parser", "run_train", "run_evaluate", "run_sample", "setup_run"]
@@ -41,81 +52,111 @@ class CLIError(Exception):
     """Bad input from the command line (printed as one line, exit status 2)."""
 
 
+#: settings a resumed run may change (the rest define the run and must match it)
+RESUMABLE = ("epochs", "lr", "eval_samples", "eval_ais", "device")
+_DEFAULTS = TrainConfig()
+
+
+def _help(text: str, field: str | None = None) -> str:
+    if field is None:
+        return text
+    return f"{text} (default: {getattr(_DEFAULTS, field)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-lvm", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"pyro-lvm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model and evaluate it on the test split")
+    # flags are absent from the namespace unless given (SUPPRESS), so --resume can tell a
+    # flag the user passed from a default; the defaults live in TrainConfig alone
+    t = sub.add_parser(
+        "train",
+        help="train a model and evaluate it on the test split",
+        argument_default=argparse.SUPPRESS,
+    )
     t.add_argument("model", choices=sorted(RECIPES), help="model to train")
-    t.add_argument("--dataset", default="digits", choices=DATASETS)
-    t.add_argument("--data-dir", default="data", help="folder holding torchvision datasets")
+    t.add_argument("--dataset", choices=DATASETS, help=_help("dataset", "dataset"))
+    t.add_argument("--data-dir", help=_help("folder holding torchvision datasets", "data_dir"))
     t.add_argument("--download", action="store_true", help="download a missing dataset")
-    t.add_argument("--epochs", type=int, default=None, help="total epochs (default 50)")
-    t.add_argument("--batch-size", type=int, default=100)
-    t.add_argument("--latent-dim", type=int, default=8)
-    t.add_argument("--hidden-dim", type=int, default=256)
-    t.add_argument("--depth", type=int, default=2, help="hidden layers per network")
+    t.add_argument("--epochs", type=int, help=_help("total epochs", "epochs"))
+    t.add_argument("--batch-size", type=int, help=_help("minibatch size", "batch_size"))
+    t.add_argument("--latent-dim", type=int, help=_help("latent dimension", "latent_dim"))
+    t.add_argument("--hidden-dim", type=int, help=_help("hidden units", "hidden_dim"))
+    t.add_argument("--depth", type=int, help=_help("hidden layers per network", "depth"))
     t.add_argument("--layer-norm", action="store_true", help="LayerNorm in hidden layers")
     t.add_argument(
         "--orthogonal-init", action="store_true", help="orthogonal weights, zero biases"
     )
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    t.add_argument("--likelihood", choices=["bernoulli", "gaussian", "logistic"], default=None)
+    t.add_argument("--lr", type=float, help=_help("learning rate", "lr"))
+    t.add_argument("--optimizer", choices=["adam", "sgd"], help=_help("optimizer", "optimizer"))
+    t.add_argument(
+        "--likelihood",
+        choices=["bernoulli", "gaussian", "logistic"],
+        help="observation model (default: gaussian for ppca, else bernoulli)",
+    )
     t.add_argument("--analytic-kl", action="store_true", help="TraceMeanField_ELBO (vae)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-samples", type=int, default=1000, help="importance samples K")
-    t.add_argument("--eval-ais", type=int, default=0, metavar="STEPS", help="AIS steps (0: off)")
-    t.add_argument("--device", default="cpu", help="cpu or cuda")
-    t.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATASET)")
-    t.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
+    t.add_argument("--seed", type=int, help=_help("seed of every generator", "seed"))
+    t.add_argument("--eval-samples", type=int, help=_help("importance samples K", "eval_samples"))
+    t.add_argument(
+        "--eval-ais", type=int, metavar="STEPS", help=_help("AIS steps (0: off)", "eval_ais")
+    )
+    t.add_argument("--device", help=_help("cpu or cuda", "device"))
+    t.add_argument("--out", help="run directory (default: runs/MODEL-DATASET)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
+    t.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     t.add_argument("--no-figures", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument(
         "--threads",
         type=int,
-        default=None,
         help="torch CPU threads (default: 1 for the tiny digits networks, else torch's)",
     )
     g = t.add_argument_group("Langevin (lae, dlgm)")
-    g.add_argument("--langevin-steps", type=int, default=2, help="transitions T per batch")
-    g.add_argument("--step-size", type=float, default=None, help="initial step size")
-    g.add_argument("--target-accept", type=float, default=0.574)
+    g.add_argument(
+        "--langevin-steps", type=int, help=_help("transitions T per batch", "langevin_steps")
+    )
+    g.add_argument("--step-size", type=float, help="initial step size (default: searched)")
+    g.add_argument("--target-accept", type=float, help=_help("target", "target_accept"))
     g.add_argument("--no-mh", dest="mh", action="store_false", help="unadjusted Langevin")
     g.add_argument("--no-adapt", dest="adapt", action="store_false", help="fixed step size")
-    g.add_argument("--test-scale", type=float, default=0.05, help="q = N(encoder(x), s^2)")
-    g.add_argument("--refine-steps", type=int, default=0, help="test-time MALA steps")
+    g.add_argument("--test-scale", type=float, help=_help("q = N(encoder(x), s^2)", "test_scale"))
+    g.add_argument("--refine-steps", type=int, help=_help("test-time MALA steps", "refine_steps"))
     g.add_argument(
         "--precondition",
         type=float,
-        default=None,
         metavar="LAMBDA",
-        help="lae: per-batch feature preconditioning with damping LAMBDA (off by default)",
+        help="lae: per-batch feature preconditioning with damping LAMBDA (default: off)",
     )
     g.add_argument(
         "--feature-norm",
         choices=["none", "center", "standardize"],
-        default="center",
-        help="lae: running-statistics centring of the encoder features before the chain layer",
+        help=_help("lae: running-statistics normalisation of encoder features", "feature_norm"),
     )
     g = t.add_argument_group("Bernoulli latents (sbn)")
-    g.add_argument("--estimator", default="nvil", help="reinforce|tracegraph|nvil|vimco|disarm")
-    g.add_argument("--num-particles", type=int, default=1)
-    g.add_argument("--num-layers", type=int, default=1)
+    g.add_argument(
+        "--estimator", help=_help("reinforce|tracegraph|nvil|vimco|disarm", "estimator")
+    )
+    g.add_argument("--num-particles", type=int, help=_help("particles", "num_particles"))
+    g.add_argument("--num-layers", type=int, help=_help("stochastic layers", "num_layers"))
     g = t.add_argument_group("other models")
-    g.add_argument("--fit", default="svi", help="ppca: svi|gradient|closed-form|em")
-    g.add_argument("--num-components", type=int, default=10, help="ae-gmm mixture size")
+    g.add_argument("--fit", help=_help("ppca: svi|gradient|closed-form|em", "fit"))
+    g.add_argument(
+        "--num-components", type=int, help=_help("ae-gmm mixture size", "num_components")
+    )
 
     e = sub.add_parser("evaluate", help="re-evaluate a trained run")
     e.add_argument("run_dir")
-    e.add_argument("--eval-samples", type=int, default=1000)
-    e.add_argument("--eval-ais", type=int, default=0, metavar="STEPS")
-    e.add_argument("--device", default=None)
+    e.add_argument("--eval-samples", type=int, default=1000, help="importance samples K")
+    e.add_argument("--eval-ais", type=int, default=0, metavar="STEPS", help="AIS steps")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
+    e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
 
@@ -143,26 +184,94 @@ def setup_run(
     return experiment, data
 
 
+def _given(args) -> dict:
+    """The train flags the user passed, as TrainConfig fields."""
+    return {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+
+
 def _config_from_args(args) -> TrainConfig:
-    if args.resume is not None:
-        run = Path(args.resume)
-        if not (run / "config.json").is_file() or not (run / CHECKPOINT_NAME).is_file():
-            raise CLIError(
-                f"--resume {run} is not a pyro-lvm run (needs config.json and "
-                f"{CHECKPOINT_NAME}); pass the --out folder of an earlier run"
-            )
-        config = TrainConfig.load(run / "config.json")
-        if config.model != args.model:
-            raise CLIError(f"--resume {run} is a {config.model!r} run, not {args.model!r}")
-        config.out = str(run)
-        if args.epochs is not None:
-            config.epochs = args.epochs
-        return config
-    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    fields["epochs"] = 50 if args.epochs is None else args.epochs
-    fields["likelihood"] = args.likelihood or DEFAULT_LIKELIHOOD.get(args.model, "bernoulli")
-    fields["out"] = args.out or f"runs/{args.model}-{args.dataset}"
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        return _resumed_config(args, Path(resume))
+    fields = _given(args)
+    fields.setdefault("likelihood", DEFAULT_LIKELIHOOD.get(args.model, _DEFAULTS.likelihood))
+    fields["out"] = getattr(args, "out", None) or (
+        f"runs/{args.model}-{fields.get('dataset', _DEFAULTS.dataset)}"
+    )
     return TrainConfig(**fields)
+
+
+def _resumed_config(args, run: Path) -> TrainConfig:
+    """The run's recorded settings, with the flags a resume may change applied; any other
+    flag (or an edit of config.json) that differs from the checkpoint is refused."""
+    if not (run / "config.json").is_file() or not (
+        (run / CHECKPOINT_NAME).is_file() or (run / PREVIOUS_NAME).is_file()
+    ):
+        raise CLIError(
+            f"--resume {run} is not a pyro-lvm run (needs config.json and "
+            f"{CHECKPOINT_NAME}); pass the --out folder of an earlier run"
+        )
+    config = _read_config(run)
+    if config.model != args.model:
+        raise CLIError(f"--resume {run} is a {config.model!r} run, not {args.model!r}")
+    recorded = load_checkpoint(run / CHECKPOINT_NAME).get("metadata", {}).get("config")
+    if recorded is not None:  # config.json may have been edited since the checkpoint
+        for key, value in recorded.items():
+            if key in RESUMABLE or key == "out" or not hasattr(config, key):
+                continue
+            if getattr(config, key) != value:
+                raise CLIError(
+                    f"{run}/config.json says {key}={getattr(config, key)!r} but the checkpoint "
+                    f"was trained with {value!r}; restore config.json (a resumed run can "
+                    f"only change {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})"
+                )
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).resolve() != run.resolve():
+        raise CLIError(
+            f"--out {out} with --resume {run}: a resumed run continues in its own folder; "
+            "drop --out (or copy the run folder first)"
+        )
+    for key, value in _given(args).items():
+        if key in RESUMABLE:
+            setattr(config, key, value)
+        elif getattr(config, key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise CLIError(
+                f"{flag} {value} differs from the resumed run's {getattr(config, key)!r}: "
+                "model, data and architecture are fixed for a run; start a new run with "
+                f"another --out (a resume may change "
+                f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})"
+            )
+    config.out = str(run)
+    return config
+
+
+def _read_config(run: Path) -> TrainConfig:
+    try:
+        return TrainConfig.load(run / "config.json")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+        raise CLIError(
+            f"{run}/config.json is not a valid run config ({type(err).__name__}); restore it "
+            "or start a new run"
+        ) from None
+
+
+def _set_learning_rate(inference, lr: float) -> int:
+    """Set ``lr`` in every optimizer the inference driver holds; returns how many."""
+    found = 0
+    for value in vars(inference).values():
+        groups = []
+        if isinstance(value, torch.optim.Optimizer):
+            groups = value.param_groups
+        elif isinstance(value, pyro.optim.PyroOptim):
+            if isinstance(value.pt_optim_args, dict):
+                value.pt_optim_args["lr"] = lr
+            groups = [g for o in value.optim_objs.values() for g in o.param_groups]
+            found += 1
+        for group in groups:
+            group["lr"] = lr
+        found += bool(groups)
+    return found
 
 
 def _tensorboard(out: Path):
@@ -182,15 +291,42 @@ def run_train(
     progress: bool = True,
     figures: bool = True,
     data: DataBundle | None = None,
+    overwrite: bool = False,
 ) -> dict:
-    """Train, evaluate and write ``metrics.json`` (+ figures); returns the metrics."""
+    """Train, evaluate and write ``metrics.json`` (+ figures); returns the metrics.
+
+    The run folder ``config.out`` must not hold a run unless ``resume`` (continue it) or
+    ``overwrite`` (replace it) is set; it is locked against a second writer while this
+    runs. Raises :class:`CLIError` (one line) for every failure the user can fix,
+    including non-finite results (``metrics.json`` then records them as ``null``).
+    """
     out = Path(config.out)
+    # every check before anything is written: flags, folder, data, model
+    config.validate()
+    _check_device(config.device)
+    check_run_dir(out, resume=resume, overwrite=overwrite)
     experiment, data = setup_run(config, data)
     trainer = Trainer(experiment, data, config.batch_size, out, config.seed, config.device)
+    trainer.metadata = {"config": config.to_dict()}
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    with RunLock(out):
+        if not (resume or overwrite):
+            check_run_dir(out)  # another process may have finished a run here meanwhile
+        if overwrite and not resume:
+            clear_run(out)
+        return _train_locked(config, experiment, data, trainer, out, resume, progress, figures)
+
+
+def _train_locked(config, experiment, data, trainer, out, resume, progress, figures) -> dict:
     if resume:
         trainer.restore(out / CHECKPOINT_NAME)
-    out.mkdir(parents=True, exist_ok=True)
-    config.save(out / "config.json")
+        if trainer.state.epoch > config.epochs:
+            raise CLIError(
+                f"{out} has already trained {trainer.state.epoch} epochs; --epochs must be at "
+                f"least {trainer.state.epoch}"
+            )
+        _set_learning_rate(experiment.inference, config.lr)
+    write_json(out / "config.json", config.to_dict())
     prepare = getattr(experiment.inference, "prepare", None)
     if prepare is not None and trainer.state.step == 0:
         prepare(data.train_x.to(config.device))
@@ -222,9 +358,7 @@ def run_train(
             f"checkpoint saved, continue with --resume {out}"
         ) from None
     except DivergenceError as err:
-        raise CLIError(
-            f"{err} (at step {trainer.state.step + 1}; last good checkpoint kept in {out})"
-        ) from None
+        raise CLIError(f"{err} (at step {trainer.state.step + 1}; {_kept(out)})") from None
     finally:
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
@@ -236,18 +370,35 @@ def run_train(
     metrics = _metrics(config, experiment, data, trainer)
     if writer is not None:
         for key, value in metrics.items():
-            if isinstance(value, float):
+            if isinstance(value, float) and math.isfinite(value):
                 writer.add_scalar(f"test/{key}", value, config.epochs)
         writer.close()
-    _write_json(out / "metrics.json", metrics)
-    _write_json(
+    write_json(
         out / "history.json", {"epochs": trainer.state.history, "steps": trainer.state.steps}
     )
+    _write_metrics(out, metrics)
     if figures:
         from pyro_lvm.figures import write_figures
 
         write_figures(experiment, data, trainer.state, out)
     return metrics
+
+
+def _kept(out: Path) -> str:
+    if (out / CHECKPOINT_NAME).is_file():
+        return f"the last good checkpoint is kept in {out}; continue with --resume {out}"
+    return "no checkpoint was written (it diverged in the first epoch)"
+
+
+def _write_metrics(out: Path, metrics: dict) -> None:
+    """Strict JSON; non-finite results are recorded as null and are an error."""
+    write_json(out / "metrics.json", metrics)
+    bad = non_finite_keys(metrics)
+    if bad:
+        raise CLIError(
+            f"non-finite results ({', '.join(bad)}; null in {out / 'metrics.json'}): the "
+            "model diverged or the settings are impossible; lower --lr or check the flags"
+        )
 
 
 def _short(metrics: dict) -> dict:
@@ -296,23 +447,20 @@ def _metrics(config, experiment, data, trainer) -> dict:
         )
     )
     metrics["eval_seconds"] = time.perf_counter() - t0
+    metrics["warnings"] = [w["kind"] for w in trainer.state.warnings]
     return metrics
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=float))
-    tmp.replace(path)
 
 
 def _load_run(run_dir: str, device: str | None = None):
     run = Path(run_dir)
-    if not (run / "config.json").is_file() or not (run / CHECKPOINT_NAME).is_file():
+    if not (run / "config.json").is_file() or not (
+        (run / CHECKPOINT_NAME).is_file() or (run / PREVIOUS_NAME).is_file()
+    ):
         raise CLIError(
             f"{run} is not a pyro-lvm run (needs config.json and {CHECKPOINT_NAME}); pass "
             "the --out folder of a training run"
         )
-    config = TrainConfig.load(run / "config.json")
+    config = _read_config(run)
     if device is not None:
         config.device = device
     experiment, data = setup_run(config)
@@ -325,51 +473,79 @@ def run_evaluate(
     run_dir: str, eval_samples: int = 1000, eval_ais: int = 0, device: str | None = None
 ) -> dict:
     """Re-evaluate a run; updates and returns its ``metrics.json``."""
+    run = Path(run_dir)
+    if run.is_dir():  # fail before the (long) evaluation, not after it
+        check_writable(run, "run folder")
     config, experiment, data, trainer = _load_run(run_dir, device)
     config.eval_samples, config.eval_ais = eval_samples, eval_ais
     config.validate()
-    metrics_path = Path(run_dir) / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    fresh = _metrics(config, experiment, data, trainer)
-    for key in ("train_seconds", "ms_per_step"):  # keep the training run's timings
-        fresh[key] = metrics.get(key, fresh[key])
-    metrics.update(fresh)
-    _write_json(metrics_path, metrics)
+    with RunLock(run):
+        metrics_path = run / "metrics.json"
+        try:
+            metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        except json.JSONDecodeError:
+            metrics = {}  # replaced by the fresh evaluation below
+        fresh = _metrics(config, experiment, data, trainer)
+        for key in ("train_seconds", "ms_per_step"):  # keep the training run's timings
+            fresh[key] = metrics.get(key, fresh[key])
+        metrics.update(fresh)
+        _write_metrics(run, metrics)
     return metrics
 
 
+def sample_paths(run_dir: str | Path, num: int, seed: int) -> tuple[Path, Path]:
+    """Where ``pyro-lvm sample`` writes: its own names, never the training figures."""
+    stem = Path(run_dir) / f"sample_n{num}_seed{seed}"
+    return stem.with_suffix(".pt"), stem.with_suffix(".png")
+
+
 def run_sample(run_dir: str, num: int = 64, seed: int = 0) -> Path:
-    """Draw ``num`` samples from a run: writes ``samples.pt`` and ``samples.png``."""
+    """Draw ``num`` samples from a run: writes ``sample_nNUM_seedSEED.pt`` (and ``.png``
+    for images) in the run folder; returns the ``.pt`` path."""
     if num <= 0:
         raise CLIError(f"--num must be positive, got {num}")
+    run = Path(run_dir)
+    if run.is_dir():
+        check_writable(run, "run folder")
     config, experiment, data, _ = _load_run(run_dir)
     pyro.set_rng_seed(seed)
     x = experiment.lvm.generate(num).cpu()
-    run = Path(run_dir)
-    atomic_save(x, run / "samples.pt")
+    pt, png = sample_paths(run, num, seed)
+    atomic_save(x, pt)
     if data.image_shape is not None:
         from pyro_lvm.figures import save_sample_grid
 
-        save_sample_grid(x, data, experiment, run / "samples.png")
-    return run / "samples.pt"
+        save_sample_grid(x, data, experiment, png)
+    return pt
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    text = str(message).strip().splitlines()[0] if str(message).strip() else ""
+    return f"pyro-lvm: warning: {text}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
-        if getattr(args, "threads", None) is None and getattr(args, "dataset", None) == "digits":
-            args.threads = 1  # 8x8 inputs: threading overhead exceeds the arithmetic
-        if getattr(args, "threads", None) is not None:
-            if args.threads <= 0:
-                raise CLIError(f"--threads must be positive, got {args.threads}")
-            torch.set_num_threads(args.threads)
+        threads = getattr(args, "threads", None)
+        dataset = getattr(args, "dataset", _DEFAULTS.dataset)
+        if threads is None and (args.command != "train" or dataset == "digits"):
+            # 8x8 inputs: threading overhead exceeds the arithmetic; evaluation (AIS, IWAE)
+            # of any run is also faster single-threaded at these sizes (measured: issue 8)
+            threads = 1 if args.command == "train" else _run_threads(args.run_dir)
+        if threads is not None:
+            if threads <= 0:
+                raise CLIError(f"--threads must be positive, got {threads}")
+            torch.set_num_threads(threads)
         if args.command == "train":
             config = _config_from_args(args)
             metrics = run_train(
                 config,
-                resume=args.resume is not None,
-                progress=not args.no_progress,
-                figures=not args.no_figures,
+                resume=getattr(args, "resume", None) is not None,
+                progress=not getattr(args, "no_progress", False),
+                figures=not getattr(args, "no_figures", False),
+                overwrite=getattr(args, "overwrite", False),
             )
             _print_summary(metrics, config.out)
         elif args.command == "evaluate":
@@ -378,10 +554,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path = run_sample(args.run_dir, args.num, args.seed)
             print(f"wrote {path}")
-    except (CLIError, ValueError, FileNotFoundError, DivergenceError) as err:
-        print(f"pyro-lvm: error: {err}", file=sys.stderr)
+    except (CLIError, ValueError, FileNotFoundError, DivergenceError, OSError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        print(f"pyro-lvm: error: {message}", file=sys.stderr)
         return 2
     return 0
+
+
+def _run_threads(run_dir: str) -> int | None:
+    """One thread for a digits run's evaluation, torch's default otherwise."""
+    try:
+        dataset = json.loads((Path(run_dir) / "config.json").read_text()).get("dataset")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return 1 if dataset == "digits" else None
 
 
 def _print_summary(metrics: dict, out) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for impossible settings."""
+        for name in ("lr", "step_size", "target_accept", "test_scale", "precondition"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
         checks = [
             (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
@@ -83,6 +88,12 @@ class TrainConfig:
                 f"--target-accept must be in (0, 1), got {self.target_accept}",
             ),
             (self.test_scale > 0, f"--test-scale must be positive, got {self.test_scale}"),
+            (self.refine_steps >= 0, f"--refine-steps must be >= 0, got {self.refine_steps}"),
+            (self.num_layers > 0, f"--num-layers must be positive, got {self.num_layers}"),
+            (
+                self.num_components > 0,
+                f"--num-components must be positive, got {self.num_components}",
+            ),
             (
                 self.precondition is None or self.precondition > 0,
                 f"--precondition must be positive, got {self.precondition}",

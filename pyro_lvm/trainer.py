@@ -10,6 +10,7 @@ an uninterrupted run would, mid-epoch included.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,12 +19,15 @@ import torch
 
 from pyro_lvm.checkpoint import (
     CHECKPOINT_NAME,
+    CheckpointError,
     atomic_save,
     load_checkpoint,
     rng_state,
     set_rng_state,
 )
 from pyro_lvm.data.bundle import DataBundle, binarize
+from pyro_lvm.health import check_epoch
+from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.recipes.base import Experiment
 
 __all__ = ["Trainer", "TrainerState"]
@@ -44,6 +48,10 @@ class TrainerState:
     history: list[dict] = field(default_factory=list)
     #: one record per step: step, loss per datapoint, and the inference metrics
     steps: list[dict] = field(default_factory=list)
+    #: loss per datapoint of the first step (the untrained model): the health yardstick
+    first_loss: float | None = None
+    #: health findings (:mod:`pyro_lvm.health`), one per kind: ``{"kind", "message"}``
+    warnings: list[dict] = field(default_factory=list)
 
 
 class Trainer:
@@ -94,6 +102,8 @@ class Trainer:
         self.state = TrainerState()
         #: set (e.g. from a SIGINT handler) to stop cleanly after the current step
         self.stop_requested = False
+        #: plain data saved with every checkpoint (the CLI records the run's config here)
+        self.metadata: dict = {}
 
     # -- checkpoints ----------------------------------------------------------------
     @property
@@ -101,28 +111,66 @@ class Trainer:
         return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
 
     def save(self) -> None:
-        """Write the checkpoint atomically (no-op without ``out_dir``)."""
+        """Write the checkpoint atomically, keeping the previous one (no-op without
+        ``out_dir``).
+
+        Raises :class:`~pyro_lvm.infer.diagnostics.DivergenceError` instead of saving
+        non-finite parameters, so the file on disk stays the last good state.
+        """
         if self.checkpoint_path is None:
             return
+        modules = self.experiment.modules.state_dict()
+        bad = [k for k, v in modules.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise DivergenceError(
+                f"parameter {bad[0]!r} became non-finite by step {self.state.step}: training "
+                "diverged; lower the learning rate (--lr)"
+            )
         atomic_save(
             {
-                "modules": self.experiment.modules.state_dict(),
+                "modules": modules,
                 "inference": self.experiment.inference.state_dict(),
                 "trainer": asdict(self.state),
                 "shuffle": self.shuffle.get_state(),
                 "rng": rng_state(),
+                "metadata": self.metadata,
             },
             self.checkpoint_path,
+            keep_previous=True,
         )
 
-    def restore(self, path: str | Path) -> None:
-        """Load a checkpoint; the next :meth:`fit` continues exactly where it stopped."""
+    def restore(self, path: str | Path) -> dict:
+        """Load a checkpoint; the next :meth:`fit` continues exactly where it stopped.
+
+        Returns the checkpoint's ``metadata``. A checkpoint whose tensors do not fit the
+        experiment (another architecture) is a one-line
+        :class:`~pyro_lvm.checkpoint.CheckpointError`.
+        """
         ckpt = load_checkpoint(path, map_location=self.device)
-        self.experiment.modules.load_state_dict(ckpt["modules"])
-        self.experiment.inference.load_state_dict(ckpt["inference"])
+        try:
+            self.experiment.modules.load_state_dict(ckpt["modules"])
+            self.experiment.inference.load_state_dict(ckpt["inference"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            first = str(err).strip().splitlines()
+            detail = next(
+                (ln.strip() for ln in first[1:] if ln.strip()), first[0] if first else ""
+            )
+            raise CheckpointError(
+                f"{path} does not fit this model ({detail}): the config was edited or "
+                "belongs to another run; restore config.json or start a new run"
+            ) from None
         self.state = TrainerState(**ckpt["trainer"])
         self.shuffle.set_state(ckpt["shuffle"])
         set_rng_state(ckpt["rng"])
+        return ckpt.get("metadata", {})
+
+    def _check_health(self, record: dict) -> None:
+        seen = {w["kind"] for w in self.state.warnings}
+        for issue in check_epoch(record, self.state.first_loss):
+            if issue.kind not in seen:
+                seen.add(issue.kind)
+                self.state.warnings.append(issue._asdict())
+                warnings.warn(issue.message, RuntimeWarning, stacklevel=3)
 
     # -- the loop ---------------------------------------------------------------------
     def _batches(self) -> list[torch.Tensor]:
@@ -173,6 +221,8 @@ class Trainer:
                     st.step += 1
                     st.epoch_loss_sum += loss
                     st.epoch_count += len(idx)
+                    if st.first_loss is None:
+                        st.first_loss = loss / len(idx)
                     record = {"step": st.step, "loss": loss / len(idx)}
                     if st.step % self.log_metrics_every == 0:
                         record.update(self.experiment.inference.metrics())
@@ -187,6 +237,7 @@ class Trainer:
                     **self.experiment.inference.metrics(),
                 }
                 st.history.append(epoch_record)
+                self._check_health(epoch_record)
                 st.epoch += 1
                 st.batch = 0
                 self.save()

@@ -61,10 +61,13 @@ def test_evaluate_and_sample(vae_run):
     assert main(["evaluate", str(vae_run), "--eval-samples", "20"]) == 0
     metrics = json.loads((vae_run / "metrics.json").read_text())
     assert metrics["eval_samples"] == 20
+    figure = (vae_run / "samples.png").read_bytes()
     assert main(["sample", str(vae_run), "--num", "9"]) == 0
-    x = torch.load(vae_run / "samples.pt")
+    x = torch.load(vae_run / "sample_n9_seed0.pt", weights_only=True)
     assert x.shape == (9, 64)
-    assert (vae_run / "samples.png").exists()
+    assert (vae_run / "sample_n9_seed0.png").exists()
+    # the training figure is not overwritten
+    assert (vae_run / "samples.png").read_bytes() == figure
 
 
 def test_resume_continues(vae_run, tmp_path):

@@ -20,6 +20,7 @@ likelihood needs.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +71,42 @@ def _torchvision_mnist(cls_name: str, folder: str, name: str, root: Path, downlo
     )
 
 
-def _cifar10(root: Path, download: bool) -> DataBundle:
-    """CIFAR-10 from the python pickles (read directly: torchvision re-checks checksums)."""
-    import pickle
+class _ArrayUnpickler(pickle.Unpickler):
+    """Rebuilds only NumPy arrays and builtin containers: a planted pickle in a data
+    folder (which a ``config.json`` can point to) cannot run code."""
 
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path} is not a CIFAR-10 batch ({err}); replace the file") from None
+    except (EOFError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"{path} is damaged or truncated ({type(err).__name__}); delete it and pass "
+            "--download, or copy it again"
+        ) from None
+    if not isinstance(batch, dict) or "data" not in batch or "labels" not in batch:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (no data/labels); replace the file")
+    return batch
+
+
+def _cifar10(root: Path, download: bool) -> DataBundle:
+    """CIFAR-10 from the python pickles (read directly: torchvision re-checks checksums),
+    through an unpickler that rebuilds nothing but arrays."""
     base = root / "cifar-10-batches-py"
     if download and not (base / "test_batch").exists():
         import torchvision
@@ -85,8 +118,7 @@ def _cifar10(root: Path, download: bool) -> DataBundle:
     def read(names):
         xs, ys = [], []
         for name in names:
-            with open(base / name, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
+            batch = _read_cifar_batch(base / name)
             xs.append(torch.as_tensor(np.asarray(batch["data"], dtype=np.uint8)))
             ys.append(torch.as_tensor(batch["labels"]))
         return torch.cat(xs).float() / 255.0, torch.cat(ys).long()
@@ -167,18 +199,38 @@ def load_dataset(
     FileNotFoundError
         The dataset is not under ``data_dir`` and ``download`` is false (the message says
         which flag to pass).
+    ValueError
+        A file is damaged, truncated or not what it claims to be, or ``download`` failed
+        (one line naming the file or dataset and the fix).
     """
     root = Path(data_dir).expanduser()
     if name == "digits":
         return load_digits()
-    if name == "mnist":
-        return _torchvision_mnist("MNIST", "MNIST", name, root, download)
-    if name == "fashion-mnist":
-        return _torchvision_mnist("FashionMNIST", "FashionMNIST", name, root, download)
-    if name == "cifar10":
-        return _cifar10(root, download)
-    if name == "svhn":
-        return _svhn(root, download)
-    if name == "celeba":
-        return _celeba(root, download)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    try:
+        return _LOADERS[name](root, download)
+    except (FileNotFoundError, ValueError):
+        raise
+    except (RuntimeError, OSError, EOFError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if download:
+            raise ValueError(
+                f"could not download {name} into {root} ({first}); without network access, "
+                f"place the files under {root} yourself (torchvision's folder layout)"
+            ) from None
+        raise ValueError(
+            f"could not read {name} from {root} ({first}): a file is damaged or truncated; "
+            "delete it and pass --download, or copy it again"
+        ) from None
+
+
+_LOADERS = {
+    "mnist": lambda root, download: _torchvision_mnist("MNIST", "MNIST", "mnist", root, download),
+    "fashion-mnist": lambda root, download: _torchvision_mnist(
+        "FashionMNIST", "FashionMNIST", "fashion-mnist", root, download
+    ),
+    "cifar10": lambda root, download: _cifar10(root, download),
+    "svhn": lambda root, download: _svhn(root, download),
+    "celeba": lambda root, download: _celeba(root, download),
+}
