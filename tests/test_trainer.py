@@ -1,5 +1,6 @@
 import pytest
 import torch
+from seeding import offset_seed
 
 from pyro_lvm.cli import setup_run
 from pyro_lvm.config import TrainConfig
@@ -9,7 +10,7 @@ from pyro_lvm.trainer import Trainer
 
 
 def _data():
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(offset_seed(0))
     return DataBundle("toy", torch.rand(60, 6, generator=g), torch.rand(20, 6, generator=g))
 
 

@@ -13,6 +13,7 @@ import math
 import pyro
 import pyro.distributions as dist
 import torch
+from seeding import offset_seed
 from torch import nn
 
 DATA = torch.tensor(
@@ -27,7 +28,7 @@ def _bern(logits):
 class ToySBN(nn.Module):
     def __init__(self, layers: int = 1, num_data: int | None = None, seed: int = 0):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(offset_seed(seed))
 
         def p(*shape):
             return nn.Parameter(torch.randn(*shape, generator=g, dtype=torch.float64))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from seeding import offset_seed
 from torch import nn
 
 from pyro_lvm.models import VAE, GaussianLikelihood
@@ -25,7 +26,7 @@ def linear_gaussian_vae(
     data_dim: int = 10, latent_dim: int = 3, sigma: float = 0.3, seed: int = 0, **vae_kwargs
 ) -> VAE:
     """A VAE whose decoder is ``nn.Linear`` with random weights and a fixed scale."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(offset_seed(seed))
     decoder = nn.Linear(latent_dim, data_dim)
     with torch.no_grad():
         decoder.weight.copy_(torch.randn(data_dim, latent_dim, generator=g))
@@ -38,7 +39,7 @@ def linear_gaussian_vae(
 
 def sample_data(vae: VAE, num: int, seed: int = 1) -> torch.Tensor:
     """Draws from the model."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(offset_seed(seed))
     W, b, s = _params(vae)
     z = torch.randn(num, W.shape[1], generator=g, dtype=W.dtype)
     return (z @ W.T + b + s * torch.randn(num, W.shape[0], generator=g, dtype=W.dtype)).detach()

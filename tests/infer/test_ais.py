@@ -4,7 +4,8 @@ Tolerances. With ``C`` chains and log weights of standard deviation ``s`` (measu
 delta method gives ``E[L_hat] ~= log p(x) - s^2 / (2C)`` and ``sd(L_hat) ~= s / sqrt(C)``
 (valid for ``s`` of order 1, which the tests also assert: prior importance sampling on
 these models has ``s`` near 100). Each datapoint must lie within 4 standard errors of
-the bias-corrected exact value, the pooled mean within 4 pooled standard errors.
+the bias-corrected exact value, the pooled mean within 4 pooled standard errors; the
+sample sd itself is checked against its bound allowing 4 of its own standard errors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from linear_gaussian import exact_log_likelihood, linear_gaussian_vae, sample_data
+from seeding import offset_seed
 
 from pyro_lvm.infer import AISResult, ais_log_likelihood, annealed_importance_sampling
 from pyro_lvm.infer.ais import ais_schedule
@@ -31,7 +33,11 @@ def _one_thread():
 def _check_against_exact(result: AISResult, exact: torch.Tensor, max_sd: float) -> None:
     num_chains = result.log_weights.shape[0]
     sd = result.log_weights.std(0)
-    assert (sd < max_sd).all(), f"log-weight sd {sd.tolist()}: the annealing is not working"
+    # "the annealing works" is a claim about the true sd (< max_sd, where the delta method
+    # holds); the sample sd of C near-Gaussian log weights has relative standard error
+    # 1 / sqrt(2 (C - 1)), so the estimate may exceed max_sd by 4 of those
+    sd_limit = max_sd * (1 + 4 / math.sqrt(2 * (num_chains - 1)))
+    assert (sd < sd_limit).all(), f"log-weight sd {sd.tolist()}: the annealing is not working"
     se = sd / math.sqrt(num_chains)
     err = result.log_likelihood - (exact - sd**2 / (2 * num_chains))
     assert (err.abs() < 4 * se).all(), f"errors {err.tolist()} vs 4 se {(4 * se).tolist()}"
@@ -40,7 +46,7 @@ def _check_against_exact(result: AISResult, exact: torch.Tensor, max_sd: float) 
 
 
 def test_ais_matches_ppca_exact(float64):
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     vae = linear_gaussian_vae(seed=0)
     x = sample_data(vae, 6, seed=10)
     result = annealed_importance_sampling(vae.model, x, num_steps=500, num_chains=16)
@@ -51,7 +57,7 @@ def test_ais_matches_ppca_exact(float64):
 
 @pytest.mark.slow
 def test_ais_matches_ppca_exact_long(float64):
-    torch.manual_seed(1)
+    torch.manual_seed(offset_seed(1))
     vae = linear_gaussian_vae(data_dim=20, latent_dim=5, sigma=0.2, seed=1)
     x = sample_data(vae, 10, seed=11)
     result = annealed_importance_sampling(vae.model, x, num_steps=5000, num_chains=32)
@@ -59,7 +65,7 @@ def test_ais_matches_ppca_exact_long(float64):
 
 
 def test_ais_few_steps_is_below_exact_on_average(float64):
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     vae = linear_gaussian_vae(seed=0)
     x = sample_data(vae, 20, seed=12)
     err = ais_log_likelihood(vae.model, x, num_steps=10, num_chains=4) - exact_log_likelihood(
@@ -78,7 +84,7 @@ def test_ais_few_steps_is_below_exact_on_average(float64):
 def test_ais_weights_are_unbiased(float64, num_steps, num_leapfrog):
     # 1-D model: exp(log w) / p(x) must average to 1 (Neal 2001), also with step-size
     # adaptation, which only the discarded tuning chains drive
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     vae = linear_gaussian_vae(data_dim=1, latent_dim=1, sigma=0.5, seed=3)
     x = torch.tensor([[-2.0], [0.3], [2.5]])
     num_chains = 4000
@@ -96,18 +102,18 @@ def test_ais_weights_are_unbiased(float64, num_steps, num_leapfrog):
 
 
 def test_ais_with_hmc_transitions_matches_ppca_exact(float64):
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     vae = linear_gaussian_vae(seed=0)
     x = sample_data(vae, 6, seed=10)
     result = annealed_importance_sampling(
-        vae.model, x, num_steps=400, num_chains=16, num_leapfrog=3, target_accept_prob=0.65
+        vae.model, x, num_steps=400, num_chains=32, num_leapfrog=3, target_accept_prob=0.65
     )
     assert ((result.accept_rate > 0.5) & (result.accept_rate < 0.8)).all()
     _check_against_exact(result, exact_log_likelihood(vae, x), max_sd=1.5)
 
 
 def test_ais_step_size_adaptation_tracks_target(float64):
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     vae = linear_gaussian_vae(seed=0)
     x = sample_data(vae, 4, seed=13)
     adapted = annealed_importance_sampling(vae.model, x, num_steps=300, num_chains=8)
@@ -123,7 +129,7 @@ def test_ais_step_size_adaptation_tracks_target(float64):
 
 def test_ais_multiple_latent_sites(float64):
     # z = (z1, z2) split over two sites: the packing must recover the PPCA likelihood
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     vae = linear_gaussian_vae(data_dim=6, latent_dim=3, seed=4)
 
     def model(x):
@@ -141,7 +147,7 @@ def test_ais_multiple_latent_sites(float64):
 
 
 def test_ais_runs_on_a_nonlinear_vae():
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     vae = VAE(5, 2, hidden_dim=8, depth=1, likelihood=GaussianLikelihood())
     x = torch.randn(7, 5)
     ll = ais_log_likelihood(vae.model, x, num_steps=5, num_chains=3, schedule="linear")
@@ -214,7 +220,7 @@ def test_ais_agrees_with_long_iwae_on_a_trained_vae():
 
     from pyro_lvm.infer import LangevinProposalGuide, ModuleSVI, log_importance_weights
 
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     data = (torch.tensor(load_digits().data, dtype=torch.float32) / 16 > 0.5).float()
     vae = VAE(64, 4, hidden_dim=64, depth=1)
     svi = ModuleSVI(vae.model, vae.guide, torch.optim.Adam(vae.parameters(), lr=3e-3))

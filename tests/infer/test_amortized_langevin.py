@@ -16,6 +16,7 @@ import pytest
 import torch
 from pyro.infer import HMC, MCMC
 from pyro.ops.stats import effective_sample_size
+from seeding import offset_seed
 from torch import nn
 
 from pyro_lvm.infer import AmortizedLangevin, RankConditionWarning
@@ -35,7 +36,7 @@ N, D, LATENT = 3, 4, 2
 
 def make_problem(orthonormal: bool = True, width: int = N):
     """Data, model, encoder (trunk frozen, head weight = chain) and the exact posterior."""
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(offset_seed(1))
     W = torch.randn(D, LATENT, generator=gen)
     mu = torch.randn(D, generator=gen)
     sigma = 0.6
@@ -99,7 +100,7 @@ def test_feature_preconditioning_is_exact_and_mixes_faster(float64):
     x, model, encoder, mean, cov = make_problem(orthonormal=False, width=6)
     ess = {}
     for precondition in (None, 1e-6):
-        pyro.set_rng_seed(0)
+        pyro.set_rng_seed(offset_seed(0))
         kernel = AmortizedLangevin(model, encoder, precondition=precondition)
         mcmc = MCMC(kernel, num_samples=1200, warmup_steps=200, disable_progbar=True)
         mcmc.run(x)

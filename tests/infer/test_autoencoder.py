@@ -1,12 +1,13 @@
 import pytest
 import torch
+from seeding import offset_seed
 
 from pyro_lvm.infer import AutoencoderFit, DivergenceError
 from pyro_lvm.models import AEGMM, GaussianLikelihood
 
 
 def _fit(**kwargs):
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     ae = AEGMM(5, 2, num_components=2, hidden_dim=8, likelihood=GaussianLikelihood())
     return ae, AutoencoderFit(
         ae.reconstruction_log_prob, torch.optim.SGD(ae.parameters(), lr=1e-3), **kwargs

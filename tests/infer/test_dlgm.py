@@ -11,6 +11,7 @@ import torch
 from linear_gaussian import exact_log_likelihood, linear_gaussian_vae, sample_data
 from pyro import poutine
 from pyro.distributions.testing.fakes import NonreparameterizedNormal
+from seeding import offset_seed
 
 from pyro_lvm.infer import DLGM
 
@@ -22,7 +23,7 @@ def _one_thread():
 
 def _elbo_grads(vae, x, seed):
     """Gradients of minus the single-sample ELBO drawn with ``seed``."""
-    pyro.set_rng_seed(seed)
+    pyro.set_rng_seed(offset_seed(seed))
     guide_trace = poutine.trace(vae.guide).get_trace(x)
     model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
     loss = guide_trace.log_prob_sum() - model_trace.log_prob_sum()
@@ -39,7 +40,7 @@ def test_gradient_routing(float64):
     x = sample_data(vae, 7, seed=1)
     dlgm = DLGM(vae.model, vae.guide, torch.optim.SGD(vae.parameters(), lr=0.0), step_size=1e-14)
     dlgm.step(x)  # finds the latent sites and the encoder's parameters
-    pyro.set_rng_seed(5)
+    pyro.set_rng_seed(offset_seed(5))
     loss = dlgm.step(x)
     expected = _elbo_grads(vae, x, seed=5)
     for p in vae.parameters():
@@ -56,7 +57,7 @@ def test_decoder_trains_on_refined_latents(float64):
     x = sample_data(vae, 7, seed=1)
     dlgm = DLGM(vae.model, vae.guide, torch.optim.SGD(vae.parameters(), lr=0.0), step_size=0.01)
     dlgm.step(x)
-    pyro.set_rng_seed(5)
+    pyro.set_rng_seed(offset_seed(5))
     dlgm.step(x)
     expected = _elbo_grads(vae, x, seed=5)
     for p in vae.encoder.parameters():
@@ -66,7 +67,7 @@ def test_decoder_trains_on_refined_latents(float64):
 
 
 def test_dlgm_learns_linear_gaussian(float64):
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     truth = linear_gaussian_vae(data_dim=6, latent_dim=2, sigma=0.3, seed=0)
     train, test = sample_data(truth, 400, seed=1), sample_data(truth, 200, seed=2)
     vae = linear_gaussian_vae(data_dim=6, latent_dim=2, sigma=0.3, seed=7)
@@ -107,9 +108,9 @@ def test_state_dict_roundtrip(float64):
     b = make(vae_b)
     b.load_state_dict(copy.deepcopy(a.state_dict()))
     assert b.metrics() == a.metrics() and b.step_size == a.step_size
-    pyro.set_rng_seed(3)
+    pyro.set_rng_seed(offset_seed(3))
     loss_a = [a.step(x) for _ in range(3)]
-    pyro.set_rng_seed(3)
+    pyro.set_rng_seed(offset_seed(3))
     loss_b = [b.step(x) for _ in range(3)]
     assert loss_a == loss_b
     for pa, pb in zip(vae_a.parameters(), vae_b.parameters()):

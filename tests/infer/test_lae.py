@@ -6,6 +6,7 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
+from seeding import offset_seed
 
 from pyro_lvm.infer import LAE, AmortizedLangevin, RankConditionWarning
 from pyro_lvm.models.likelihoods import GaussianLikelihood
@@ -24,7 +25,7 @@ DATA, LATENT, BATCH = 6, 2, 16
 
 
 def make(seed=0, width=24, **options):
-    torch.manual_seed(seed)
+    torch.manual_seed(offset_seed(seed))
     lvm = VAE(DATA, LATENT, hidden_dim=16, depth=1, likelihood=GaussianLikelihood(scale=0.5))
     encoder = MLP(DATA, LATENT, hidden_dim=width, depth=1)
     params = [*lvm.decoder.parameters(), *lvm.likelihood.parameters(), *encoder.parameters()]
@@ -33,7 +34,7 @@ def make(seed=0, width=24, **options):
 
 
 def data(n=64, seed=1):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(offset_seed(seed))
     z = torch.randn(n, LATENT, generator=gen)
     return torch.tanh(z @ torch.randn(LATENT, DATA, generator=gen)) + 0.1 * torch.randn(
         n, DATA, generator=gen
@@ -143,7 +144,7 @@ def test_state_dict_round_trip():
     lae_b.load_state_dict(saved["lae"])
     losses = []
     for lae in (lae_a, lae_b):
-        pyro.set_rng_seed(7)
+        pyro.set_rng_seed(offset_seed(7))
         losses.append([lae.step(x[:BATCH]) for _ in range(3)])
     assert losses[0] == losses[1]
     assert lae_a.kernel.step_size == lae_b.kernel.step_size

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from seeding import offset_seed
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -83,7 +84,7 @@ def test_state_dict_resume_is_exact(float64):
     x = torch.randn(30, 3)
 
     def make():
-        torch.manual_seed(0)
+        torch.manual_seed(offset_seed(0))
         model = GaussianMean(3)
         gd = MarginalLikelihoodGD(
             model.exact_log_likelihood, torch.optim.Adam(model.parameters(), 0.1)

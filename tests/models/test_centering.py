@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from seeding import offset_seed
 from torch import nn
 
 from pyro_lvm.infer import LAE
@@ -16,7 +17,7 @@ def _one_thread():
 
 
 def features(n=32, d=5, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(offset_seed(seed))
     return 3.0 + 2.0 * torch.rand(n, d, generator=gen)  # positive, far from centred
 
 
@@ -75,7 +76,7 @@ def test_bad_input():
 
 
 def make_lae(feature_norm, seed=0):
-    torch.manual_seed(seed)
+    torch.manual_seed(offset_seed(seed))
     lvm = LangevinAutoencoder(
         6,
         2,
@@ -89,7 +90,7 @@ def make_lae(feature_norm, seed=0):
 
 
 def test_centred_encoder_keeps_the_chain_layer_last_and_conditions_the_chain_better():
-    gen = torch.Generator().manual_seed(3)
+    gen = torch.Generator().manual_seed(offset_seed(3))
     x = torch.tanh(torch.randn(32, 2, generator=gen) @ torch.randn(2, 6, generator=gen))
     step = {}
     for norm in ("none", "center"):

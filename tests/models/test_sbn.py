@@ -8,6 +8,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from seeding import offset_seed
 from torch import nn
 
 from pyro_lvm.infer import TraceNVIL_ELBO, log_importance_weights
@@ -15,7 +16,9 @@ from pyro_lvm.models import BernoulliVAE, GaussianLikelihood, SigmoidBeliefNet
 
 
 def _binary(n, d, seed=0):
-    return torch.bernoulli(torch.full((n, d), 0.4), generator=torch.Generator().manual_seed(seed))
+    return torch.bernoulli(
+        torch.full((n, d), 0.4), generator=torch.Generator().manual_seed(offset_seed(seed))
+    )
 
 
 @pytest.mark.parametrize("num_layers", [1, 2, 3])
@@ -71,7 +74,7 @@ def _exact_log_marginal(sbn, x):
 
 @pytest.mark.parametrize("num_layers", [1, 2])
 def test_iwae_evaluator_converges_to_exact_log_likelihood(num_layers):
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     sbn = SigmoidBeliefNet(6, 3 if num_layers == 1 else 2, num_layers=num_layers)
     with torch.no_grad():
         sbn.prior_logits.normal_()

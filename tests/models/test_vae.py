@@ -1,6 +1,7 @@
 import pytest
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from seeding import offset_seed
 
 from pyro_lvm.infer import ModuleSVI, elbo_per_datapoint
 from pyro_lvm.models import MLP, VAE, GaussianLikelihood
@@ -32,7 +33,7 @@ def test_model_shapes_with_particle_dims():
 
 
 def test_svi_elbo_matches_evaluator_and_trains():
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     vae = VAE(6, 2, hidden_dim=16, likelihood=GaussianLikelihood())
     x = torch.randn(32, 6) * torch.tensor([3.0, 1, 1, 1, 1, 0.1])
     loss = Trace_ELBO(num_particles=4000, vectorize_particles=True, max_plate_nesting=1)

@@ -1,4 +1,5 @@
 import torch
+from seeding import offset_seed
 
 from pyro_lvm.config import TrainConfig
 from pyro_lvm.data import load_digits
@@ -10,7 +11,7 @@ from pyro_lvm.trainer import Trainer
 
 
 def test_ae_gmm_recipe_trains_finalizes_and_evaluates():
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     config = TrainConfig(model="ae-gmm", latent_dim=3, hidden_dim=32, num_components=4)
     data = load_digits().for_likelihood("bernoulli")
     exp = get_recipe("ae-gmm").build(config, data.data_dim, make_likelihood("bernoulli"))

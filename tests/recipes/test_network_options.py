@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from seeding import offset_seed
 from torch import nn
 
 from pyro_lvm.config import TrainConfig
@@ -13,7 +14,7 @@ from pyro_lvm.recipes import get_recipe
 @pytest.mark.parametrize("model", ["vae", "dlgm", "lae"])
 @pytest.mark.parametrize("orthogonal", [False, True])
 def test_orthogonal_init_reaches_every_linear_layer(model, orthogonal):
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     config = TrainConfig(model=model, hidden_dim=32, depth=2, orthogonal_init=orthogonal)
     exp = get_recipe(model).build(config, 64, make_likelihood("logistic"))
     linears = [m for m in exp.modules.modules() if isinstance(m, nn.Linear)]

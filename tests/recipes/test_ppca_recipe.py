@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from seeding import offset_seed
 
 from pyro_lvm.config import TrainConfig
 from pyro_lvm.evaluation import evaluate
@@ -26,7 +27,7 @@ def _build(fit: str, likelihood: str = "gaussian", **overrides):
 
 
 def _data(n: int = 120, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(offset_seed(seed))
     z = torch.randn(n, 2, generator=gen)
     return z @ torch.randn(2, 8, generator=gen) + 0.3 * torch.randn(n, 8, generator=gen)
 

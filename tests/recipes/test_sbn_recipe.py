@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from seeding import offset_seed
 
 from pyro_lvm.config import TrainConfig
 from pyro_lvm.infer import iwae_log_likelihood
@@ -16,7 +17,9 @@ def _config(**kw):
 
 
 def _data(n=12, d=10):
-    return torch.bernoulli(torch.full((n, d), 0.3), generator=torch.Generator().manual_seed(0))
+    return torch.bernoulli(
+        torch.full((n, d), 0.3), generator=torch.Generator().manual_seed(offset_seed(0))
+    )
 
 
 @pytest.mark.parametrize("estimator", list(ESTIMATORS))
