@@ -30,6 +30,8 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from pyro_lvm.infer.diagnostics import check_observations
+
 __all__ = ["log_importance_weights", "iwae_log_likelihood", "elbo_per_datapoint"]
 
 
@@ -92,6 +94,8 @@ def log_importance_weights(
             model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
                 *args, **kwargs
             )
+            if not chunks:
+                check_observations(model_trace)
             log_p = _per_datapoint(model_trace, "model", k, max_plate_nesting)
             log_q = _per_datapoint(guide_trace, "guide", k, max_plate_nesting)
             log_w = log_p - log_q

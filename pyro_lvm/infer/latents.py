@@ -32,6 +32,8 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.poutine.util import site_is_subsample
 
+from pyro_lvm.infer.diagnostics import check_observations
+
 __all__ = [
     "LatentSpec",
     "find_latents",
@@ -107,6 +109,7 @@ def find_latents(
     devices = [a.device for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.is_cuda]
     with torch.random.fork_rng(devices=devices), torch.no_grad(), poutine.block():
         trace = poutine.trace(model).get_trace(*args, **kwargs)
+    check_observations(trace)
     latent = [
         (name, site)
         for name, site in trace.nodes.items()
