@@ -1,0 +1,26 @@
+"""Smoke test of ``benchmarks/run_all.py --quick``: every case runs and the outputs are
+well formed. Speed itself is checked by running the benchmark, never by a timed test."""
+
+import json
+import sys
+from pathlib import Path
+
+from seeding import offset_seed
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+
+import run_all  # noqa: E402
+
+
+def test_run_all_quick_writes_json_and_table(tmp_path):
+    results = run_all.main(["--quick", "--out", str(tmp_path), "--seed", str(offset_seed(0))])
+    saved = json.loads((tmp_path / "run_all_quick.json").read_text())
+    assert saved["meta"]["quick"] and saved["meta"]["threads"] == 1
+    assert {r["case"] for r in saved["rows"]} == set(run_all.CASES)
+    for row in results["rows"]:
+        assert "torch" in row["variants"] and "pyro_lvm" in row["ratios"]
+        for timing in row["variants"].values():
+            cpu = timing["cpu_ms"]
+            assert 0 < cpu["min"] <= cpu["median"] <= cpu["max"]
+    table = (tmp_path / "run_all_quick.md").read_text()
+    assert "| vae |" in table and "load average" in table
