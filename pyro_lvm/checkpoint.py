@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import warnings
 import zipfile
@@ -61,20 +62,40 @@ def atomic_save(obj: Any, path: str | Path, keep_previous: bool = False) -> None
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.is_file():
-            os.replace(path, path.with_name(PREVIOUS_NAME))
-        os.replace(tmp, path)
+            _copy_to_previous(path)
+        os.replace(tmp, path)  # the one step that changes what checkpoint.pt holds
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _copy_to_previous(path: Path) -> None:
+    """Make the previous slot a copy of ``path`` without ever removing ``path`` (a hard
+    link where the filesystem allows, else a copy), then move it into place atomically."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=PREVIOUS_NAME, suffix=".tmp")
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copy2(path, tmp)
+        os.replace(tmp, path.with_name(PREVIOUS_NAME))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def _load_one(path: Path, map_location) -> dict:
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; cut short, it isn't
+        raise CheckpointError(f"{path} is damaged or truncated (not a complete torch archive)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         # weights_only refuses any global it does not know: a planted or foreign file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a safe pyro-lvm checkpoint ({first})") from None
+        found = [ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln or "global" in ln]
+        detail = found[-1] if found else "it needs code to load"
+        raise CheckpointError(f"{path} is not a safe pyro-lvm checkpoint ({detail})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         kind = type(err).__name__
         raise CheckpointError(f"{path} is damaged or truncated ({kind})") from None

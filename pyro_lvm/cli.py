@@ -258,8 +258,12 @@ def _read_config(run: Path) -> TrainConfig:
 
 def _set_learning_rate(inference, lr: float) -> int:
     """Set ``lr`` in every optimizer the inference driver holds; returns how many."""
-    found = 0
-    for value in vars(inference).values():
+    found, seen = 0, set()
+    candidates = [getattr(inference, "optim", None), *vars(inference).values()]
+    for value in candidates:
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
         groups = []
         if isinstance(value, torch.optim.Optimizer):
             groups = value.param_groups

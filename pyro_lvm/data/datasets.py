@@ -93,7 +93,12 @@ def _read_cifar_batch(path: Path) -> dict:
         with open(path, "rb") as f:
             batch = _ArrayUnpickler(f, encoding="latin1").load()
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path} is not a CIFAR-10 batch ({err}); replace the file") from None
+        if str(err).startswith("refusing"):
+            raise ValueError(f"{path} is not a CIFAR-10 batch ({err}); replace the file") from None
+        raise ValueError(
+            f"{path} is damaged or truncated ({err}); delete it and pass --download, or copy "
+            "it again"
+        ) from None
     except (EOFError, ValueError, TypeError) as err:
         raise ValueError(
             f"{path} is damaged or truncated ({type(err).__name__}); delete it and pass "

@@ -7,7 +7,13 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["DivergenceError", "check_loss", "check_observations", "divergence_guard"]
+__all__ = [
+    "DivergenceError",
+    "check_loss",
+    "check_finite_data",
+    "check_observations",
+    "divergence_guard",
+]
 
 
 class DivergenceError(FloatingPointError):
@@ -83,3 +89,14 @@ def _offending_value(support, value: torch.Tensor) -> float:
         ok = support.check(value).reshape(-1)
         return float(value.reshape(ok.numel(), -1)[~ok][0, 0])
     return float(value[~ok][0])
+
+
+def check_finite_data(args: tuple, kwargs: dict) -> None:
+    """One-line ``ValueError`` if a floating-point tensor argument holds NaN (checked
+    before a guide or encoder turns it into an obscure distribution-parameter error)."""
+    for i, value in enumerate((*args, *kwargs.values())):
+        if torch.is_tensor(value) and value.is_floating_point() and torch.isnan(value).any():
+            raise ValueError(
+                f"argument {i} of the model contains NaN ({int(torch.isnan(value).sum())} "
+                "values); remove or impute them"
+            )

@@ -30,7 +30,7 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
-from pyro_lvm.infer.diagnostics import check_observations
+from pyro_lvm.infer.diagnostics import check_finite_data, check_observations
 
 __all__ = ["log_importance_weights", "iwae_log_likelihood", "elbo_per_datapoint"]
 
@@ -84,6 +84,7 @@ def log_importance_weights(
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_finite_data(args, kwargs)
     chunks = []
     remaining = num_samples
     with torch.no_grad(), poutine.block():

@@ -1,0 +1,451 @@
+"""Every bad input a user is likely to give, in one table: each ends in a one-line error
+that names the problem and the fix, and changes nothing in an existing run folder.
+
+Each case is ``(id, class, setup, match)``: ``setup(ctx)`` returns CLI arguments (a list,
+run in-process through :func:`pyro_lvm.cli.main`) or a zero-argument callable (the Python
+API); ``match`` must appear in the one-line message. Classes:
+
+* ``clear error``: impossible settings, missing or damaged files, bad data;
+* ``refused``: an action that would lose or mix work (overwrite a run, a second writer,
+  changing a resumed run's architecture, loading a file that could run code);
+* ``handled``: the fault is absorbed and the user told (a damaged newest checkpoint
+  falls back to the previous one; asserted in ``test_faults.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_lvm.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from pyro_lvm.cli import main
+from pyro_lvm.config import TrainConfig
+from pyro_lvm.data import load_dataset
+from pyro_lvm.infer import ais_log_likelihood, iwae_log_likelihood
+from pyro_lvm.models import VAE
+
+FAST = ["--epochs", "1", "--hidden-dim", "16", "--latent-dim", "2", "--eval-samples", "10"]
+QUIET = ["--no-progress", "--no-figures"]
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "vae"
+    assert main(["train", "vae", "--out", str(out), *FAST, *QUIET]) == 0
+    return out
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    base: Path
+
+    def run(self) -> Path:
+        """A private copy of the trained run (the folder a case may damage)."""
+        copy = self.tmp / "run"
+        if not copy.exists():
+            shutil.copytree(self.base, copy)
+        return copy
+
+    def train(self, *flags: str, model: str = "vae") -> list[str]:
+        return ["train", model, "--out", str(self.tmp / "new"), *FAST, *QUIET, *flags]
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _edit_config(run: Path, **changes) -> None:
+    config = TrainConfig.load(run / "config.json")
+    for key, value in changes.items():
+        setattr(config, key, value)
+    config.save(run / "config.json")
+
+
+class _Planted:
+    """Pickles to a call of ``os.system``: what a malicious file would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _plant_checkpoint(ctx: Ctx) -> list[str]:
+    run = ctx.run()
+    torch.save({"modules": _Planted(ctx.tmp / "pwned")}, run / CHECKPOINT_NAME)
+    return ["evaluate", str(run), "--eval-samples", "5"]
+
+
+def _plant_cifar(ctx: Ctx) -> list[str]:
+    base = ctx.tmp / "data" / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": _Planted(ctx.tmp / "pwned"), "labels": [0]}, f)
+    return ctx.train("--dataset", "cifar10", "--data-dir", str(ctx.tmp / "data"))
+
+
+def _truncated_cifar(ctx: Ctx) -> list[str]:
+    base = ctx.tmp / "data" / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (2, 3072)).astype(np.uint8), "labels": [0, 1]}
+        _write(base / name, pickle.dumps(batch)[:100])
+    return ctx.train("--dataset", "cifar10", "--data-dir", str(ctx.tmp / "data"))
+
+
+def _truncated_mnist(ctx: Ctx) -> list[str]:
+    raw = ctx.tmp / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        header = struct.pack(">IIII", 2051, n, 28, 28)
+        _write(raw / f"{prefix}-images-idx3-ubyte", header + bytes(100))  # cut short
+        _write(raw / f"{prefix}-labels-idx1-ubyte", struct.pack(">II", 2049, n) + bytes(n))
+    return ctx.train("--dataset", "mnist", "--data-dir", str(ctx.tmp / "data"))
+
+
+def _offline_download(ctx: Ctx, monkeypatch) -> list[str]:
+    import urllib.error
+
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    return ctx.train("--dataset", "mnist", "--data-dir", str(ctx.tmp / "d"), "--download")
+
+
+def _locked(ctx: Ctx, request) -> list[str]:
+    run = ctx.run()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import sys, time
+                from pyro_lvm.rundir import RunLock
+                with RunLock({str(run)!r}):
+                    print("locked", flush=True)
+                    time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+    def stop():
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+    request.addfinalizer(stop)
+    assert holder.stdout.readline().strip() == "locked"
+    return ["train", "vae", "--resume", str(run), "--epochs", "2", *QUIET]
+
+
+def _unwritable(ctx: Ctx, monkeypatch, target: str) -> list[str]:
+    # root ignores permission bits, so the OS's answer is simulated for this one folder
+    run = ctx.run()
+    real = os.access
+    monkeypatch.setattr(
+        "pyro_lvm.rundir.os.access",
+        lambda p, mode: False if Path(p).resolve() == run.resolve() else real(p, mode),
+    )
+    if target == "evaluate":
+        return ["evaluate", str(run), "--eval-samples", "5"]
+    if target == "sample":
+        return ["sample", str(run), "--num", "4"]
+    return ["train", "vae", "--resume", str(run), "--epochs", "2", *QUIET]
+
+
+def _bernoulli_api(estimator):
+    vae = VAE(4, 2, hidden_dim=8)
+    x = torch.tensor([[0.0, 1.0, 3.0, 1.0]])
+    if estimator == "iwae":
+        return lambda: iwae_log_likelihood(vae.model, vae.guide, x, num_samples=5)
+    return lambda: ais_log_likelihood(vae.model, x, num_steps=3)
+
+
+def _nan_data_api():
+    vae = VAE(4, 2, hidden_dim=8)
+    x = torch.tensor([[0.0, float("nan"), 1.0, 1.0]])
+    return lambda: iwae_log_likelihood(vae.model, vae.guide, x, num_samples=5)
+
+
+CLEAR, REFUSED = "clear error", "refused"
+T = Ctx.train
+CASES = [
+    # -- impossible settings ------------------------------------------------------------
+    ("latent-dim-0", CLEAR, lambda c: T(c, "--latent-dim", "0"), "--latent-dim must be positive"),
+    ("hidden-dim-0", CLEAR, lambda c: T(c, "--hidden-dim", "0"), "--hidden-dim must be positive"),
+    ("depth-negative", CLEAR, lambda c: T(c, "--depth", "-1"), "--depth must be >= 0"),
+    ("lr-negative", CLEAR, lambda c: T(c, "--lr", "-1"), "--lr must be positive"),
+    ("lr-inf", CLEAR, lambda c: T(c, "--lr", "inf"), "--lr must be finite"),
+    ("lr-nan", CLEAR, lambda c: T(c, "--lr", "nan"), "--lr must be finite"),
+    ("epochs-negative", CLEAR, lambda c: T(c, "--epochs", "-1"), "--epochs must be >= 0"),
+    ("batch-size-0", CLEAR, lambda c: T(c, "--batch-size", "0"), "--batch-size must be positive"),
+    ("batch-too-large", CLEAR, lambda c: T(c, "--batch-size", "5000"), "pass a smaller"),
+    ("eval-samples-0", CLEAR, lambda c: T(c, "--eval-samples", "0"), "--eval-samples must be"),
+    ("eval-ais-negative", CLEAR, lambda c: T(c, "--eval-ais", "-1"), "--eval-ais must be >= 0"),
+    (
+        "langevin-steps-0",
+        CLEAR,
+        lambda c: T(c, "--langevin-steps", "0", model="lae"),
+        "--langevin-steps must be positive",
+    ),
+    ("step-size-inf", CLEAR, lambda c: T(c, "--step-size", "inf"), "--step-size must be finite"),
+    ("step-size-negative", CLEAR, lambda c: T(c, "--step-size", "-1"), "--step-size must be"),
+    ("target-accept-1.5", CLEAR, lambda c: T(c, "--target-accept", "1.5"), "in (0, 1)"),
+    (
+        "test-scale-inf",
+        CLEAR,
+        lambda c: T(c, "--test-scale", "inf"),
+        "--test-scale must be finite",
+    ),
+    ("test-scale-0", CLEAR, lambda c: T(c, "--test-scale", "0"), "--test-scale must be positive"),
+    ("refine-steps-negative", CLEAR, lambda c: T(c, "--refine-steps", "-3"), "must be >= 0"),
+    ("precondition-negative", CLEAR, lambda c: T(c, "--precondition", "-1"), "--precondition"),
+    ("num-particles-0", CLEAR, lambda c: T(c, "--num-particles", "0"), "--num-particles must"),
+    ("num-layers-0", CLEAR, lambda c: T(c, "--num-layers", "0"), "--num-layers must be"),
+    (
+        "num-components-0",
+        CLEAR,
+        lambda c: T(c, "--num-components", "0", model="ae-gmm"),
+        "--num-components must be",
+    ),
+    ("threads-0", CLEAR, lambda c: T(c, "--threads", "0"), "--threads must be positive"),
+    ("device-tpu", CLEAR, lambda c: T(c, "--device", "tpu"), "--device must be cpu or cuda"),
+    (
+        "unknown-estimator",
+        CLEAR,
+        lambda c: T(c, "--estimator", "magic", model="sbn"),
+        "unknown estimator 'magic'",
+    ),
+    ("unknown-fit", CLEAR, lambda c: T(c, "--fit", "magic", model="ppca"), "unknown --fit"),
+    (
+        "vimco-one-particle",
+        CLEAR,
+        lambda c: T(c, "--estimator", "vimco", model="sbn"),
+        "--num-particles >= 2",
+    ),
+    # -- data -------------------------------------------------------------------------------
+    (
+        "mnist-missing",
+        CLEAR,
+        lambda c: T(c, "--dataset", "mnist", "--data-dir", str(c.tmp / "none")),
+        "--download",
+    ),
+    ("mnist-truncated", CLEAR, _truncated_mnist, "damaged or truncated"),
+    ("cifar-truncated", CLEAR, _truncated_cifar, "damaged or truncated"),
+    ("download-offline", CLEAR, "offline", "could not download mnist"),
+    # -- run folders --------------------------------------------------------------------------
+    (
+        "out-is-a-file",
+        CLEAR,
+        lambda c: ["train", "vae", "--out", str(_write(c.tmp / "f", b"x")), *QUIET],
+        "is a file, not a folder",
+    ),
+    (
+        "out-under-a-file",
+        CLEAR,
+        lambda c: ["train", "vae", "--out", str(_write(c.tmp / "f", b"x") / "r"), *QUIET],
+        "is a file; pass another --out",
+    ),
+    (
+        "out-uncreatable",
+        CLEAR,
+        lambda c: ["train", "vae", "--out", "/proc/pyro-lvm-run", *FAST, *QUIET],
+        "pass another --out",
+    ),
+    (
+        "out-holds-a-run",
+        REFUSED,
+        lambda c: ["train", "vae", "--out", str(c.run()), *FAST, *QUIET],
+        "already holds a run; pass --resume",
+    ),
+    ("second-writer", REFUSED, "locked", "in use by another pyro-lvm process"),
+    ("evaluate-read-only", CLEAR, "ro-evaluate", "is not writable"),
+    ("sample-read-only", CLEAR, "ro-sample", "is not writable"),
+    ("resume-read-only", CLEAR, "ro-train", "is not writable"),
+    (
+        "resume-missing",
+        CLEAR,
+        lambda c: ["train", "vae", "--resume", str(c.tmp / "none"), *QUIET],
+        "not a pyro-lvm run",
+    ),
+    (
+        "resume-other-model",
+        REFUSED,
+        lambda c: ["train", "lae", "--resume", str(c.run()), *QUIET],
+        "is a 'vae' run, not 'lae'",
+    ),
+    (
+        "resume-new-architecture",
+        REFUSED,
+        lambda c: ["train", "vae", "--resume", str(c.run()), "--latent-dim", "4", *QUIET],
+        "--latent-dim 4 differs from the resumed run's 2",
+    ),
+    (
+        "resume-new-dataset-flag",
+        REFUSED,
+        lambda c: ["train", "vae", "--resume", str(c.run()), "--likelihood", "gaussian", *QUIET],
+        "--likelihood gaussian differs",
+    ),
+    (
+        "resume-fewer-epochs",
+        REFUSED,
+        lambda c: ["train", "vae", "--resume", str(c.run()), "--epochs", "0", *QUIET],
+        "--epochs must be at least 1",
+    ),
+    (
+        "resume-other-out",
+        REFUSED,
+        lambda c: ["train", "vae", "--resume", str(c.run()), "--out", str(c.tmp / "x"), *QUIET],
+        "continues in its own folder",
+    ),
+    (
+        "config-edited",
+        REFUSED,
+        lambda c: (
+            _edit_config(c.run(), latent_dim=4),
+            ["train", "vae", "--resume", str(c.run()), "--epochs", "2", *QUIET],
+        )[1],
+        "config.json says latent_dim=4 but the checkpoint was trained with 2",
+    ),
+    (
+        "config-garbage",
+        CLEAR,
+        lambda c: (
+            _write(c.run() / "config.json", b"{not json"),
+            ["evaluate", str(c.run())],
+        )[1],
+        "config.json is not a valid run config",
+    ),
+    (
+        "config-mismatches-checkpoint",
+        CLEAR,
+        lambda c: (_edit_config(c.run(), latent_dim=4), ["evaluate", str(c.run())])[1],
+        "does not fit this model",
+    ),
+    (
+        "checkpoint-truncated",
+        CLEAR,
+        lambda c: (
+            _write(c.run() / CHECKPOINT_NAME, (c.run() / CHECKPOINT_NAME).read_bytes()[:500]),
+            ["evaluate", str(c.run())],
+        )[1],
+        "damaged or truncated",
+    ),
+    (
+        "checkpoint-empty",
+        CLEAR,
+        lambda c: (_write(c.run() / CHECKPOINT_NAME, b""), ["evaluate", str(c.run())])[1],
+        "damaged or truncated",
+    ),
+    (
+        "checkpoint-garbage",
+        CLEAR,
+        lambda c: (
+            _write(c.run() / CHECKPOINT_NAME, os.urandom(2000)),
+            ["evaluate", str(c.run())],
+        )[1],
+        "damaged or truncated",
+    ),
+    ("checkpoint-malicious", REFUSED, _plant_checkpoint, "is not a safe pyro-lvm checkpoint"),
+    ("cifar-malicious", REFUSED, _plant_cifar, "refusing to load posix.system"),
+    (
+        "evaluate-missing",
+        CLEAR,
+        lambda c: ["evaluate", str(c.tmp / "none")],
+        "not a pyro-lvm run",
+    ),
+    (
+        "evaluate-samples-0",
+        CLEAR,
+        lambda c: ["evaluate", str(c.run()), "--eval-samples", "0"],
+        "--eval-samples must be positive",
+    ),
+    ("sample-num-0", CLEAR, lambda c: ["sample", str(c.run()), "--num", "0"], "--num must be"),
+    # -- Python API ----------------------------------------------------------------------------
+    ("iwae-bernoulli-3", CLEAR, lambda c: _bernoulli_api("iwae"), "outside the support"),
+    ("ais-bernoulli-3", CLEAR, lambda c: _bernoulli_api("ais"), "outside the support"),
+    ("iwae-nan-data", CLEAR, lambda c: _nan_data_api(), "contains NaN"),
+    (
+        "config-api-inf-lr",
+        CLEAR,
+        lambda c: TrainConfig(lr=float("inf")).validate,
+        "--lr must be finite",
+    ),
+    (
+        "load-checkpoint-garbage",
+        CLEAR,
+        lambda c: lambda: load_checkpoint(_write(c.tmp / CHECKPOINT_NAME, b"garbage")),
+        "damaged or truncated",
+    ),
+    (
+        "load-dataset-unknown",
+        CLEAR,
+        lambda c: lambda: load_dataset("imagenet"),
+        "unknown dataset 'imagenet'",
+    ),
+]
+
+
+def _snapshot(folder: Path) -> dict:
+    if not folder.is_dir():
+        return {}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_the_table_is_large_and_classified():
+    assert len(CASES) >= 40
+    assert len({case[0] for case in CASES}) == len(CASES)
+    assert {case[1] for case in CASES} == {CLEAR, REFUSED}
+
+
+@pytest.mark.parametrize("name, kind, setup, match", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line(name, kind, setup, match, base_run, tmp_path, capsys, request):
+    monkeypatch = request.getfixturevalue("monkeypatch")
+    ctx = Ctx(tmp_path, base_run)
+    if setup == "offline":
+        action = _offline_download(ctx, monkeypatch)
+    elif setup == "locked":
+        action = _locked(ctx, request)
+    elif isinstance(setup, str) and setup.startswith("ro-"):
+        action = _unwritable(ctx, monkeypatch, setup[3:])
+    else:
+        action = setup(ctx)
+    run = tmp_path / "run"
+    before = _snapshot(run)
+    if callable(action):
+        with pytest.raises(ValueError) as info:
+            action()
+        message = str(info.value)
+    else:
+        assert main(action) != 0
+        message = capsys.readouterr().err.strip()
+        assert message.startswith("pyro-lvm: error: ")
+    assert len(message.splitlines()) == 1, message
+    assert match in message, message
+    assert "Traceback" not in message
+    if name not in ("config-edited", "config-garbage", "config-mismatches-checkpoint"):
+        assert _snapshot(run) == before, "a refused command changed the run folder"
+    assert not (tmp_path / "pwned").exists(), "loading a planted file ran its code"
