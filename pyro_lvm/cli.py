@@ -586,6 +586,8 @@ def _print_summary(metrics: dict, out) -> None:
     ]
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in keys if k in metrics)
     print(f"{metrics['model']} on {metrics['dataset']}: {shown}")
+    if metrics.get("warnings"):
+        print(f"training health warnings: {', '.join(metrics['warnings'])} (see metrics.json)")
     print(f"wrote {Path(out) / 'metrics.json'} and figures")
 
 
