@@ -33,6 +33,7 @@ from pyro_lvm.infer.langevin import (
 )
 from pyro_lvm.infer.marginal import MarginalLikelihoodGD
 from pyro_lvm.infer.nvil import TraceNVIL_ELBO
+from pyro_lvm.infer.optim import ParamOptimizer
 from pyro_lvm.infer.refine import (
     GaussianProposal,
     LangevinProposalGuide,
@@ -50,6 +51,7 @@ __all__ = [
     "DifferentiableTraceGraph_ELBO",
     "DisARM",
     "NeuralBaseline",
+    "ParamOptimizer",
     "RunningAverageBaseline",
     "SignalNormalization",
     "TraceNVIL_ELBO",

@@ -71,6 +71,10 @@ class RankConditionWarning(UserWarning):
     """The encoder has fewer features than the batch has rows: ALD samples then collapse."""
 
 
+def _not_param(msg: dict) -> bool:
+    return msg["type"] != "param"
+
+
 def _final_linear(encoder: nn.Module) -> tuple[str, nn.Linear] | None:
     """The encoder's final ``nn.Linear`` (its last module if a ``Sequential``, else the
     last registered ``nn.Linear`` submodule), with its qualified name."""
@@ -280,7 +284,8 @@ class AmortizedLangevin(MCMCKernel):
             self._check_model(z)
         # validation off: the Langevin core itself turns non-finite potentials into
         # rejections, and Pyro's per-site NaN/inf checks cost a sync per site
-        with poutine.block(), pyro.validation_enabled(False):
+        # params pass the block: LAE traces them to train the model's Pyro params
+        with poutine.block(hide_fn=_not_param), pyro.validation_enabled(False):
             model = poutine.condition(self.model, data={self.latent_site: z})
             trace = poutine.trace(model).get_trace(*self._args, **self._kwargs)
             return trace.log_prob_sum()

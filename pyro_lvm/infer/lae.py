@@ -42,10 +42,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from pyro.optim import PyroOptim
 from torch import nn
 
 from pyro_lvm.infer.amortized_langevin import AmortizedLangevin
 from pyro_lvm.infer.diagnostics import check_loss
+from pyro_lvm.infer.optim import ParamOptimizer
 
 __all__ = ["LAE"]
 
@@ -65,10 +67,14 @@ class LAE:
     encoder : nn.Module
         Deterministic encoder ``x -> z`` ending in an ``nn.Linear`` whose weight is the
         chain state.
-    optim : torch.optim.Optimizer
+    optim : torch.optim.Optimizer or pyro.optim.PyroOptim
         Optimizer over the parameters to train (model and encoder). The chain parameters
         are **removed** from its parameter groups here (they move only by MCMC), so
-        ``Adam([*model.parameters(), *encoder.parameters()])`` is fine.
+        ``Adam([*model.parameters(), *encoder.parameters()])`` is fine. The Pyro params
+        that the model uses (``pyro.param``, ``pyro.module``) are trained too: a torch
+        optimizer adds those it lacks as a new parameter group; a
+        :class:`pyro.optim.PyroOptim` steps them and the encoder's parameters (see
+        :class:`~pyro_lvm.infer.optim.ParamOptimizer`).
     num_steps : int
         Kernel transitions :math:`T` per minibatch (the paper's default is 2).
     kernel : AmortizedLangevin, optional
@@ -87,7 +93,7 @@ class LAE:
         self,
         model: Callable,
         encoder: nn.Module,
-        optim: torch.optim.Optimizer,
+        optim: torch.optim.Optimizer | PyroOptim,
         *,
         num_steps: int = 2,
         kernel: AmortizedLangevin | None = None,
@@ -104,31 +110,40 @@ class LAE:
                 f"got a kernel and kernel options {sorted(kernel_options)}; configure the "
                 "kernel itself"
             )
-        self.model, self.encoder, self.optim = model, encoder, optim
+        self.model, self.encoder = model, encoder
         self.kernel, self.num_steps, self.clip_norm = kernel, num_steps, clip_norm
-        chain = {id(p) for p in kernel.chain_params}
-        for group in optim.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in chain]
-        for p in kernel.chain_params:
-            optim.state.pop(p, None)
+        self.optim = optim
         # (accept_prob, step_size) of the latest transitions, for metrics()
         self._recent: deque[tuple[float, float]] = deque(maxlen=METRICS_WINDOW)
 
-    def _params(self):
-        return [p for group in self.optim.param_groups for p in group["params"]]
+    @property
+    def optim(self) -> torch.optim.Optimizer | PyroOptim:
+        """The optimizer (the chain parameters are not in it)."""
+        return self._optimizer.optim
+
+    @optim.setter
+    def optim(self, optim: torch.optim.Optimizer | PyroOptim) -> None:
+        self._optimizer = ParamOptimizer(
+            optim, exclude=self.kernel.chain_params, extra=dict(self.encoder.named_parameters())
+        )
+
+    def _params(self) -> list[torch.Tensor]:
+        """The parameters a torch optimizer holds."""
+        return self._optimizer.torch_params()
 
     def step(self, *args, **kwargs) -> float:
         """``T`` transitions, then one optimizer step; returns the mean batch-summed
         potential :math:`\\frac1T\\sum_t V_t`."""
         kernel = self.kernel
-        self.optim.zero_grad(set_to_none=True)
+        self._optimizer.zero_grad()
         try:
-            kernel.prepare(*args, keep_graph=True, **kwargs)
-            potentials = []
-            for _ in range(self.num_steps):
-                info = kernel.transition(adapt=kernel.adapt_step_size, keep_graph=True)
-                potentials.append(kernel.state.potential)
-                self._recent.append((float(info.accept_prob), float(info.step_size)))
+            with self._optimizer.capture() as traced:
+                kernel.prepare(*args, keep_graph=True, **kwargs)
+                potentials = []
+                for _ in range(self.num_steps):
+                    info = kernel.transition(adapt=kernel.adapt_step_size, keep_graph=True)
+                    potentials.append(kernel.state.potential)
+                    self._recent.append((float(info.accept_prob), float(info.step_size)))
             # a state kept over several transitions appears several times: autograd sums
             # its gradient and traverses its graph once
             loss = sum(potentials) / self.num_steps
@@ -136,9 +151,7 @@ class LAE:
             loss.backward()
         finally:
             kernel.release()
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._params(), self.clip_norm)
-        self.optim.step()
+        self._optimizer.step(traced, self.clip_norm)
         return float(loss.detach())
 
     @torch.no_grad()
@@ -158,12 +171,12 @@ class LAE:
     def state_dict(self) -> dict[str, Any]:
         """Optimizer and kernel adaptation state (the chain itself is an encoder parameter)."""
         return {
-            "optim": self.optim.state_dict(),
+            "optim": self._optimizer.state_dict(),
             "kernel": self.kernel.state_dict(),
             "recent": list(self._recent),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optim.load_state_dict(state["optim"])
+        self._optimizer.load_state_dict(state["optim"])
         self.kernel.load_state_dict(state["kernel"])
         self._recent = deque(map(tuple, state.get("recent", [])), maxlen=METRICS_WINDOW)

@@ -1,9 +1,14 @@
-r"""SVI with module parameters and a plain :mod:`torch.optim` optimizer.
+r"""SVI with module parameters and a :mod:`torch.optim` or :mod:`pyro.optim` optimizer.
 
 Pyro's :class:`pyro.infer.SVI` reads parameters from the global param store and wraps
 one optimizer per tensor. pyro_lvm's models keep their parameters on ``nn.Module``
-objects, so this driver differentiates ``loss.differentiable_loss(model, guide, *args)``
-and steps an ordinary optimizer: checkpoints are ``state_dict``s and resume is exact.
+objects (and also register them with :func:`pyro.module`), so this driver differentiates
+``loss.differentiable_loss(model, guide, *args)`` and steps an ordinary optimizer:
+checkpoints are ``state_dict``\ s and resume is exact. The Pyro params the model and
+guide use (``pyro.param``, ``pyro.module``) are traced and trained as well, and the
+optimizer may be a :class:`pyro.optim.PyroOptim` (see
+:class:`~pyro_lvm.infer.optim.ParamOptimizer`). With ``Trace_ELBO``, ``ModuleSVI`` and
+``pyro.infer.SVI`` take the same steps on the same seed.
 
 A non-finite loss raises :class:`~pyro_lvm.infer.diagnostics.DivergenceError` *before*
 the optimizer step, so the parameters never become NaN.
@@ -11,13 +16,15 @@ the optimizer step, so the parameters never become NaN.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import pyro
 import torch
 from pyro.infer import ELBO, Trace_ELBO
+from pyro.optim import PyroOptim
 
 from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
+from pyro_lvm.infer.optim import ParamOptimizer
 
 __all__ = ["ModuleSVI"]
 
@@ -29,8 +36,11 @@ class ModuleSVI:
     ----------
     model, guide : callable
         Pyro model and guide taking the same arguments.
-    optim : torch.optim.Optimizer
-        Optimizer over the parameters to train (model and guide).
+    optim : torch.optim.Optimizer or pyro.optim.PyroOptim
+        A torch optimizer over the parameters to train (model and guide); Pyro params
+        the model or guide registers that it does not hold join it as a new parameter
+        group. Or a Pyro optimizer, which steps every traced Pyro param (the ready
+        models register all their parameters).
     loss : pyro.infer.ELBO, optional
         Any ELBO with ``differentiable_loss`` (default :class:`~pyro.infer.Trace_ELBO`).
     clip_norm : float, optional
@@ -41,7 +51,7 @@ class ModuleSVI:
         self,
         model: Callable,
         guide: Callable,
-        optim: torch.optim.Optimizer,
+        optim: torch.optim.Optimizer | PyroOptim,
         loss: ELBO | None = None,
         clip_norm: float | None = None,
     ):
@@ -49,19 +59,23 @@ class ModuleSVI:
         self.loss = loss if loss is not None else Trace_ELBO()
         self.clip_norm = clip_norm
 
-    def _params(self) -> Iterable[torch.Tensor]:
-        return (p for group in self.optim.param_groups for p in group["params"])
+    @property
+    def optim(self) -> torch.optim.Optimizer | PyroOptim:
+        """The optimizer."""
+        return self._optimizer.optim
+
+    @optim.setter
+    def optim(self, optim: torch.optim.Optimizer | PyroOptim) -> None:
+        self._optimizer = ParamOptimizer(optim)
 
     def step(self, *args, **kwargs) -> float:
         """One gradient step; returns the loss (minus the ELBO, summed over the batch)."""
-        self.optim.zero_grad(set_to_none=True)
-        with divergence_guard():
+        self._optimizer.zero_grad()
+        with divergence_guard(), self._optimizer.capture() as traced:
             loss = self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
         check_loss(loss)
         loss.backward()
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(self._params()), self.clip_norm)
-        self.optim.step()
+        self._optimizer.step(traced, self.clip_norm)
         return loss.item()
 
     @torch.no_grad()
@@ -71,10 +85,10 @@ class ModuleSVI:
             return self.loss.loss(self.model, self.guide, *args, **kwargs)
 
     def state_dict(self) -> dict:
-        return {"optim": self.optim.state_dict()}
+        return {"optim": self._optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optim.load_state_dict(state["optim"])
+        self._optimizer.load_state_dict(state["optim"])
 
     def metrics(self) -> dict[str, float]:
         """Per-step diagnostics to log (none for SVI)."""

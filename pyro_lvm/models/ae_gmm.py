@@ -177,6 +177,7 @@ class AEGMM(LatentVariableModel):
 
     def guide(self, x: torch.Tensor, log_scale: torch.Tensor | None = None) -> None:
         """Pyro guide: the evaluation proposal (the autoencoder itself has no guide)."""
+        self.register()
         with pyro.plate("data", x.shape[0]):
             pyro.sample(self.latent_site, self.posterior(x, log_scale))
 

@@ -9,10 +9,14 @@ A :class:`LatentVariableModel` is an :class:`torch.nn.Module` with an ordinary P
 
     z_i \sim \mathcal N(0, I), \qquad x_i \mid z_i \sim p_\theta(x_i \mid z_i).
 
-Parameters live on the module (``model.parameters()``), not in Pyro's global param
-store, so plain :mod:`torch.optim` optimizers, ``state_dict`` checkpoints and
-:func:`pyro.infer.Trace_ELBO.differentiable_loss` all work. The model supports extra
-batch dimensions to the left of the data plate (vectorized particles).
+Parameters live on the module (``model.parameters()``): plain :mod:`torch.optim`
+optimizers, ``state_dict`` checkpoints and
+:func:`pyro.infer.Trace_ELBO.differentiable_loss` all work. ``model`` and ``guide`` also
+register the module with :func:`pyro.module` (:meth:`LatentVariableModel.register`), so
+Pyro's own :class:`pyro.infer.SVI` with a :mod:`pyro.optim` optimizer trains it too. The
+module's tensors *are* the param store entries (no copies), so both routes update the same
+parameters and a ``state_dict`` is always current. The model supports extra batch
+dimensions to the left of the data plate (vectorized particles).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.params import param_with_module_name
 from torch import nn
 
 from pyro_lvm.models.likelihoods import Likelihood
@@ -46,6 +51,9 @@ class LatentVariableModel(nn.Module):
     data_site = "x"
     #: number of plates in ``model`` (the data plate); particle plates go left of it
     max_plate_nesting = 1
+    #: prefix of this model's names in Pyro's param store (``name$$$decoder.0.weight``);
+    #: ``None``: the class name
+    pyro_name: str | None = None
 
     def __init__(self, data_dim: int, latent_dim: int, decoder: nn.Module, likelihood: Likelihood):
         super().__init__()
@@ -56,6 +64,29 @@ class LatentVariableModel(nn.Module):
         self.data_dim, self.latent_dim = data_dim, latent_dim
         self.decoder = decoder
         self.likelihood = likelihood
+
+    # -- Pyro's param store -------------------------------------------------------------
+    def register(self) -> None:
+        """Register this module's trainable parameters as Pyro params, as
+        :func:`pyro.module` does (``name$$$decoder.0.weight``).
+
+        Called at the start of :meth:`model` and :meth:`guide`, so :class:`pyro.infer.SVI`
+        finds every parameter in its trace. Pyro's rule is that an existing param store
+        entry wins over the module's tensor; here the module's own tensor always wins
+        (entries of the same name that belong to another instance, e.g. an earlier model
+        of the same class, are replaced), because the module's ``state_dict`` is the
+        checkpoint and a stale entry would be trained in place of the real parameter.
+        """
+        name = self.pyro_name or type(self).__name__
+        store = pyro.get_param_store()
+        # pyro.module(name, self) without its warning for frozen (requires_grad=False)
+        # parameters, which are simply not Pyro params
+        for param_name, p in self.named_parameters():
+            if p.requires_grad:
+                full = param_with_module_name(name, param_name)
+                if store.param_name(p) != full and full in store:
+                    del store[full]
+                pyro.param(full, p)
 
     # -- generative side ------------------------------------------------------------
     def prior(self, batch_size: int) -> dist.Distribution:
@@ -71,6 +102,7 @@ class LatentVariableModel(nn.Module):
 
     def model(self, x: torch.Tensor) -> None:
         """Pyro model :math:`p(z)\\,p_\\theta(x \\mid z)` over a batch ``x`` of shape (B, D)."""
+        self.register()
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample(self.latent_site, self.prior(x.shape[0]))
             pyro.sample(self.data_site, self.decode(z), obs=x)

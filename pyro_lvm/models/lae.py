@@ -117,6 +117,7 @@ class LangevinAutoencoder(LatentVariableModel):
 
     def guide(self, x: torch.Tensor) -> None:
         """Pyro guide: the evaluation proposal (not used for training)."""
+        self.register()
         with pyro.plate("data", x.shape[0]):
             pyro.sample(self.latent_site, self.posterior(x))
 

@@ -385,6 +385,7 @@ class PPCA(LatentVariableModel):
 
     def exact_guide(self, x: torch.Tensor) -> None:
         """Pyro guide sampling the exact posterior (ELBO and IWAE then equal log p(x))."""
+        self.register()
         with pyro.plate("data", x.shape[0]):
             pyro.sample(self.latent_site, self.exact_posterior(x))
 
@@ -395,6 +396,7 @@ class PPCA(LatentVariableModel):
 
     def guide(self, x: torch.Tensor) -> None:
         """Amortized Pyro guide (linear mean, learned global full covariance)."""
+        self.register()
         with pyro.plate("data", x.shape[0]):
             pyro.sample(self.latent_site, self.posterior(x))
 

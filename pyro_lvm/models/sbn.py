@@ -159,6 +159,7 @@ class SigmoidBeliefNet(LatentVariableModel):
 
     def model(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
         """:math:`p(z_L) \\prod_l p(z_l \\mid z_{l+1})\\, p(x \\mid z_1)` over a batch."""
+        self.register()
         if isinstance(self.likelihood, BernoulliLikelihood):
             self.check_data(x)
         sites = self.latent_sites
@@ -170,6 +171,7 @@ class SigmoidBeliefNet(LatentVariableModel):
 
     def guide(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> None:
         """:math:`q(z_1 \\mid x) \\prod_{l>1} q(z_l \\mid z_{l-1})`."""
+        self.register()
         h = x
         with self._plate(x, idx):
             for site, encoder in zip(self.latent_sites, self.encoders):

@@ -88,6 +88,7 @@ class VAE(LatentVariableModel):
 
     def guide(self, x: torch.Tensor) -> None:
         """Pyro guide :math:`q_\\phi(z \\mid x)`."""
+        self.register()
         with pyro.plate("data", x.shape[0]):
             pyro.sample(self.latent_site, self.posterior(x))
 
