@@ -5,3 +5,13 @@ Langevin dynamics (Langevin autoencoders), with shared data loading, evaluation 
 """
 
 __version__ = "0.1.0"
+
+
+def load_run(*args, **kwargs):
+    """Load a trained run folder; see :func:`pyro_lvm.runs.load_run`."""
+    from pyro_lvm.runs import load_run as _load_run
+
+    return _load_run(*args, **kwargs)
+
+
+__all__ = ["__version__", "load_run"]

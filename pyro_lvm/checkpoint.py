@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BEST_NAME",
     "CHECKPOINT_NAME",
     "PREVIOUS_NAME",
     "CheckpointError",
@@ -41,6 +42,8 @@ __all__ = [
 
 CHECKPOINT_NAME = "checkpoint.pt"
 PREVIOUS_NAME = "checkpoint.prev.pt"
+#: the checkpoint of the epoch with the best monitored loss (validation, else training)
+BEST_NAME = "best.pt"
 
 
 class CheckpointError(ValueError):

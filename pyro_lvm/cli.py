@@ -31,7 +31,7 @@ from pyro_lvm.data import DATASETS, DataBundle, load_dataset
 from pyro_lvm.evaluation import evaluate
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.models.likelihoods import make_likelihood
-from pyro_lvm.recipes import RECIPES, Experiment, get_recipe
+from pyro_lvm.recipes import RECIPES, Experiment, get_recipe, model_flags
 from pyro_lvm.rundir import (
     RunLock,
     check_run_dir,
@@ -41,6 +41,7 @@ from pyro_lvm.rundir import (
     prepare_run_dir,
     write_json,
 )
+from pyro_lvm.schedules import make_schedulers, set_learning_rate
 from pyro_lvm.trainer import Trainer
 
 __all__ = ["main", "build_parser", "run_train", "run_evaluate", "run_sample", "setup_run"]
@@ -63,87 +64,198 @@ def _help(text: str, field: str | None = None) -> str:
     return f"{text} (default: {getattr(_DEFAULTS, field)})"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pyro-lvm", description=__doc__.split("\n")[0])
-    parser.add_argument("--version", action="version", version=f"pyro-lvm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+# (flags, options, group) of every train flag; dest names are TrainConfig fields unless
+# listed in _RUN_OPTIONS. Which flags a model takes: pyro_lvm.recipes.MODEL_FLAGS.
+_TRAIN_FLAGS = [
+    (
+        ("--config",),
+        dict(metavar="FILE", help="JSON settings (a run's config.json); flags override"),
+        "run",
+    ),
+    (("--dataset",), dict(choices=DATASETS, help=_help("dataset", "dataset")), "data"),
+    (("--data-dir",), dict(help=_help("folder holding torchvision datasets", "data_dir")), "data"),
+    (("--download",), dict(action="store_true", help="download a missing dataset"), "data"),
+    (
+        ("--likelihood",),
+        dict(
+            choices=["bernoulli", "gaussian", "logistic"],
+            help="observation model (default: gaussian for ppca, else bernoulli)",
+        ),
+        "data",
+    ),
+    (
+        ("--validation",),
+        dict(
+            type=int,
+            metavar="N",
+            help=_help("training rows held out for validation", "validation"),
+        ),
+        "data",
+    ),
+    (("--epochs",), dict(type=int, help=_help("total epochs", "epochs")), "training"),
+    (("--batch-size",), dict(type=int, help=_help("minibatch size", "batch_size")), "training"),
+    (("--lr",), dict(type=float, help=_help("learning rate", "lr")), "training"),
+    (
+        ("--optimizer",),
+        dict(choices=["adam", "sgd"], help=_help("optimizer", "optimizer")),
+        "training",
+    ),
+    (
+        ("--lr-schedule",),
+        dict(
+            choices=["none", "cosine", "step"],
+            help=_help("per-epoch learning-rate schedule", "lr_schedule"),
+        ),
+        "training",
+    ),
+    (
+        ("--lr-step",),
+        dict(type=int, metavar="EPOCHS", help=_help("step schedule: epochs per decay", "lr_step")),
+        "training",
+    ),
+    (
+        ("--lr-gamma",),
+        dict(type=float, help=_help("step schedule: decay factor", "lr_gamma")),
+        "training",
+    ),
+    (
+        ("--clip-norm",),
+        dict(type=float, help="clip the global gradient norm (default: off)"),
+        "training",
+    ),
+    (
+        ("--early-stopping",),
+        dict(
+            type=int,
+            metavar="EPOCHS",
+            help=_help("stop after EPOCHS without improvement (0: off)", "early_stopping"),
+        ),
+        "training",
+    ),
+    (("--seed",), dict(type=int, help=_help("seed of every generator", "seed")), "training"),
+    (("--latent-dim",), dict(type=int, help=_help("latent dimension", "latent_dim")), "model"),
+    (("--hidden-dim",), dict(type=int, help=_help("hidden units", "hidden_dim")), "model"),
+    (("--depth",), dict(type=int, help=_help("hidden layers per network", "depth")), "model"),
+    (("--layer-norm",), dict(action="store_true", help="LayerNorm in hidden layers"), "model"),
+    (
+        ("--orthogonal-init",),
+        dict(action="store_true", help="orthogonal weights, zero biases"),
+        "model",
+    ),
+    (("--analytic-kl",), dict(action="store_true", help="TraceMeanField_ELBO"), "model"),
+    (
+        ("--model-file",),
+        dict(metavar="PATH.py:NAME|MODULE:NAME", help="your model's build function"),
+        "model",
+    ),
+    (
+        ("--langevin-steps",),
+        dict(type=int, help=_help("transitions T per batch", "langevin_steps")),
+        "langevin",
+    ),
+    (("--step-size",), dict(type=float, help="initial step size (default: searched)"), "langevin"),
+    (
+        ("--target-accept",),
+        dict(type=float, help=_help("target acceptance", "target_accept")),
+        "langevin",
+    ),
+    (("--no-mh",), dict(dest="mh", action="store_false", help="unadjusted Langevin"), "langevin"),
+    (
+        ("--no-adapt",),
+        dict(dest="adapt", action="store_false", help="fixed step size"),
+        "langevin",
+    ),
+    (
+        ("--test-scale",),
+        dict(type=float, help=_help("q = N(encoder(x), s^2)", "test_scale")),
+        "langevin",
+    ),
+    (
+        ("--refine-steps",),
+        dict(type=int, help=_help("test-time MALA steps", "refine_steps")),
+        "langevin",
+    ),
+    (
+        ("--precondition",),
+        dict(
+            type=float,
+            metavar="LAMBDA",
+            help="per-batch feature preconditioning with damping LAMBDA (default: off)",
+        ),
+        "langevin",
+    ),
+    (
+        ("--feature-norm",),
+        dict(
+            choices=["none", "center", "standardize"],
+            help=_help("running normalisation of encoder features", "feature_norm"),
+        ),
+        "langevin",
+    ),
+    (
+        ("--estimator",),
+        dict(help=_help("reinforce|tracegraph|nvil|vimco|disarm", "estimator")),
+        "model",
+    ),
+    (("--num-particles",), dict(type=int, help=_help("particles", "num_particles")), "model"),
+    (("--num-layers",), dict(type=int, help=_help("stochastic layers", "num_layers")), "model"),
+    (("--fit",), dict(help=_help("svi|gradient|closed-form|em", "fit")), "model"),
+    (
+        ("--num-components",),
+        dict(type=int, help=_help("mixture components", "num_components")),
+        "model",
+    ),
+    (
+        ("--eval-samples",),
+        dict(type=int, help=_help("importance samples K", "eval_samples")),
+        "evaluation",
+    ),
+    (
+        ("--eval-ais",),
+        dict(type=int, metavar="STEPS", help=_help("AIS steps (0: off)", "eval_ais")),
+        "evaluation",
+    ),
+    (("--device",), dict(help=_help("cpu or cuda", "device")), "run"),
+    (("--out",), dict(help="run directory (default: runs/MODEL-DATASET)"), "run"),
+    (("--resume",), dict(metavar="DIR", help="continue the run in DIR"), "run"),
+    (("--overwrite",), dict(action="store_true", help="replace the run already in --out"), "run"),
+    (("--no-figures",), dict(action="store_true", help="skip the PNG figures"), "run"),
+    (("--no-progress",), dict(action="store_true", help="no progress bar"), "run"),
+    (
+        ("--threads",),
+        dict(type=int, help="torch CPU threads (default: 1 for digits, else torch's)"),
+        "run",
+    ),
+]
 
-    # flags are absent from the namespace unless given (SUPPRESS), so --resume can tell a
-    # flag the user passed from a default; the defaults live in TrainConfig alone
-    t = sub.add_parser(
-        "train",
-        help="train a model and evaluate it on the test split",
-        argument_default=argparse.SUPPRESS,
-    )
-    t.add_argument("model", choices=sorted(RECIPES), help="model to train")
-    t.add_argument("--dataset", choices=DATASETS, help=_help("dataset", "dataset"))
-    t.add_argument("--data-dir", help=_help("folder holding torchvision datasets", "data_dir"))
-    t.add_argument("--download", action="store_true", help="download a missing dataset")
-    t.add_argument("--epochs", type=int, help=_help("total epochs", "epochs"))
-    t.add_argument("--batch-size", type=int, help=_help("minibatch size", "batch_size"))
-    t.add_argument("--latent-dim", type=int, help=_help("latent dimension", "latent_dim"))
-    t.add_argument("--hidden-dim", type=int, help=_help("hidden units", "hidden_dim"))
-    t.add_argument("--depth", type=int, help=_help("hidden layers per network", "depth"))
-    t.add_argument("--layer-norm", action="store_true", help="LayerNorm in hidden layers")
-    t.add_argument(
-        "--orthogonal-init", action="store_true", help="orthogonal weights, zero biases"
-    )
-    t.add_argument("--lr", type=float, help=_help("learning rate", "lr"))
-    t.add_argument("--optimizer", choices=["adam", "sgd"], help=_help("optimizer", "optimizer"))
-    t.add_argument(
-        "--likelihood",
-        choices=["bernoulli", "gaussian", "logistic"],
-        help="observation model (default: gaussian for ppca, else bernoulli)",
-    )
-    t.add_argument("--analytic-kl", action="store_true", help="TraceMeanField_ELBO (vae)")
-    t.add_argument("--seed", type=int, help=_help("seed of every generator", "seed"))
-    t.add_argument("--eval-samples", type=int, help=_help("importance samples K", "eval_samples"))
-    t.add_argument(
-        "--eval-ais", type=int, metavar="STEPS", help=_help("AIS steps (0: off)", "eval_ais")
-    )
-    t.add_argument("--device", help=_help("cpu or cuda", "device"))
-    t.add_argument("--out", help="run directory (default: runs/MODEL-DATASET)")
-    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR")
-    t.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    t.add_argument("--no-figures", action="store_true")
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument(
-        "--threads",
-        type=int,
-        help="torch CPU threads (default: 1 for the tiny digits networks, else torch's)",
-    )
-    g = t.add_argument_group("Langevin (lae, dlgm)")
-    g.add_argument(
-        "--langevin-steps", type=int, help=_help("transitions T per batch", "langevin_steps")
-    )
-    g.add_argument("--step-size", type=float, help="initial step size (default: searched)")
-    g.add_argument("--target-accept", type=float, help=_help("target", "target_accept"))
-    g.add_argument("--no-mh", dest="mh", action="store_false", help="unadjusted Langevin")
-    g.add_argument("--no-adapt", dest="adapt", action="store_false", help="fixed step size")
-    g.add_argument("--test-scale", type=float, help=_help("q = N(encoder(x), s^2)", "test_scale"))
-    g.add_argument("--refine-steps", type=int, help=_help("test-time MALA steps", "refine_steps"))
-    g.add_argument(
-        "--precondition",
-        type=float,
-        metavar="LAMBDA",
-        help="lae: per-batch feature preconditioning with damping LAMBDA (default: off)",
-    )
-    g.add_argument(
-        "--feature-norm",
-        choices=["none", "center", "standardize"],
-        help=_help("lae: running-statistics normalisation of encoder features", "feature_norm"),
-    )
-    g = t.add_argument_group("Bernoulli latents (sbn)")
-    g.add_argument(
-        "--estimator", help=_help("reinforce|tracegraph|nvil|vimco|disarm", "estimator")
-    )
-    g.add_argument("--num-particles", type=int, help=_help("particles", "num_particles"))
-    g.add_argument("--num-layers", type=int, help=_help("stochastic layers", "num_layers"))
-    g = t.add_argument_group("other models")
-    g.add_argument("--fit", help=_help("ppca: svi|gradient|closed-form|em", "fit"))
-    g.add_argument(
-        "--num-components", type=int, help=_help("ae-gmm mixture size", "num_components")
-    )
+
+def _dest(flags: tuple[str, ...], options: dict) -> str:
+    return options.get("dest", flags[0].lstrip("-").replace("-", "_"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors are one line (``pyro-lvm: error: ...``) naming the fix."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments"):
+            flag = message.split(":", 1)[1].split()[0]
+            model = getattr(self, "_model", None)
+            where = f"train {model}" if model else self.prog.replace("pyro-lvm ", "")
+            message = (
+                f"{flag} does not apply to {where}; `pyro-lvm {where} --help` lists its flags"
+            )
+        self.exit(2, f"pyro-lvm: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pyro-lvm", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"pyro-lvm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a model and evaluate it on the test split")
+    models = t.add_subparsers(dest="model", required=True, metavar="MODEL", parser_class=_Parser)
+    for name in sorted(RECIPES):
+        _add_model_parser(models, name)
 
     e = sub.add_parser("evaluate", help="re-evaluate a trained run")
     e.add_argument("run_dir")
@@ -151,13 +263,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-ais", type=int, default=0, metavar="STEPS", help="AIS steps")
     e.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    e.add_argument("--model-file", default=None, help="a custom-model run's code (trusted)")
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
     s.add_argument("--num", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--model-file", default=None, help="a custom-model run's code (trusted)")
     return parser
+
+
+def _add_model_parser(models, name: str) -> None:
+    allowed = model_flags(name)
+    # flags are absent from the namespace unless given (SUPPRESS), so --resume and
+    # --config can tell a flag the user passed from a default (defaults: TrainConfig)
+    m = models.add_parser(
+        name,
+        help=f"train {name}",
+        description=f"Train {name} and evaluate it on the test split.",
+        argument_default=argparse.SUPPRESS,
+    )
+    m._model = name
+    groups = {}
+    for flags, options, group in _TRAIN_FLAGS:
+        dest = _dest(flags, options)
+        if allowed is not None and dest not in allowed:
+            continue
+        if group not in groups:
+            groups[group] = m.add_argument_group(group)
+        groups[group].add_argument(*flags, **options)
 
 
 # -- building a run ---------------------------------------------------------------------
@@ -172,16 +307,28 @@ def setup_run(
     """Seed, load the data and build the experiment described by ``config``."""
     config.validate()
     _check_device(config.device)
-    # the data are checked once up front; per-step argument validation only costs time
-    pyro.enable_validation(False)
-    pyro.set_rng_seed(config.seed)
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.download)
     data = data.for_likelihood(config.likelihood)
+    return build_experiment(config, data.data_dim), data
+
+
+def build_experiment(config: TrainConfig, data_dim: int) -> Experiment:
+    """Seed and build the experiment described by ``config`` for ``data_dim`` inputs
+    (no data needed: :func:`pyro_lvm.load_run` rebuilds a trained run this way)."""
+    config.validate()
+    _check_device(config.device)
+    # the data are checked once up front; per-step argument validation only costs time
+    pyro.enable_validation(False)
+    pyro.set_rng_seed(config.seed)
     likelihood = make_likelihood(config.likelihood)
-    experiment = get_recipe(config.model).build(config, data.data_dim, likelihood)
+    experiment = get_recipe(config.model).build(config, data_dim, likelihood)
+    if config.clip_norm is not None:
+        if not hasattr(experiment.inference, "clip_norm"):
+            raise CLIError(f"--clip-norm does not apply to {config.model} (no gradient steps)")
+        experiment.inference.clip_norm = config.clip_norm
     experiment.modules.to(config.device)
-    return experiment, data
+    return experiment
 
 
 def _given(args) -> dict:
@@ -192,13 +339,50 @@ def _given(args) -> dict:
 def _config_from_args(args) -> TrainConfig:
     resume = getattr(args, "resume", None)
     if resume is not None:
+        if getattr(args, "config", None) is not None:
+            raise CLIError("--config with --resume: a resumed run keeps its own config.json")
         return _resumed_config(args, Path(resume))
-    fields = _given(args)
+    fields = _config_file(args.config, args.model) if getattr(args, "config", None) else {}
+    fields.update(_given(args))
+    fields["model"] = args.model
     fields.setdefault("likelihood", DEFAULT_LIKELIHOOD.get(args.model, _DEFAULTS.likelihood))
-    fields["out"] = getattr(args, "out", None) or (
-        f"runs/{args.model}-{fields.get('dataset', _DEFAULTS.dataset)}"
-    )
+    if getattr(args, "out", None) is not None or "out" not in fields:
+        fields["out"] = getattr(args, "out", None) or (
+            f"runs/{args.model}-{fields.get('dataset', _DEFAULTS.dataset)}"
+        )
     return TrainConfig(**fields)
+
+
+def _config_file(path: str, model: str) -> dict:
+    """Settings from a JSON file (a run's ``config.json``): unknown keys and settings that
+    do not apply to ``model`` (other than at their defaults) are one-line errors."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CLIError(f"--config {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"--config {path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"--config {path} must hold a JSON object of settings")
+    known = TrainConfig.__dataclass_fields__
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise CLIError(f"--config {path} has unknown settings: {', '.join(unknown)}")
+    if data.get("model", model) != model:
+        raise CLIError(f"--config {path} is for model {data['model']!r}, not {model!r}")
+    allowed = model_flags(model)
+    fields = {}
+    for key, value in data.items():
+        if key == "model":
+            continue
+        if allowed is not None and key not in allowed and key != "out":
+            if value != getattr(_DEFAULTS, key):
+                raise CLIError(
+                    f"--config {path}: {key}={value!r} does not apply to {model}; remove it"
+                )
+            continue
+        fields[key] = value
+    return fields
 
 
 def _resumed_config(args, run: Path) -> TrainConfig:
@@ -256,28 +440,6 @@ def _read_config(run: Path) -> TrainConfig:
         ) from None
 
 
-def _set_learning_rate(inference, lr: float) -> int:
-    """Set ``lr`` in every optimizer the inference driver holds; returns how many."""
-    found, seen = 0, set()
-    candidates = [getattr(inference, "optim", None), *vars(inference).values()]
-    for value in candidates:
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        groups = []
-        if isinstance(value, torch.optim.Optimizer):
-            groups = value.param_groups
-        elif isinstance(value, pyro.optim.PyroOptim):
-            if isinstance(value.pt_optim_args, dict):
-                value.pt_optim_args["lr"] = lr
-            groups = [g for o in value.optim_objs.values() for g in o.param_groups]
-            found += 1
-        for group in groups:
-            group["lr"] = lr
-        found += bool(groups)
-    return found
-
-
 def _tensorboard(out: Path):
     try:
         with warnings.catch_warnings():
@@ -310,8 +472,27 @@ def run_train(
     _check_device(config.device)
     check_run_dir(out, resume=resume, overwrite=overwrite)
     experiment, data = setup_run(config, data)
-    trainer = Trainer(experiment, data, config.batch_size, out, config.seed, config.device)
-    trainer.metadata = {"config": config.to_dict()}
+    val_x = None
+    if config.validation:
+        data, val_x = data.holdout(config.validation, seed=config.seed)
+    trainer = Trainer(
+        experiment,
+        data,
+        config.batch_size,
+        out,
+        config.seed,
+        config.device,
+        validation_x=val_x,
+        early_stopping=config.early_stopping,
+        schedulers=make_schedulers(
+            experiment.inference,
+            config.lr_schedule,
+            config.epochs,
+            config.lr_step,
+            config.lr_gamma,
+        ),
+    )
+    trainer.metadata = {"config": config.to_dict(), "data": _data_info(data)}
     prepare_run_dir(out, resume=resume, overwrite=overwrite)
     with RunLock(out):
         if not (resume or overwrite):
@@ -329,7 +510,7 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
                 f"{out} has already trained {trainer.state.epoch} epochs; --epochs must be at "
                 f"least {trainer.state.epoch}"
             )
-        _set_learning_rate(experiment.inference, config.lr)
+        set_learning_rate(experiment.inference, config.lr)
     write_json(out / "config.json", config.to_dict())
     prepare = getattr(experiment.inference, "prepare", None)
     if prepare is not None and trainer.state.step == 0:
@@ -345,8 +526,9 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
     def on_epoch(state, record):
         if writer is not None:
             for key, value in record.items():
-                if key != "epoch":
-                    writer.add_scalar(f"train/{key}", value, record["epoch"])
+                if key != "epoch" and isinstance(value, float) and math.isfinite(value):
+                    tag = "validation/loss" if key == "val_loss" else f"train/{key}"
+                    writer.add_scalar(tag, value, record["epoch"])
 
     previous = signal.getsignal(signal.SIGINT)
 
@@ -386,6 +568,15 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
 
         write_figures(experiment, data, trainer.state, out)
     return metrics
+
+
+def _data_info(data: DataBundle) -> dict:
+    """What :func:`pyro_lvm.load_run` needs to rebuild the model without the dataset."""
+    return {
+        "name": data.name,
+        "data_dim": data.data_dim,
+        "image_shape": list(data.image_shape) if data.image_shape is not None else None,
+    }
 
 
 def _kept(out: Path) -> str:
@@ -452,35 +643,43 @@ def _metrics(config, experiment, data, trainer) -> dict:
     )
     metrics["eval_seconds"] = time.perf_counter() - t0
     metrics["warnings"] = [w["kind"] for w in trainer.state.warnings]
+    metrics["best_epoch"] = trainer.state.best_epoch
+    metrics["stopped_early"] = trainer.state.stopped_early
+    if trainer.validation_x is not None:
+        metrics["num_validation"] = int(trainer.validation_x.shape[0])
+        if trainer.state.history:
+            metrics["val_loss"] = trainer.state.history[-1].get("val_loss", float("nan"))
     return metrics
 
 
-def _load_run(run_dir: str, device: str | None = None):
-    run = Path(run_dir)
-    if not (run / "config.json").is_file() or not (
-        (run / CHECKPOINT_NAME).is_file() or (run / PREVIOUS_NAME).is_file()
-    ):
+def _load_run(run_dir: str, device: str | None = None, model_file: str | None = None):
+    from pyro_lvm.runs import load_run
+
+    run = load_run(run_dir, device=device, model_file=model_file)  # None: the run's device
+    config = run.config
+    data = load_dataset(config.dataset, config.data_dir, config.download).for_likelihood(
+        config.likelihood
+    )
+    if data.data_dim != run.data_dim:
         raise CLIError(
-            f"{run} is not a pyro-lvm run (needs config.json and {CHECKPOINT_NAME}); pass "
-            "the --out folder of a training run"
+            f"{run_dir} was trained on {run.data_dim}-dimensional data but {config.dataset} in "
+            f"{config.data_dir} has {data.data_dim}; point --data-dir at the run's data"
         )
-    config = _read_config(run)
-    if device is not None:
-        config.device = device
-    experiment, data = setup_run(config)
-    trainer = Trainer(experiment, data, config.batch_size, None, config.seed, config.device)
-    trainer.restore(run / CHECKPOINT_NAME)
-    return config, experiment, data, trainer
+    return config, run.experiment, data, run.trainer
 
 
 def run_evaluate(
-    run_dir: str, eval_samples: int = 1000, eval_ais: int = 0, device: str | None = None
+    run_dir: str,
+    eval_samples: int = 1000,
+    eval_ais: int = 0,
+    device: str | None = None,
+    model_file: str | None = None,
 ) -> dict:
     """Re-evaluate a run; updates and returns its ``metrics.json``."""
     run = Path(run_dir)
     if run.is_dir():  # fail before the (long) evaluation, not after it
         check_writable(run, "run folder")
-    config, experiment, data, trainer = _load_run(run_dir, device)
+    config, experiment, data, trainer = _load_run(run_dir, device, model_file)
     config.eval_samples, config.eval_ais = eval_samples, eval_ais
     config.validate()
     with RunLock(run):
@@ -503,7 +702,7 @@ def sample_paths(run_dir: str | Path, num: int, seed: int) -> tuple[Path, Path]:
     return stem.with_suffix(".pt"), stem.with_suffix(".png")
 
 
-def run_sample(run_dir: str, num: int = 64, seed: int = 0) -> Path:
+def run_sample(run_dir: str, num: int = 64, seed: int = 0, model_file: str | None = None) -> Path:
     """Draw ``num`` samples from a run: writes ``sample_nNUM_seedSEED.pt`` (and ``.png``
     for images) in the run folder; returns the ``.pt`` path."""
     if num <= 0:
@@ -511,7 +710,7 @@ def run_sample(run_dir: str, num: int = 64, seed: int = 0) -> Path:
     run = Path(run_dir)
     if run.is_dir():
         check_writable(run, "run folder")
-    config, experiment, data, _ = _load_run(run_dir)
+    config, experiment, data, _ = _load_run(run_dir, model_file=model_file)
     pyro.set_rng_seed(seed)
     x = experiment.lvm.generate(num).cpu()
     pt, png = sample_paths(run, num, seed)
@@ -529,7 +728,14 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if len(argv) > 1 and argv[0] == "train":
+        parser._model = argv[1]  # for the "does not apply to train MODEL" message
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help, --version and one-line usage errors
+        return exit_.code if isinstance(exit_.code, int) else 2
     warnings.formatwarning = _one_line_warning
     try:
         threads = getattr(args, "threads", None)
@@ -553,10 +759,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             _print_summary(metrics, config.out)
         elif args.command == "evaluate":
-            metrics = run_evaluate(args.run_dir, args.eval_samples, args.eval_ais, args.device)
+            metrics = run_evaluate(
+                args.run_dir, args.eval_samples, args.eval_ais, args.device, args.model_file
+            )
             _print_summary(metrics, args.run_dir)
         else:
-            path = run_sample(args.run_dir, args.num, args.seed)
+            path = run_sample(args.run_dir, args.num, args.seed, args.model_file)
             print(f"wrote {path}")
     except (CLIError, ValueError, FileNotFoundError, DivergenceError, OSError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)

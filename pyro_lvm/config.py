@@ -39,6 +39,19 @@ class TrainConfig:
     analytic_kl: bool = False
     device: str = "cpu"
     out: str = "runs/latest"
+    #: rows of the training set held out for validation (0: none)
+    validation: int = 0
+    #: stop after this many epochs without improvement of the monitored loss (0: never)
+    early_stopping: int = 0
+    #: learning-rate schedule per epoch: none | cosine (to 0 at --epochs) | step
+    lr_schedule: str = "none"
+    #: step schedule: multiply the rate by lr_gamma every lr_step epochs
+    lr_step: int = 10
+    lr_gamma: float = 0.1
+    #: clip the global gradient norm (None: off)
+    clip_norm: float | None = None
+    #: a user's model: "path.py:NAME" or "module:NAME" (model "custom")
+    model_file: str | None = None
     # Langevin (lae, dlgm)
     langevin_steps: int = 2
     step_size: float | None = None
@@ -62,7 +75,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for impossible settings."""
-        for name in ("lr", "step_size", "target_accept", "test_scale", "precondition"):
+        finite = ("lr", "step_size", "target_accept", "test_scale", "precondition")
+        for name in (*finite, "lr_gamma", "clip_norm"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
@@ -88,6 +102,21 @@ class TrainConfig:
                 f"--target-accept must be in (0, 1), got {self.target_accept}",
             ),
             (self.test_scale > 0, f"--test-scale must be positive, got {self.test_scale}"),
+            (self.validation >= 0, f"--validation must be >= 0, got {self.validation}"),
+            (
+                self.early_stopping >= 0,
+                f"--early-stopping must be >= 0 epochs, got {self.early_stopping}",
+            ),
+            (
+                self.lr_schedule in ("none", "cosine", "step"),
+                f"--lr-schedule must be none, cosine or step, got {self.lr_schedule!r}",
+            ),
+            (self.lr_step > 0, f"--lr-step must be positive, got {self.lr_step}"),
+            (0 < self.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {self.lr_gamma}"),
+            (
+                self.clip_norm is None or self.clip_norm > 0,
+                f"--clip-norm must be positive, got {self.clip_norm}",
+            ),
             (self.refine_steps >= 0, f"--refine-steps must be >= 0, got {self.refine_steps}"),
             (self.num_layers > 0, f"--num-layers must be positive, got {self.num_layers}"),
             (

@@ -50,14 +50,14 @@ def evaluate(
             experiment.guide,
             x,
             num_samples=eval_samples,
-            max_plate_nesting=lvm.max_plate_nesting,
+            max_plate_nesting=getattr(lvm, "max_plate_nesting", 1),
             chunk_size=chunk_size,
         )
         elbo.append(log_w.mean(0))
         iwae.append(log_w.logsumexp(0) - math.log(eval_samples))
         try:
             sq_err.append(((lvm.reconstruct(x) - x) ** 2).sum(-1))
-        except NotImplementedError:
+        except (NotImplementedError, AttributeError):  # optional in the model protocol
             pass
     nelbo = -torch.cat(elbo).mean().item()
     nll = -torch.cat(iwae).mean().item()
@@ -90,7 +90,10 @@ def _ais(experiment, test_x, num_steps, batch_size, device, data_dim) -> dict[st
     lvm = experiment.lvm
     estimates = [
         ais_log_likelihood(
-            lvm.model, x.to(device), num_steps=num_steps, max_plate_nesting=lvm.max_plate_nesting
+            lvm.model,
+            x.to(device),
+            num_steps=num_steps,
+            max_plate_nesting=getattr(lvm, "max_plate_nesting", 1),
         )
         for x in _batches(test_x, batch_size)
     ]

@@ -9,6 +9,7 @@ an uninterrupted run would, mid-epoch included.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from pyro_lvm.checkpoint import (
+    BEST_NAME,
     CHECKPOINT_NAME,
     CheckpointError,
     atomic_save,
@@ -52,6 +54,11 @@ class TrainerState:
     first_loss: float | None = None
     #: health findings (:mod:`pyro_lvm.health`), one per kind: ``{"kind", "message"}``
     warnings: list[dict] = field(default_factory=list)
+    #: the best monitored loss so far (``val_loss``, else ``train_loss``) and its epoch
+    best_loss: float | None = None
+    best_epoch: int = 0
+    #: set when early stopping ended training
+    stopped_early: bool = False
 
 
 class Trainer:
@@ -73,27 +80,38 @@ class Trainer:
         Where batches are moved.
     log_metrics_every : int
         Record ``inference.metrics()`` every this many steps.
+    validation_x : Tensor, optional
+        Held-out data (already binarized for Bernoulli likelihoods): after every epoch the
+        loss per datapoint ``inference.evaluate_loss`` on it is recorded as ``val_loss``.
+    early_stopping : int
+        Stop when the monitored loss (``val_loss``, else ``train_loss``) has not improved
+        for this many epochs (0: never).
+    schedulers : list of torch LR schedulers
+        Stepped once per epoch; their state is checkpointed.
     """
 
     def __init__(
         self,
         experiment: Experiment,
-        data: DataBundle,
+        data: DataBundle | None,
         batch_size: int,
         out_dir: str | Path | None = None,
         seed: int = 0,
         device: str | torch.device = "cpu",
         log_metrics_every: int = 1,
+        validation_x: torch.Tensor | None = None,
+        early_stopping: int = 0,
+        schedulers: list | None = None,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
-        if batch_size > data.num_train:
-            raise ValueError(
-                f"batch size {batch_size} is larger than the {data.num_train} training "
-                "examples; pass a smaller --batch-size"
-            )
-        head = data.train_x[:batch_size]
-        experiment.lvm.check_data(binarize(head, seed=0) if data.binary_probs else head)
+        if data is not None:  # None: a trainer that only restores (pyro_lvm.load_run)
+            self._check_data(experiment, data, batch_size)
+        if early_stopping < 0:
+            raise ValueError(f"--early-stopping must be >= 0 epochs, got {early_stopping}")
+        self.validation_x = validation_x
+        self.early_stopping = early_stopping
+        self.schedulers = list(schedulers or [])
         self.experiment, self.data, self.batch_size = experiment, data, batch_size
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = torch.device(device)
@@ -105,14 +123,26 @@ class Trainer:
         #: plain data saved with every checkpoint (the CLI records the run's config here)
         self.metadata: dict = {}
 
+    @staticmethod
+    def _check_data(experiment: Experiment, data: DataBundle, batch_size: int) -> None:
+        if batch_size > data.num_train:
+            raise ValueError(
+                f"batch size {batch_size} is larger than the {data.num_train} training "
+                "examples; pass a smaller --batch-size"
+            )
+        head = data.train_x[:batch_size]
+        check_data = getattr(experiment.lvm, "check_data", None)  # optional in the protocol
+        if check_data is not None:
+            check_data(binarize(head, seed=0) if data.binary_probs else head)
+
     # -- checkpoints ----------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path | None:
         return self.out_dir / CHECKPOINT_NAME if self.out_dir is not None else None
 
-    def save(self) -> None:
+    def save(self, name: str = CHECKPOINT_NAME) -> None:
         """Write the checkpoint atomically, keeping the previous one (no-op without
-        ``out_dir``).
+        ``out_dir``); ``name=BEST_NAME`` writes the best-so-far copy instead.
 
         Raises :class:`~pyro_lvm.infer.diagnostics.DivergenceError` instead of saving
         non-finite parameters, so the file on disk stays the last good state.
@@ -133,10 +163,11 @@ class Trainer:
                 "trainer": asdict(self.state),
                 "shuffle": self.shuffle.get_state(),
                 "rng": rng_state(),
+                "schedulers": [sched.state_dict() for sched in self.schedulers],
                 "metadata": self.metadata,
             },
-            self.checkpoint_path,
-            keep_previous=True,
+            self.out_dir / name,
+            keep_previous=name == CHECKPOINT_NAME,
         )
 
     def restore(self, path: str | Path) -> dict:
@@ -159,6 +190,8 @@ class Trainer:
                 f"{path} does not fit this model ({detail}): the config was edited or "
                 "belongs to another run; restore config.json or start a new run"
             ) from None
+        for sched, state in zip(self.schedulers, ckpt.get("schedulers", [])):
+            sched.load_state_dict(state)
         self.state = TrainerState(**ckpt["trainer"])
         self.shuffle.set_state(ckpt["shuffle"])
         set_rng_state(ckpt["rng"])
@@ -204,7 +237,7 @@ class Trainer:
         st = self.state
         mid_step = False
         try:
-            while st.epoch < epochs:
+            while st.epoch < epochs and not st.stopped_early:
                 if st.batch == 0:
                     st.shuffle_state = self.shuffle.get_state()
                     torch.randperm(self.data.num_train, generator=self.shuffle)
@@ -236,18 +269,50 @@ class Trainer:
                     "train_loss": st.epoch_loss_sum / max(st.epoch_count, 1),
                     **self.experiment.inference.metrics(),
                 }
+                if self.validation_x is not None:
+                    epoch_record["val_loss"] = self.validation_loss()
                 st.history.append(epoch_record)
                 self._check_health(epoch_record)
+                for sched in self.schedulers:
+                    sched.step()
                 st.epoch += 1
                 st.batch = 0
+                improved = self._track_best(epoch_record)
                 self.save()
+                if improved:
+                    self.save(BEST_NAME)
                 if on_epoch is not None:
                     on_epoch(st, epoch_record)
+                if self.early_stopping and st.epoch - st.best_epoch >= self.early_stopping:
+                    st.stopped_early = True
+                    break
         except KeyboardInterrupt:
             if not mid_step:  # a half-done step has no exact position: keep the last one
                 self.save()
             raise
         return st
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Loss per datapoint of ``inference.evaluate_loss`` on the validation data."""
+        total = 0.0
+        inference = self.experiment.inference
+        for x in self.validation_x.split(self.batch_size):
+            x = x.to(self.device)
+            if self.experiment.pass_index:
+                # per-datapoint state (baselines) belongs to training rows only
+                total += inference.evaluate_loss(x, None)
+            else:
+                total += inference.evaluate_loss(x)
+        return total / self.validation_x.shape[0]
+
+    def _track_best(self, record: dict) -> bool:
+        loss = record.get("val_loss", record["train_loss"])
+        st = self.state
+        if not math.isfinite(loss) or (st.best_loss is not None and loss >= st.best_loss):
+            return False
+        st.best_loss, st.best_epoch = loss, st.epoch
+        return True
 
     @property
     def ms_per_step(self) -> float:

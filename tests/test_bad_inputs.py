@@ -34,6 +34,7 @@ from pyro_lvm.config import TrainConfig
 from pyro_lvm.data import load_dataset
 from pyro_lvm.infer import ais_log_likelihood, iwae_log_likelihood
 from pyro_lvm.models import VAE
+from pyro_lvm.recipes import model_flags
 
 FAST = ["--epochs", "1", "--hidden-dim", "16", "--latent-dim", "2", "--eval-samples", "10"]
 QUIET = ["--no-progress", "--no-figures"]
@@ -59,7 +60,11 @@ class Ctx:
         return copy
 
     def train(self, *flags: str, model: str = "vae") -> list[str]:
-        return ["train", model, "--out", str(self.tmp / "new"), *FAST, *QUIET, *flags]
+        fast = FAST
+        allowed = model_flags(model)
+        if allowed is not None and "hidden_dim" not in allowed:
+            fast = [f for f in FAST if f not in ("--hidden-dim", "16")]
+        return ["train", model, "--out", str(self.tmp / "new"), *fast, *QUIET, *flags]
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -196,7 +201,12 @@ CASES = [
     # -- impossible settings ------------------------------------------------------------
     ("latent-dim-0", CLEAR, lambda c: T(c, "--latent-dim", "0"), "--latent-dim must be positive"),
     ("hidden-dim-0", CLEAR, lambda c: T(c, "--hidden-dim", "0"), "--hidden-dim must be positive"),
-    ("depth-negative", CLEAR, lambda c: T(c, "--depth", "-1"), "--depth must be >= 0"),
+    (
+        "depth-negative",
+        CLEAR,
+        lambda c: T(c, "--depth", "-1", model="vae"),
+        "--depth must be >= 0",
+    ),
     ("lr-negative", CLEAR, lambda c: T(c, "--lr", "-1"), "--lr must be positive"),
     ("lr-inf", CLEAR, lambda c: T(c, "--lr", "inf"), "--lr must be finite"),
     ("lr-nan", CLEAR, lambda c: T(c, "--lr", "nan"), "--lr must be finite"),
@@ -211,20 +221,60 @@ CASES = [
         lambda c: T(c, "--langevin-steps", "0", model="lae"),
         "--langevin-steps must be positive",
     ),
-    ("step-size-inf", CLEAR, lambda c: T(c, "--step-size", "inf"), "--step-size must be finite"),
-    ("step-size-negative", CLEAR, lambda c: T(c, "--step-size", "-1"), "--step-size must be"),
-    ("target-accept-1.5", CLEAR, lambda c: T(c, "--target-accept", "1.5"), "in (0, 1)"),
+    (
+        "step-size-inf",
+        CLEAR,
+        lambda c: T(c, "--step-size", "inf", model="lae"),
+        "--step-size must be finite",
+    ),
+    (
+        "step-size-negative",
+        CLEAR,
+        lambda c: T(c, "--step-size", "-1", model="lae"),
+        "--step-size must be",
+    ),
+    (
+        "target-accept-1.5",
+        CLEAR,
+        lambda c: T(c, "--target-accept", "1.5", model="lae"),
+        "in (0, 1)",
+    ),
     (
         "test-scale-inf",
         CLEAR,
-        lambda c: T(c, "--test-scale", "inf"),
+        lambda c: T(c, "--test-scale", "inf", model="lae"),
         "--test-scale must be finite",
     ),
-    ("test-scale-0", CLEAR, lambda c: T(c, "--test-scale", "0"), "--test-scale must be positive"),
-    ("refine-steps-negative", CLEAR, lambda c: T(c, "--refine-steps", "-3"), "must be >= 0"),
-    ("precondition-negative", CLEAR, lambda c: T(c, "--precondition", "-1"), "--precondition"),
-    ("num-particles-0", CLEAR, lambda c: T(c, "--num-particles", "0"), "--num-particles must"),
-    ("num-layers-0", CLEAR, lambda c: T(c, "--num-layers", "0"), "--num-layers must be"),
+    (
+        "test-scale-0",
+        CLEAR,
+        lambda c: T(c, "--test-scale", "0", model="lae"),
+        "--test-scale must be positive",
+    ),
+    (
+        "refine-steps-negative",
+        CLEAR,
+        lambda c: T(c, "--refine-steps", "-3", model="lae"),
+        "must be >= 0",
+    ),
+    (
+        "precondition-negative",
+        CLEAR,
+        lambda c: T(c, "--precondition", "-1", model="lae"),
+        "--precondition",
+    ),
+    (
+        "num-particles-0",
+        CLEAR,
+        lambda c: T(c, "--num-particles", "0", model="sbn"),
+        "--num-particles must",
+    ),
+    (
+        "num-layers-0",
+        CLEAR,
+        lambda c: T(c, "--num-layers", "0", model="sbn"),
+        "--num-layers must be",
+    ),
     (
         "num-components-0",
         CLEAR,
@@ -245,6 +295,57 @@ CASES = [
         CLEAR,
         lambda c: T(c, "--estimator", "vimco", model="sbn"),
         "--num-particles >= 2",
+    ),
+    (
+        "flag-of-another-model",
+        CLEAR,
+        lambda c: T(c, "--estimator", "vimco"),
+        "--estimator does not apply to train vae; `pyro-lvm train vae --help`",
+    ),
+    (
+        "config-file-for-another-model",
+        CLEAR,
+        lambda c: T(c, "--config", str(c.run() / "config.json"), model="lae"),
+        "is for model 'vae', not 'lae'",
+    ),
+    (
+        "config-file-unknown-key",
+        CLEAR,
+        lambda c: T(c, "--config", str(_write(c.tmp / "c.json", b'{"colour": 1}'))),
+        "unknown settings: colour",
+    ),
+    (
+        "config-with-resume",
+        CLEAR,
+        lambda c: ["train", "vae", "--resume", str(c.run()), "--config", str(c.tmp / "c")],
+        "--config with --resume",
+    ),
+    ("validation-too-large", CLEAR, lambda c: T(c, "--validation", "5000"), "--validation must"),
+    ("lr-gamma-2", CLEAR, lambda c: T(c, "--lr-gamma", "2"), "--lr-gamma must be in (0, 1]"),
+    ("clip-norm-0", CLEAR, lambda c: T(c, "--clip-norm", "0"), "--clip-norm must be positive"),
+    (
+        "schedule-closed-form",
+        CLEAR,
+        lambda c: T(c, "--fit", "closed-form", "--lr-schedule", "cosine", model="ppca"),
+        "needs a torch optimizer",
+    ),
+    (
+        "custom-without-model-file",
+        CLEAR,
+        lambda c: T(c, model="custom"),
+        "train custom needs --model-file",
+    ),
+    (
+        "model-file-missing",
+        CLEAR,
+        lambda c: T(c, "--model-file", str(c.tmp / "none.py:build"), model="custom"),
+        "no file",
+    ),
+    (
+        "model-file-bad-spec",
+        CLEAR,
+        lambda c: T(c, "--model-file", "nocolon", model="custom"),
+        "must be PATH.py:NAME or MODULE:NAME",
     ),
     # -- data -------------------------------------------------------------------------------
     (

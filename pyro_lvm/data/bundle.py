@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -123,6 +124,30 @@ class DataBundle:
             image_shape=self.image_shape,
             binary_probs=likelihood == "bernoulli",
         )
+
+    def holdout(self, num: int, seed: int = 0) -> tuple[DataBundle, torch.Tensor]:
+        """Split ``num`` rows off the training set as a validation set.
+
+        The rows are a fixed-seed random subset (the same for every model and run with
+        the same ``seed``); for Bernoulli data they are binarized once with a fixed seed,
+        like the test split. Returns the reduced bundle and the validation data.
+        """
+        if not 0 < num < self.num_train:
+            raise ValueError(
+                f"--validation must be between 1 and {self.num_train - 1} (the training set "
+                f"has {self.num_train} examples), got {num}"
+            )
+        order = torch.randperm(self.num_train, generator=torch.Generator().manual_seed(seed))
+        keep, held = order[:-num].sort().values, order[-num:].sort().values
+        val_x = self.train_x[held]
+        if self.binary_probs:
+            val_x = binarize(val_x, seed=EVAL_BINARIZATION_SEED + 1)
+        reduced = dataclasses.replace(
+            self,
+            train_x=self.train_x[keep],
+            train_y=None if self.train_y is None else self.train_y[keep],
+        )
+        return reduced, val_x
 
     @classmethod
     def from_tensors(

@@ -11,7 +11,7 @@ import importlib
 
 from pyro_lvm.recipes.base import Experiment
 
-__all__ = ["RECIPES", "Experiment", "get_recipe"]
+__all__ = ["COMMON_FLAGS", "MODEL_FLAGS", "RECIPES", "Experiment", "get_recipe", "model_flags"]
 
 RECIPES: dict[str, str] = {
     "ppca": "pyro_lvm.recipes.ppca",
@@ -20,6 +20,7 @@ RECIPES: dict[str, str] = {
     "dlgm": "pyro_lvm.recipes.dlgm",
     "sbn": "pyro_lvm.recipes.sbn",
     "ae-gmm": "pyro_lvm.recipes.ae_gmm",
+    "custom": "pyro_lvm.recipes.custom",
 }
 
 
@@ -28,3 +29,30 @@ def get_recipe(name: str):
     if name not in RECIPES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(RECIPES))}")
     return importlib.import_module(RECIPES[name])
+
+
+#: settings (TrainConfig fields and CLI run options) every model takes
+COMMON_FLAGS = frozenset(
+    """config dataset data_dir download likelihood validation epochs batch_size lr optimizer
+    lr_schedule lr_step lr_gamma clip_norm early_stopping seed latent_dim eval_samples
+    eval_ais device out resume overwrite no_figures no_progress threads""".split()
+)
+_NETWORK = frozenset("hidden_dim depth layer_norm orthogonal_init".split())
+_LANGEVIN = frozenset("langevin_steps step_size target_accept mh adapt refine_steps".split())
+
+#: the model-specific settings of each recipe (a flag outside them is refused)
+MODEL_FLAGS: dict[str, frozenset[str]] = {
+    "ppca": frozenset({"fit"}),
+    "vae": _NETWORK | {"analytic_kl"},
+    "lae": _NETWORK | _LANGEVIN | {"test_scale", "precondition", "feature_norm"},
+    "dlgm": _NETWORK | _LANGEVIN,
+    "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
+    "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),
+}
+
+
+def model_flags(name: str) -> frozenset[str] | None:
+    """Every setting ``name`` takes, or ``None`` (all) for a recipe without a declaration."""
+    if name not in MODEL_FLAGS:
+        return None
+    return COMMON_FLAGS | MODEL_FLAGS[name]
