@@ -563,11 +563,24 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
         out / "history.json", {"epochs": trainer.state.history, "steps": trainer.state.steps}
     )
     _write_metrics(out, metrics)
-    if figures:
+    if figures and _plottable(experiment, "training figures"):
         from pyro_lvm.figures import write_figures
 
         write_figures(experiment, data, trainer.state, out)
     return metrics
+
+
+def _plottable(experiment: Experiment, what: str) -> bool:
+    """The figures read ``decoder`` and ``likelihood`` (the ready models' protocol); a
+    custom model without them gets its metrics and a notice instead."""
+    missing = [a for a in ("decoder", "likelihood") if not hasattr(experiment.lvm, a)]
+    if missing:
+        warnings.warn(
+            f"{what} skipped: the model has no {' or '.join(missing)} attribute "
+            "(see docs/cli.md, custom models)",
+            stacklevel=2,
+        )
+    return not missing
 
 
 def _data_info(data: DataBundle) -> dict:
@@ -715,7 +728,7 @@ def run_sample(run_dir: str, num: int = 64, seed: int = 0, model_file: str | Non
     x = experiment.lvm.generate(num).cpu()
     pt, png = sample_paths(run, num, seed)
     atomic_save(x, pt)
-    if data.image_shape is not None:
+    if data.image_shape is not None and _plottable(experiment, "the sample figure"):
         from pyro_lvm.figures import save_sample_grid
 
         save_sample_grid(x, data, experiment, png)
