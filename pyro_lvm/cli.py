@@ -554,20 +554,45 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
         finalize(data.train_x.to(config.device))
         trainer.save()  # evaluate/sample must see the fitted state
     metrics = _metrics(config, experiment, data, trainer)
-    if writer is not None:
-        for key, value in metrics.items():
-            if isinstance(value, float) and math.isfinite(value):
-                writer.add_scalar(f"test/{key}", value, config.epochs)
-        writer.close()
     write_json(
         out / "history.json", {"epochs": trainer.state.history, "steps": trainer.state.steps}
     )
-    _write_metrics(out, metrics)
-    if figures and _plottable(experiment, "training figures"):
-        from pyro_lvm.figures import write_figures
+    pngs = []
+    try:
+        _write_metrics(out, metrics)
+        if figures and _plottable(experiment, "training figures"):
+            from pyro_lvm.figures import write_figures
 
-        write_figures(experiment, data, trainer.state, out)
+            pngs = write_figures(experiment, data, trainer.state, out) or []
+    finally:
+        if writer is not None:
+            _log_run(writer, config, metrics, pngs)
     return metrics
+
+
+def _log_run(writer, config: TrainConfig, metrics: dict, pngs: list) -> None:
+    """TensorBoard: test metrics as scalars and hparams, the figures as images."""
+    finite = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
+    for key, value in finite.items():
+        writer.add_scalar(f"test/{key}", value, config.epochs)
+    hparams = {
+        k: v
+        for k, v in config.to_dict().items()
+        if isinstance(v, (int, float, str, bool)) and k not in ("out", "data_dir")
+    }
+    tests = {f"hparam/{k}": v for k, v in finite.items() if k.startswith("test_")}
+    if tests:
+        writer.add_hparams(hparams, tests, run_name="hparams")
+    import matplotlib.image
+
+    for png in pngs:
+        writer.add_image(
+            f"figures/{Path(png).stem}",
+            matplotlib.image.imread(png)[..., :3],
+            config.epochs,
+            dataformats="HWC",
+        )
+    writer.close()
 
 
 def _plottable(experiment: Experiment, what: str) -> bool:
