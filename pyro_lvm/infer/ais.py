@@ -35,8 +35,11 @@ weights are discarded; the estimator chains are independent of them, so conditio
 the tuning chains they run AIS with a fixed step-size schedule and their weights are
 exactly unbiased.
 
-**Cost.** One model evaluation (forward, and backward for the gradients of the prior and
-the likelihood terms separately) per annealing step and chain: the cached potential and
+**Cost.** One model evaluation per annealing step and chain: one forward pass, one
+backward pass through the likelihood (the decoder) for :math:`\nabla\log p(x \mid z)` and
+one through the prior terms alone for :math:`\nabla\log p(z)`; the potential's gradient
+is assembled from the two, :math:`\nabla V = -(\nabla\log p(z) + \beta\nabla\log
+p(x \mid z))`, so the decoder is never differentiated twice. The cached potential and
 gradient are re-targeted to each new :math:`\beta_t` exactly, without re-evaluation.
 ``num_steps * (num_chains + num_tuning_chains)`` decoder passes per datapoint.
 
@@ -126,6 +129,40 @@ def _check(num_chains, num_tuning_chains, step_size, target_accept_prob, adapt_s
             "adapt_step_size=True needs num_tuning_chains >= 1 (adapting on the estimator "
             "chains themselves would bias the weights); pass adapt_step_size=False instead"
         )
+
+
+def _grad_or_zeros(output: torch.Tensor, position: torch.Tensor, retain: bool) -> torch.Tensor:
+    if not output.requires_grad:
+        return torch.zeros_like(position)
+    (grad,) = torch.autograd.grad(output.sum(), position, retain_graph=retain, allow_unused=True)
+    return torch.zeros_like(position) if grad is None else grad
+
+
+def annealed_potential(
+    model: Callable, spec, beta: float, evaluated: dict[str, torch.Tensor], *args, **kwargs
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    r"""The potential :math:`V_\beta(z) = -(\log p(z) + \beta \log p(x \mid z))` of the
+    annealing distribution :math:`\pi_\beta`, per chain and datapoint (shape ``(C, B)``).
+
+    Each call records ``evaluated["log_lik"]`` (:math:`\log p(x \mid z)`) and
+    ``evaluated["grad"]`` (its gradient in ``z``). The gradients of the two terms are
+    taken separately, the likelihood's through the decoder once, and the returned
+    potential carries :math:`\nabla V_\beta` as its gradient through a term that is zero
+    in value, so differentiating it (as :func:`~pyro_lvm.infer.langevin.potential_and_grad`
+    does) costs one multiply instead of a second pass through the decoder.
+    """
+
+    def potential(position: torch.Tensor) -> torch.Tensor:
+        log_prior, log_lik = log_densities(model, spec, position, *args, **kwargs)
+        grad_lik = _grad_or_zeros(log_lik, position, retain=True)
+        grad_prior = _grad_or_zeros(log_prior, position, retain=False)
+        evaluated["log_lik"], evaluated["grad"] = log_lik.detach(), grad_lik.detach()
+        value = -(log_prior + beta * log_lik).detach()
+        grad = -(grad_prior + beta * grad_lik).detach()
+        # (position - position.detach()) is exactly zero: the value stays bit-identical
+        return value + ((position - position.detach()) * grad).sum(-1)
+
+    return potential
 
 
 def _hmc_step(
@@ -245,25 +282,14 @@ def annealed_importance_sampling(
     eta = torch.as_tensor(step_size, dtype=z.dtype, device=z.device).expand(batch).clone()
     adapt = dual_averaging_init(eta) if adapt_step_size else None
 
-    # each evaluation also records log p(x | z) and its gradient (one extra backward pass,
-    # no extra forward): the weight increments need the value at the current state, and
-    # moving to the next temperature then re-targets the cached potential and gradient
-    # exactly, V_t = V_{t-1} - (beta_t - beta_{t-1}) log p(x | z), without re-evaluating
+    # each evaluation also records log p(x | z) and its gradient: the weight increments
+    # need the value at the current state, and moving to the next temperature then
+    # re-targets the cached potential and gradient exactly,
+    # V_t = V_{t-1} - (beta_t - beta_{t-1}) log p(x | z), without re-evaluating
     evaluated: dict[str, torch.Tensor] = {}
 
     def make_potential(beta: float):
-        def potential(position: torch.Tensor) -> torch.Tensor:
-            log_prior, log_lik = log_densities(model, spec, position, *args, **kwargs)
-            grad = None
-            if log_lik.requires_grad:
-                (grad,) = torch.autograd.grad(
-                    log_lik.sum(), position, retain_graph=True, allow_unused=True
-                )
-            evaluated["log_lik"] = log_lik.detach()
-            evaluated["grad"] = torch.zeros_like(position) if grad is None else grad.detach()
-            return -(log_prior + beta * log_lik)
-
-        return potential
+        return annealed_potential(model, spec, beta, evaluated, *args, **kwargs)
 
     state = langevin_init(z, make_potential(0.0))
     log_lik, grad_log_lik = evaluated["log_lik"], evaluated["grad"]

@@ -239,3 +239,29 @@ def test_ais_agrees_with_long_iwae_on_a_trained_vae():
     diff = ais.log_likelihood - iwae
     assert (diff.abs() < 4 * se).all(), (diff, se)
     assert diff.mean().abs() < 4 * se.pow(2).sum().sqrt() / len(se)
+
+
+def test_annealed_potential_gradient_is_exact(float64):
+    # one decoder backward per evaluation: the potential's gradient is assembled from the
+    # prior's and the likelihood's, and must equal autograd of the potential itself
+    from pyro_lvm.infer.ais import annealed_potential
+    from pyro_lvm.infer.langevin import potential_and_grad
+    from pyro_lvm.infer.latents import find_latents, log_densities
+
+    torch.manual_seed(offset_seed(0))
+    vae = VAE(6, 3, hidden_dim=8, depth=2, likelihood=GaussianLikelihood())
+    x = torch.randn(5, 6)
+    spec = find_latents(vae.model, x)
+    z = torch.randn(4, 5, 3)
+    beta = 0.37
+    evaluated = {}
+    value, grad = potential_and_grad(annealed_potential(vae.model, spec, beta, evaluated, x), z)
+    z_ref = z.clone().requires_grad_(True)
+    log_prior, log_lik = log_densities(vae.model, spec, z_ref, x)
+    ref = -(log_prior + beta * log_lik)
+    (ref_grad,) = torch.autograd.grad(ref.sum(), z_ref, retain_graph=True)
+    (lik_grad,) = torch.autograd.grad(log_lik.sum(), z_ref)
+    assert torch.equal(value, ref.detach())
+    assert torch.allclose(grad, ref_grad, rtol=1e-12, atol=1e-12)
+    assert torch.equal(evaluated["log_lik"], log_lik.detach())
+    assert torch.allclose(evaluated["grad"], lik_grad, rtol=1e-12, atol=1e-12)
