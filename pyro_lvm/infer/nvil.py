@@ -152,6 +152,10 @@ class TraceNVIL_ELBO(ELBO):
         tracking provenance at every step (which roughly doubles the cost of a step). Only
         for models whose dependencies do not change with the sampled values (no
         value-dependent control flow), such as every model in :mod:`pyro_lvm.models`.
+    **elbo_options
+        Any other keyword of :class:`pyro.infer.ELBO` (``strict_enumeration_warning``,
+        ``retain_graph``, ...), so the estimator drops in wherever ``TraceGraph_ELBO``
+        is constructed.
 
     Examples
     --------
@@ -170,6 +174,7 @@ class TraceNVIL_ELBO(ELBO):
         rao_blackwellize: bool = True,
         data_plate: str = "data",
         cache_dependencies: bool = False,
+        **elbo_options,
     ):
         if num_particles < 1:
             raise ValueError(f"num_particles must be >= 1, got {num_particles}")
@@ -177,6 +182,7 @@ class TraceNVIL_ELBO(ELBO):
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
+            **elbo_options,
         )
         if baselines is not None and not isinstance(baselines, Mapping):
             raise ValueError(

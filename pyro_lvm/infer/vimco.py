@@ -25,8 +25,9 @@ E[\hat L]`, and the per-particle learning signal is small (each sample's credit 
 marginal contribution to the bound). Reparameterizable guide sites contribute pathwise
 through :math:`\log w_k`.
 
-Weights are per datapoint (the data plate); the loss is :math:`-\sum_i \hat L(x_i)`
-times the data plate's subsample scale.
+Weights are per datapoint (the data plate, found by name); the loss is
+:math:`-\sum_i s_i \hat L(x_i)` with each datapoint's scale :math:`s_i` (the data plate's
+subsample scale :math:`N/B`, or a per-datapoint :func:`pyro.poutine.scale`).
 
 References
 ----------
@@ -39,6 +40,7 @@ from __future__ import annotations
 import math
 
 import torch
+from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
@@ -65,30 +67,68 @@ def leave_one_out_signals(log_w: torch.Tensor) -> torch.Tensor:
     return bound - loo.logsumexp(1)
 
 
+def _same_scale(a, b) -> bool:
+    if not torch.is_tensor(a) and not torch.is_tensor(b):
+        return a == b
+    like = a if torch.is_tensor(a) else b
+    a, b = (torch.as_tensor(t, dtype=like.dtype, device=like.device) for t in (a, b))
+    return bool((a == b).all())
+
+
 class VIMCO(ELBO):
     r"""Gradient estimator of the :math:`K`-sample importance-weighted bound for discrete
     (or mixed) latents; its loss is minus that bound.
+
+    The weights follow Pyro's ELBO conventions: masked log-density elements
+    (:func:`pyro.poutine.mask`, ``dist.mask``) are zero, so a fully masked datapoint has
+    bound 0 and an observation masked out is simply not observed; observed guide sites
+    (e.g. :func:`pyro.factor` in the guide) enter :math:`\log w` with a minus sign, as
+    they enter ``Trace_ELBO``; site scales (subsampling :math:`N/B`,
+    :func:`pyro.poutine.scale`, per-datapoint scale tensors) multiply each datapoint's
+    bound, which needs every site of a datapoint to carry the same scale.
 
     Parameters
     ----------
     num_particles : int
         Number of particles :math:`K \ge 2` (always vectorized).
     max_plate_nesting : int
-        Plates in the model (guessed if omitted); every latent site must be inside the
-        data plate, the outermost plate.
+        Plates in the model (guessed if omitted).
+    data_plate : str
+        Name of the plate over datapoints (any dim): the weights are per element of it,
+        so every sample site (model and guide) must be inside it.
+    **elbo_options
+        Any other keyword of :class:`pyro.infer.ELBO`. ``vectorize_particles`` is
+        accepted and ignored: the particles are always drawn in one vectorized pass.
+
+    Raises
+    ------
+    ValueError
+        One line naming the site for a structure the bound does not cover: a site
+        outside the data plate (a global latent), a sequential data plate, different
+        scales on the sites of one datapoint.
     """
 
-    def __init__(self, num_particles: int = 2, max_plate_nesting: float = float("inf")):
+    def __init__(
+        self,
+        num_particles: int = 2,
+        max_plate_nesting: float = float("inf"),
+        *,
+        data_plate: str = "data",
+        **elbo_options,
+    ):
         if num_particles < 2:
             raise ValueError(
                 f"VIMCO needs num_particles >= 2 for its leave-one-out baselines, got "
                 f"{num_particles}; use TraceNVIL_ELBO for a single sample"
             )
+        elbo_options.pop("vectorize_particles", None)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=True,
+            **elbo_options,
         )
+        self.data_plate = data_plate
 
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = get_importance_trace(
@@ -98,38 +138,78 @@ class VIMCO(ELBO):
             check_if_enumerated(guide_trace)
         return model_trace, guide_trace
 
+    def _data_frame(self, name, site):
+        for frame in site["cond_indep_stack"]:
+            if frame.name == self.data_plate:
+                if not frame.vectorized or frame.dim is None:
+                    raise ValueError(
+                        f"VIMCO needs a vectorized data plate, but {self.data_plate!r} is "
+                        "sequential; use `with pyro.plate(...)` instead of iterating it"
+                    )
+                return frame
+        raise ValueError(
+            f"VIMCO needs site {name!r} inside the data plate {self.data_plate!r} so that "
+            "weights are per datapoint (global latents are not supported); move it into "
+            "the plate, condition it out, or pass data_plate= the plate over datapoints"
+        )
+
+    def _per_datapoint(self, t, nest: int, data_dim: int, batch: int) -> torch.Tensor:
+        """Sum a ``(K, plates...)`` tensor over every dim but particles and data."""
+        t = t.reshape((1,) * (nest - t.dim()) + t.shape)
+        keep = nest + data_dim  # position of the data dim
+        dims = tuple(d for d in range(1, nest) if d != keep)
+        t = t.sum(dim=dims, keepdim=True) if dims else t
+        return t.reshape(t.shape[0], t.shape[keep]).expand(self.num_particles, batch)
+
+    def _site_scale(self, name, scale, nest, data_dim, batch):
+        """A site's scale as a float or a ``(B,)`` tensor (broadcast off the data dim)."""
+        if not torch.is_tensor(scale):
+            return float(scale)
+        s = scale.reshape((1,) * (nest - scale.dim()) + scale.shape)
+        keep = nest + data_dim
+        if any(n != 1 for d, n in enumerate(s.shape) if d != keep):
+            raise ValueError(
+                f"site {name!r} has a scale of shape {tuple(scale.shape)} that varies within "
+                "a datapoint; VIMCO needs one scale per datapoint: scale along the data "
+                "plate only"
+            )
+        return s.reshape(-1).expand(batch)
+
     def _log_weights(self, model_trace, guide_trace):
-        """Unscaled per-datapoint log weights ``(K, B)``, the score terms ``(K, B)`` and
-        the data plate's subsample scale."""
-        k, nest = self.num_particles, self.max_plate_nesting  # nest includes particles
-        data_dim = -(nest - 1)
+        """Unscaled, masked per-datapoint log weights ``(K, B)``, the score terms
+        ``(K, B)`` and the per-datapoint scale (a float or a ``(B,)`` tensor)."""
+        nest = self.max_plate_nesting  # includes the particle plate
         log_w = score = 0.0
-        scales = set()
+        scale = None
+        scale_site = None
+        data_dim = batch = None
         for kind, trace in (("model", model_trace), ("guide", guide_trace)):
             for name, site in trace.nodes.items():
-                if site["type"] != "sample" or (kind == "guide" and site["is_observed"]):
+                if site["type"] != "sample":
                     continue
-                if nest < 2 or not any(f.dim == data_dim for f in site["cond_indep_stack"]):
+                frame = self._data_frame(name, site)
+                if data_dim is None:
+                    data_dim, batch = frame.dim, frame.size
+                site_scale = self._site_scale(name, site["scale"], nest, data_dim, batch)
+                if scale is None:
+                    scale, scale_site = site_scale, name
+                elif not _same_scale(scale, site_scale):
                     raise ValueError(
-                        f"VIMCO needs site {name!r} inside the data plate (dim {data_dim}) "
-                        "so that weights are per datapoint; move it into pyro.plate('data')"
+                        f"sites {scale_site!r} and {name!r} have different scales; VIMCO "
+                        "scales each datapoint's bound, so scale the model and guide as a "
+                        "whole (poutine.scale around both)"
                     )
-                scales.add(float(site["scale"]))
-                lp = site["unscaled_log_prob"]
-                lp = lp.reshape((1,) * (nest - lp.dim()) + lp.shape)
-                lp = lp.sum(dim=tuple(range(2, lp.dim()))) if lp.dim() > 2 else lp
-                lp = lp.expand(k, lp.shape[1])
+                lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
+                lp = self._per_datapoint(lp, nest, data_dim, batch)
                 if kind == "model":
                     log_w = log_w + lp
                 else:
                     log_w = log_w - lp
-                    if not getattr(site["fn"], "has_rsample", False):
+                    if not site["is_observed"] and not getattr(site["fn"], "has_rsample", False):
                         score = score + lp
-        if len(scales) != 1:
-            raise ValueError(
-                f"VIMCO needs one subsample scale for all sites, got {sorted(scales)}"
-            )
-        return log_w, score, scales.pop()
+        if not torch.is_tensor(log_w):
+            raise ValueError("VIMCO found no sample sites in the model and guide")
+        return log_w, score, scale
 
     def _bound_and_surrogate(self, model, guide, args, kwargs):
         (model_trace, guide_trace) = next(self._get_traces(model, guide, args, kwargs))
@@ -139,7 +219,7 @@ class VIMCO(ELBO):
         if torch.is_tensor(score):
             signals = leave_one_out_signals(log_w)
             surrogate = bound + (signals * score).sum(0)
-        return scale * bound.sum(), scale * surrogate.sum()
+        return (scale * bound).sum(), (scale * surrogate).sum()
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """Minus the K-sample bound (summed over the batch), with VIMCO's gradient."""

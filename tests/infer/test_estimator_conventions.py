@@ -1,0 +1,206 @@
+"""The Bernoulli-latent estimators follow Pyro's ELBO conventions: every ELBO keyword,
+masks, scale tensors, observed guide sites, the data plate found by name, and one-line
+errors for the structures they do not support."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from bernoulli_toy import DATA, ToySBN, assert_unbiased, estimate_grads, exact_grad
+from pyro import poutine
+from seeding import offset_seed
+
+from pyro_lvm.infer import TraceNVIL_ELBO, iwae_log_likelihood
+from pyro_lvm.infer.vimco import VIMCO
+
+ROWS = DATA.repeat(40, 1)
+MASK = torch.tensor([True, False, True])
+
+
+def masked(fn, mask):
+    return poutine.mask(fn, mask=mask)
+
+
+def test_every_elbo_keyword_is_accepted():
+    options = dict(
+        strict_enumeration_warning=False,
+        ignore_jit_warnings=True,
+        jit_options={},
+        retain_graph=True,
+        tail_adaptive_beta=-1.0,
+    )
+    nvil = TraceNVIL_ELBO(num_particles=2, max_plate_nesting=1, **options)
+    vimco = VIMCO(num_particles=3, max_plate_nesting=1, vectorize_particles=False, **options)
+    assert vimco.vectorize_particles and vimco.retain_graph and nvil.retain_graph
+    toy = ToySBN(1)
+    for elbo in (nvil, vimco):
+        assert math.isfinite(elbo.loss(toy.model, toy.guide, DATA))
+
+
+@pytest.mark.parametrize("mask", [MASK, False, True])
+def test_vimco_under_a_mask_is_the_bound_of_the_unmasked_rows(float64, mask):
+    """On common random numbers: each masked row's bound is exactly 0, the others are
+    unchanged (the per-datapoint IWAE estimates of the same draws)."""
+    toy = ToySBN(1)
+    vimco = VIMCO(num_particles=3, max_plate_nesting=1)
+    pyro.set_rng_seed(offset_seed(3))
+    loss = vimco.loss(masked(toy.model, mask), masked(toy.guide, mask), DATA)
+    pyro.set_rng_seed(offset_seed(3))
+    iwae = iwae_log_likelihood(toy.model, toy.guide, DATA, num_samples=3)
+    keep = torch.as_tensor(mask).expand(DATA.shape[0])
+    assert loss == pytest.approx(-float(iwae[keep].sum()), rel=1e-10, abs=1e-12)
+
+
+def test_vimco_fully_masked_is_zero_with_zero_gradient(float64):
+    toy = ToySBN(1)
+    vimco = VIMCO(num_particles=2, max_plate_nesting=1)
+    loss = vimco.differentiable_loss(masked(toy.model, False), masked(toy.guide, False), DATA)
+    assert float(loss) == 0.0
+    if loss.requires_grad:
+        loss.backward()
+    assert all(p.grad is None or (p.grad == 0).all() for p in toy.parameters())
+
+
+def test_vimco_gradient_under_a_mask_is_unbiased_for_the_subset_bound(float64):
+    toy = ToySBN(1)
+    rows_mask = MASK.repeat(40)
+    exact = exact_grad(toy, lambda: toy.exact_iwae_bound(ROWS[rows_mask], 2))
+    vimco = VIMCO(num_particles=2, max_plate_nesting=1)
+    model, guide = masked(toy.model, rows_mask), masked(toy.guide, rows_mask)
+    samples = estimate_grads(toy, lambda: vimco.differentiable_loss(model, guide, ROWS), 100)
+    assert_unbiased(samples, exact)
+
+
+def test_vimco_per_datapoint_scale_tensor(float64):
+    toy = ToySBN(1)
+    scale = torch.tensor([0.5, 2.0, 3.0])
+    vimco = VIMCO(num_particles=3, max_plate_nesting=1)
+    pyro.set_rng_seed(offset_seed(4))
+    model, guide = (poutine.scale(f, scale=scale) for f in (toy.model, toy.guide))
+    loss = vimco.loss(model, guide, DATA)
+    pyro.set_rng_seed(offset_seed(4))
+    iwae = iwae_log_likelihood(toy.model, toy.guide, DATA, num_samples=3)
+    assert loss == pytest.approx(-float((scale * iwae).sum()), rel=1e-10)
+
+
+def test_vimco_different_scales_within_a_datapoint_are_an_error(float64):
+    toy = ToySBN(1)
+    model = poutine.scale(toy.model, scale=2.0)  # the model only: a tempered weight
+    with pytest.raises(ValueError, match="different scales") as err:
+        VIMCO(num_particles=2, max_plate_nesting=1).loss(model, toy.guide, DATA)
+    assert "\n" not in str(err.value)
+
+
+def test_vimco_observed_guide_site_enters_the_weights(float64):
+    toy = ToySBN(1)
+    factor = torch.tensor([0.3, -1.0, 2.0])
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z1", dist.Bernoulli(logits=x @ toy.enc[0].T + toy.enc[1]).to_event(1))
+            pyro.factor("f", factor, has_rsample=False)
+
+    vimco = VIMCO(num_particles=3, max_plate_nesting=1)
+    pyro.set_rng_seed(offset_seed(5))
+    with_factor = vimco.loss(toy.model, guide, DATA)
+    pyro.set_rng_seed(offset_seed(5))
+    without = vimco.loss(toy.model, toy.guide, DATA)
+    # log w -= f (as Trace_ELBO subtracts the guide's log-densities): the loss grows by sum f
+    assert with_factor == pytest.approx(without + float(factor.sum()), rel=1e-10)
+
+
+def test_vimco_finds_the_data_plate_by_name(float64):
+    """data at dim -2, pixels at dim -1: the same bound as the flat model on the same draws."""
+    toy = ToySBN(1)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            logits = toy.prior_logits.expand(x.shape[0], 1, -1)
+            z = pyro.sample("z1", dist.Bernoulli(logits=logits).to_event(1))
+            with pyro.plate("pix", x.shape[1], dim=-1):
+                pyro.sample(
+                    "x", dist.Bernoulli(logits=z.squeeze(-2) @ toy.dec[0].T + toy.dec[1]), obs=x
+                )
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            logits = (x @ toy.enc[0].T + toy.enc[1]).unsqueeze(-2)
+            pyro.sample("z1", dist.Bernoulli(logits=logits).to_event(1))
+
+    vimco = VIMCO(num_particles=3, max_plate_nesting=2)
+    pyro.set_rng_seed(offset_seed(6))
+    nested = vimco.loss(model, guide, DATA)
+    pyro.set_rng_seed(offset_seed(6))
+    flat = VIMCO(num_particles=3, max_plate_nesting=1).loss(toy.model, toy.guide, DATA)
+    assert nested == pytest.approx(flat, rel=1e-10)
+
+
+def _sibling_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Bernoulli(0.5 * torch.ones(x.shape[0])))
+    with pyro.plate("pix", x.shape[0]):  # same size and dim: must not be paired with data
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def _sibling_guide(x):
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("z", dist.Bernoulli(0.3 * torch.ones(x.shape[0])))
+
+
+def _global_model(x):
+    w = pyro.sample("w", dist.Bernoulli(0.5))
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+
+
+def _global_guide(x):
+    pyro.sample("w", dist.Bernoulli(0.3))
+
+
+def _sequential_model(x):
+    for i in pyro.plate("data", x.shape[0]):
+        pyro.sample(f"x_{i}", dist.Normal(0.0, 1.0), obs=x[i])
+
+
+def _sequential_guide(x):
+    pass
+
+
+@pytest.mark.parametrize(
+    "model,guide,match",
+    [
+        (_sibling_model, _sibling_guide, "site 'x' inside the data plate 'data'"),
+        (_global_model, _global_guide, "global latents are not supported"),
+        (_sequential_model, _sequential_guide, "sequential"),
+    ],
+)
+def test_vimco_refuses_unsupported_structures_in_one_line(model, guide, match):
+    with pytest.raises(ValueError, match=match) as err:
+        VIMCO(num_particles=2, max_plate_nesting=1).loss(model, guide, torch.zeros(3))
+    assert "\n" not in str(err.value)
+
+
+def test_vimco_data_plate_keyword(float64):
+    toy = ToySBN(1)
+
+    def rename(fn):
+        def wrapped(x):
+            with pyro.plate("rows", x.shape[0], dim=-1):
+                logits = toy.prior_logits.expand(x.shape[0], -1)
+                if fn == "model":
+                    z = pyro.sample("z1", dist.Bernoulli(logits=logits).to_event(1))
+                    p = z @ toy.dec[0].T + toy.dec[1]
+                    pyro.sample("x", dist.Bernoulli(logits=p).to_event(1), obs=x)
+                else:
+                    p = x @ toy.enc[0].T + toy.enc[1]
+                    pyro.sample("z1", dist.Bernoulli(logits=p).to_event(1))
+
+        return wrapped
+
+    x = DATA
+    with pytest.raises(ValueError, match="data_plate="):
+        VIMCO(num_particles=2, max_plate_nesting=1).loss(rename("model"), rename("guide"), x)
+    vimco = VIMCO(num_particles=2, max_plate_nesting=1, data_plate="rows")
+    assert math.isfinite(vimco.loss(rename("model"), rename("guide"), x))
