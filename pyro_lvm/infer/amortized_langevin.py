@@ -174,6 +174,9 @@ class AmortizedLangevin(MCMCKernel):
         self.target_accept_prob, self.adapt_window = target_accept_prob, adapt_window
         self._init_step_size = step_size
         self._initial_params: dict[str, Tensor] | None = None
+        # chain parameters saved by setup, restored by cleanup; chains started so far
+        self._saved: list[Tensor] | None = None
+        self._num_chains_started = 0
         self.transforms: dict = {}  # MCMC reads it; the state is unconstrained already
         self.save_params = [latent_site]
 
@@ -485,14 +488,74 @@ class AmortizedLangevin(MCMCKernel):
 
     # -- MCMCKernel interface -------------------------------------------------------------
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
+        """Start a chain (called by :class:`pyro.infer.MCMC` once per chain).
+
+        The encoder's chain parameters are saved here and restored by :meth:`cleanup`, so
+        ``MCMC.run`` leaves the user's modules as they were. The first chain starts at
+        the encoder's weights (or ``initial_params``); every later chain of the same kernel
+        (``num_chains > 1``, drawn sequentially) starts from latents drawn from the
+        model's prior, so that the chains are independent and dispersed.
+        """
         self._reset()
         self._warmup_steps = warmup_steps
+        if self._saved is None:
+            self._saved = [p.detach().clone() for p in self.chain_params]
+        self._num_chains_started += 1
+        latents = None
         if self._initial_params is not None:
-            named = dict(self.encoder.named_parameters())
-            initial = [self._initial_params.get(n, named[n]) for n in self.param_names]
-            self._write_back(torch.cat([p.detach().reshape(-1) for p in initial]))
+            if self.latent_site in self._initial_params:
+                latents = self._initial_params[self.latent_site]
+            else:
+                named = dict(self.encoder.named_parameters())
+                initial = [self._initial_params.get(n, named[n]) for n in self.param_names]
+                self._write_back(torch.cat([p.detach().reshape(-1) for p in initial]))
+        elif self._num_chains_started > 1 and self._trunk is not None:
+            latents = self._prior_latents(*args, **kwargs)
+        if latents is not None:
+            self._solve_weights(torch.as_tensor(latents), args)
         self.prepare(*args, **kwargs)
         self._start_adaptation()
+
+    def _prior_latents(self, *args, **kwargs) -> Tensor:
+        """A draw of the latent site from the model's prior (a dispersed start)."""
+        with poutine.block(), torch.no_grad():
+            trace = poutine.trace(self.model).get_trace(*args, **kwargs)
+        if self.latent_site not in trace.nodes:
+            raise ValueError(
+                f"the model has no sample site {self.latent_site!r}; pass latent_site= one "
+                "of its latent sites"
+            )
+        return trace.nodes[self.latent_site]["value"]
+
+    def _solve_weights(self, latents: Tensor, args: tuple) -> None:
+        r"""Set the final layer's weight :math:`\Phi` so that :math:`G \Phi^\top + b` equals
+        ``latents`` (minimum-norm least squares); refuse if the features cannot."""
+        if self._trunk is None:
+            raise ValueError(
+                f"initial_params keyed by {self.latent_site!r} needs the default chain state "
+                "(the final nn.Linear of an nn.Sequential encoder); key them by parameter "
+                f"names {self.param_names} instead"
+            )
+        with torch.no_grad():
+            features = self._trunk(args[0])
+            bias = self._head.bias if self._head.bias is not None else 0.0
+            target = latents.to(features) - bias
+            expected = (features.shape[0], self._head.out_features)
+            if target.shape != expected:
+                raise ValueError(
+                    f"initial latents for {self.latent_site!r} have shape "
+                    f"{tuple(latents.shape)}; pass shape {expected}"
+                )
+            weight_t = torch.linalg.pinv(features) @ target
+            residual = (features @ weight_t - target).abs().max()
+            if residual > 1e-4 * (1.0 + target.abs().max()):
+                raise ValueError(
+                    f"the encoder's {features.shape[1]} features cannot reproduce the given "
+                    f"latents of {features.shape[0]} rows (residual {float(residual):.2g}); "
+                    "widen the encoder's last hidden layer or key initial_params by "
+                    "parameter names"
+                )
+            self._head.weight.copy_(weight_t.T)
 
     @property
     def initial_params(self) -> dict[str, Tensor]:
@@ -501,11 +564,11 @@ class AmortizedLangevin(MCMCKernel):
 
     @initial_params.setter
     def initial_params(self, params: dict[str, Tensor]) -> None:
-        unknown = set(params) - set(self.param_names)
-        if unknown:
+        keys = set(params)
+        if keys != {self.latent_site} and not keys <= set(self.param_names):
             raise ValueError(
-                f"AmortizedLangevin starts from encoder weights: initial_params must be keyed "
-                f"by {self.param_names}, got {sorted(unknown)}"
+                f"initial_params must be keyed by the latent site {self.latent_site!r} or by "
+                f"chain parameter names {self.param_names}, got {sorted(keys)}"
             )
         self._initial_params = dict(params)
 
@@ -517,8 +580,14 @@ class AmortizedLangevin(MCMCKernel):
             return {self.latent_site: self.latents().detach().clone()}
 
     def cleanup(self) -> None:
-        # MCMC calls this twice: idempotent; keeps the chain and the diagnostics
+        # MCMC calls this twice: idempotent; keeps the diagnostics and restores the
+        # encoder's weights saved by setup (the user's modules are left as they were)
         self.release()
+        if self._saved is not None:
+            with torch.no_grad():
+                for p, value in zip(self.chain_params, self._saved):
+                    p.copy_(value)
+            self._saved = None
 
     def accept_rate(self) -> float:
         """Fraction of accepted proposals (since warmup ended, under MCMC)."""

@@ -82,6 +82,7 @@ def check_posterior(samples, mean, cov):
 
 def test_exact_posterior_every_datapoint(float64):
     x, model, encoder, mean, cov = make_problem()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
     kernel = AmortizedLangevin(model, encoder)
     mcmc = MCMC(kernel, num_samples=1200, warmup_steps=200, disable_progbar=True)
     mcmc.run(x)
@@ -90,8 +91,9 @@ def test_exact_posterior_every_datapoint(float64):
     diag = kernel.diagnostics()
     assert 0.3 < diag["accept_rate"] < 0.85  # MH is active, adapted near 0.574
     check_posterior(samples, mean, cov)
-    # the encoder holds the chain's last state
-    torch.testing.assert_close(encoder(x), samples[-1])
+    # MCMC.run leaves the user's encoder bit-identical (the chain lives in the kernel)
+    after = encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_feature_preconditioning_is_exact_and_mixes_faster(float64):
@@ -108,7 +110,6 @@ def test_feature_preconditioning_is_exact_and_mixes_faster(float64):
         ess[precondition] = effective_sample_size(samples[None], 0, 1).min()
         if precondition is not None:
             check_posterior(samples, mean, cov)
-            torch.testing.assert_close(encoder(x), samples[-1])  # written back
     assert ess[1e-6] > 2 * ess[None]
 
 
