@@ -131,6 +131,10 @@ class AmortizedLangevin(MCMCKernel):
         Without it, the step size is set by the stiffest direction of :math:`G G^\top`
         (typically the mode shared by all datapoints, as trained features are far from
         centred) and per-datapoint directions barely move.
+    encoder_input : callable, optional
+        ``encoder_input(*model_args, **model_kwargs)`` returns the encoder's input; by
+        default the model's first positional argument (use it when the data are a
+        keyword argument or need reshaping).
     adapt_window : int, optional
         Cap on the dual-averaging counter (see
         :func:`~pyro_lvm.infer.langevin.dual_averaging_update`): keeps adaptation
@@ -158,6 +162,7 @@ class AmortizedLangevin(MCMCKernel):
         params: Sequence[str] | None = None,
         adapt_window: int | None = None,
         precondition: float | None = None,
+        encoder_input: Callable[..., Tensor] | None = None,
     ):
         if step_size is not None and not step_size > 0:
             raise ValueError(f"step_size must be positive, got {step_size}")
@@ -218,6 +223,8 @@ class AmortizedLangevin(MCMCKernel):
                 "nn.Sequential encoder (params=None)"
             )
         self.precondition = precondition
+        self.encoder_input = encoder_input
+        self._affine_checked: set[tuple] = set()
         self._reparam: tuple[Tensor, Tensor] | None = None
         self._reset()
 
@@ -226,6 +233,7 @@ class AmortizedLangevin(MCMCKernel):
         self._t = 0
         self._warmup_steps = 0
         self._args: tuple = ()
+        self._input: Tensor | None = None
         self._kwargs: dict = {}
         self._features: Tensor | None = None
         self._state: LangevinState | None = None
@@ -280,7 +288,7 @@ class AmortizedLangevin(MCMCKernel):
             (weight,) = self._unflatten(position)
             return F.linear(self._features, weight, self._head.bias)
         values = dict(zip(self.param_names, self._unflatten(position)))
-        return torch.func.functional_call(self.encoder, values, (self._args[0],))
+        return torch.func.functional_call(self.encoder, values, (self._input,))
 
     def _log_joint(self, z: Tensor) -> Tensor:
         if not self._checked:
@@ -352,10 +360,8 @@ class AmortizedLangevin(MCMCKernel):
         autograd graphs to the network parameters (what :class:`~pyro_lvm.infer.lae.LAE`
         backpropagates); otherwise the features are computed once without a graph.
         """
-        if not args:
-            raise ValueError("AmortizedLangevin needs the data: call run(x) / step(x)")
         self._args, self._kwargs = args, kwargs
-        x = args[0]
+        x = self._input = self._encoder_input(args, kwargs)
         if self._trunk is not None:
             with torch.set_grad_enabled(keep_graph):
                 self._features = self._trunk(x)
@@ -365,6 +371,9 @@ class AmortizedLangevin(MCMCKernel):
         elif self._head is not None:
             self._check_rank(self._head.in_features, x.shape[0])
         position = self._flat_position()
+        if self._trunk is None and tuple(x.shape) not in self._affine_checked:
+            self._check_affine(position)
+            self._affine_checked.add(tuple(x.shape))
         state = langevin_init(position, self.potential_fn, keep_graph=keep_graph)
         if not torch.isfinite(state.potential).all() or not torch.isfinite(state.grad).all():
             raise DivergenceError(
@@ -373,6 +382,40 @@ class AmortizedLangevin(MCMCKernel):
             )
         self._state = state
         return state
+
+    def _encoder_input(self, args: tuple, kwargs: dict) -> Tensor:
+        if self.encoder_input is not None:
+            return self.encoder_input(*args, **kwargs)
+        if not args:
+            raise ValueError(
+                "AmortizedLangevin needs the data: call run(x) / step(x), or pass "
+                "encoder_input= a function of the model's arguments returning the encoder input"
+            )
+        return args[0]
+
+    @torch.no_grad()
+    def _check_affine(self, position: Tensor) -> None:
+        r"""Refuse an encoder whose output is not affine in the chain parameters.
+
+        ALD's correctness argument needs :math:`z = A(x)\,\phi + c(x)`: a transform such
+        as ``exp`` after the chain's layer changes the law the chain samples (no
+        Jacobian). Checked by a second difference along a random direction :math:`d`,
+        :math:`f(\phi + d) - 2 f(\phi) + f(\phi - d) = 0` for affine :math:`f`.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(0)  # no draw from the global RNG
+        d = torch.randn(position.shape, generator=gen).to(position)
+        d = d * (position.abs().mean() + 1.0) * 0.5
+        f0, fp, fm = (self.latents(p) for p in (position, position + d, position - d))
+        second = (fp - 2 * f0 + fm).abs().max()
+        size = (fp - fm).abs().max() + f0.abs().max() + 1e-12
+        tol = 1e-3 if position.dtype == torch.float32 else 1e-8
+        if not torch.isfinite(second) or second > tol * size:
+            raise ValueError(
+                f"the encoder output is not affine in the chain parameters {self.param_names} "
+                f"(relative second difference {float(second / size):.2g}); ALD samples the "
+                "wrong law then: end the encoder with the chain's nn.Linear and move output "
+                "transforms (exp, softplus) into the model, or name affine params="
+            )
 
     def _feature_preconditioner(self, features: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`(\Phi_0, A)` with :math:`A = (G G^\top + \lambda \bar e I)^{-1} G`."""
@@ -467,7 +510,7 @@ class AmortizedLangevin(MCMCKernel):
 
     def release(self) -> None:
         """Drop the bound data and every autograd graph (keep the chain and adaptation)."""
-        self._args, self._kwargs, self._features = (), {}, None
+        self._args, self._kwargs, self._features, self._input = (), {}, None, None
         if self._reparam is not None and self._state is not None:
             # the position U is relative to this batch's features: store the weights
             self._write_back(self._state.position)
@@ -482,7 +525,7 @@ class AmortizedLangevin(MCMCKernel):
         saved = self._args, self._kwargs, self._features
         try:
             self._args, self._kwargs = args, kwargs
-            return -self._log_joint(self.encoder(args[0]))
+            return -self._log_joint(self.encoder(self._encoder_input(args, kwargs)))
         finally:
             self._args, self._kwargs, self._features = saved
 
@@ -512,7 +555,7 @@ class AmortizedLangevin(MCMCKernel):
         elif self._num_chains_started > 1 and self._trunk is not None:
             latents = self._prior_latents(*args, **kwargs)
         if latents is not None:
-            self._solve_weights(torch.as_tensor(latents), args)
+            self._solve_weights(torch.as_tensor(latents), args, kwargs)
         self.prepare(*args, **kwargs)
         self._start_adaptation()
 
@@ -527,7 +570,7 @@ class AmortizedLangevin(MCMCKernel):
             )
         return trace.nodes[self.latent_site]["value"]
 
-    def _solve_weights(self, latents: Tensor, args: tuple) -> None:
+    def _solve_weights(self, latents: Tensor, args: tuple, kwargs: dict) -> None:
         r"""Set the final layer's weight :math:`\Phi` so that :math:`G \Phi^\top + b` equals
         ``latents`` (minimum-norm least squares); refuse if the features cannot."""
         if self._trunk is None:
@@ -537,7 +580,7 @@ class AmortizedLangevin(MCMCKernel):
                 f"names {self.param_names} instead"
             )
         with torch.no_grad():
-            features = self._trunk(args[0])
+            features = self._trunk(self._encoder_input(args, kwargs))
             bias = self._head.bias if self._head.bias is not None else 0.0
             target = latents.to(features) - bias
             expected = (features.shape[0], self._head.out_features)

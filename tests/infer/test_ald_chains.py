@@ -4,6 +4,8 @@ be keyed by the latent site (the final layer's weight is solved to reproduce the
 
 import warnings
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro.infer import MCMC
@@ -66,3 +68,50 @@ def test_initial_params_errors_are_one_line(float64):
         warnings.simplefilter("ignore")
         kernel.setup(0, x)
     assert "\n" not in str(err.value)
+
+
+class _Head(torch.nn.Module):
+    """A custom (non-Sequential) encoder: trunk, the chain's Linear, then ``out``."""
+
+    def __init__(self, out=None):
+        super().__init__()
+        self.trunk = torch.nn.Linear(4, 5)
+        self.head = torch.nn.Linear(5, LATENT)
+        self.out = out
+
+    def forward(self, x):
+        z = self.head(torch.tanh(self.trunk(x)))
+        return z if self.out is None else self.out(z)
+
+
+def _positive_model(x):
+    with pyro.plate("data", x.shape[0]):
+        rate = pyro.sample("z", dist.Gamma(2.0, 1.0).expand([x.shape[0], LATENT]).to_event(1))
+        pyro.sample("x", dist.Poisson(rate.sum(-1, keepdim=True)).to_event(1), obs=x[:, :1])
+
+
+def test_an_exp_head_is_refused_in_one_line():
+    """exp after the chain's layer would sample the wrong law (no Jacobian): refused."""
+    x = torch.poisson(torch.full((N, 4), 2.0))
+    kernel = AmortizedLangevin(_positive_model, _Head(torch.exp), step_size=1e-3)
+    with pytest.raises(ValueError, match="not affine in the chain parameters") as err:
+        kernel.setup(0, x)
+    assert "\n" not in str(err.value)
+    kernel.cleanup()
+
+
+def test_a_custom_affine_encoder_and_encoder_input(float64):
+    """A non-Sequential encoder ending in the chain's Linear passes the affinity check;
+    the data reach it from a keyword argument through encoder_input=."""
+    x, model, *_ = make_problem()
+
+    def keyword_model(*, data):
+        model(data)
+
+    encoder = _Head()
+    kernel = AmortizedLangevin(
+        keyword_model, encoder, step_size=1e-3, encoder_input=lambda *, data: data
+    )
+    mcmc = MCMC(kernel, num_samples=20, warmup_steps=5, disable_progbar=True)
+    mcmc.run(data=x)
+    assert mcmc.get_samples()["z"].shape == (20, N, LATENT)
