@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from pyro_lvm.cli import run_train
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.config import TrainConfig
 
 KEYS = ("test_nelbo_per_dim", "test_nll", "test_nll_ais", "accept_rate", "ms_per_step")
 

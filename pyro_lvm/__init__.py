@@ -8,8 +8,8 @@ __version__ = "0.1.0"
 
 
 def load_run(*args, **kwargs):
-    """Load a trained run folder; see :func:`pyro_lvm.runs.load_run`."""
-    from pyro_lvm.runs import load_run as _load_run
+    """Load a trained run folder; see :func:`pyro_lvm.experiments.runs.load_run`."""
+    from pyro_lvm.experiments.runs import load_run as _load_run
 
     return _load_run(*args, **kwargs)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from pyro_lvm.data.bundle import DataBundle
+from pyro_lvm.experiments.trainer import TrainerState
 from pyro_lvm.recipes.base import Experiment
-from pyro_lvm.trainer import TrainerState
 
 __all__ = ["write_figures", "save_sample_grid"]
 

@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_lvm.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pyro_lvm.cli import main
-from pyro_lvm.config import TrainConfig
 from pyro_lvm.data import load_dataset
+from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer import ais_log_likelihood, iwae_log_likelihood
 from pyro_lvm.models import VAE
 from pyro_lvm.recipes import model_flags
@@ -145,7 +145,7 @@ def _locked(ctx: Ctx, request) -> list[str]:
             textwrap.dedent(
                 f"""
                 import sys, time
-                from pyro_lvm.rundir import RunLock
+                from pyro_lvm.experiments.rundir import RunLock
                 with RunLock({str(run)!r}):
                     print("locked", flush=True)
                     time.sleep(60)
@@ -171,7 +171,7 @@ def _unwritable(ctx: Ctx, monkeypatch, target: str) -> list[str]:
     run = ctx.run()
     real = os.access
     monkeypatch.setattr(
-        "pyro_lvm.rundir.os.access",
+        "pyro_lvm.experiments.rundir.os.access",
         lambda p, mode: False if Path(p).resolve() == run.resolve() else real(p, mode),
     )
     if target == "evaluate":

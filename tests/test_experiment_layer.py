@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import pyro_lvm
-from pyro_lvm.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 from pyro_lvm.cli import main
+from pyro_lvm.experiments.checkpoint import BEST_NAME, CHECKPOINT_NAME, load_checkpoint
 
 FAST = ["--latent-dim", "2", "--eval-samples", "10", "--no-progress", "--no-figures"]
 
@@ -100,12 +100,16 @@ def test_load_run_of_a_ready_model_without_the_dataset(tmp_path, monkeypatch):
         main(["train", "vae", "--out", str(out), "--epochs", "1", "--hidden-dim", "16", *FAST])
         == 0
     )
-    import pyro_lvm.cli
+    import pyro_lvm.data
+    import pyro_lvm.data.datasets
+    import pyro_lvm.experiments.lifecycle
 
     def no_data(*args, **kwargs):
         raise AssertionError("load_run touched the dataset")
 
-    monkeypatch.setattr(pyro_lvm.cli, "load_dataset", no_data)
+    for module in (pyro_lvm.data, pyro_lvm.data.datasets, pyro_lvm.experiments.lifecycle):
+        monkeypatch.setattr(module, "load_dataset", no_data)
+    monkeypatch.setattr(pyro_lvm.data.datasets, "load_digits", no_data)
     run = pyro_lvm.load_run(out)
     assert run.metrics["epochs"] == 1 and run.config.latent_dim == 2
     assert next(run.model.parameters()).device.type == "cpu"

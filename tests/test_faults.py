@@ -15,12 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_lvm.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, atomic_save, load_checkpoint
 from pyro_lvm.cli import main
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.checkpoint import (
+    CHECKPOINT_NAME,
+    PREVIOUS_NAME,
+    atomic_save,
+    load_checkpoint,
+)
+from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.rundir import RunLock
+from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer.diagnostics import DivergenceError
-from pyro_lvm.rundir import RunLock
-from pyro_lvm.trainer import Trainer
 
 FAST = ["--hidden-dim", "16", "--latent-dim", "2", "--eval-samples", "10"]
 QUIET = ["--no-progress", "--no-figures"]
@@ -41,7 +46,7 @@ def test_kill_9_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     script = textwrap.dedent(
         f"""
         import torch
-        from pyro_lvm.checkpoint import atomic_save
+        from pyro_lvm.experiments.checkpoint import atomic_save
         print("ready", flush=True)
         i = 0
         while True:
@@ -104,7 +109,7 @@ def test_two_writers_one_refused_and_a_crashed_writer_frees_the_folder(tmp_path)
         [
             sys.executable,
             "-c",
-            "import time\nfrom pyro_lvm.rundir import RunLock\n"
+            "import time\nfrom pyro_lvm.experiments.rundir import RunLock\n"
             f"with RunLock({str(out)!r}):\n    print('locked', flush=True)\n    time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

@@ -3,10 +3,10 @@ import torch
 from seeding import offset_seed
 
 from pyro_lvm.cli import setup_run
-from pyro_lvm.config import TrainConfig
 from pyro_lvm.data import DataBundle
+from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer import DivergenceError
-from pyro_lvm.trainer import Trainer
 
 
 def _data():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer.autoencoder import AutoencoderFit
 from pyro_lvm.models.ae_gmm import AEGMM
 from pyro_lvm.models.likelihoods import Likelihood

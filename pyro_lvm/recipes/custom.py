@@ -1,7 +1,7 @@
 """``pyro-lvm train custom --model-file PATH.py:NAME`` (or ``MODULE:NAME``): your own model.
 
 ``NAME`` is a callable ``NAME(config, data_dim, likelihood)`` (see
-:class:`~pyro_lvm.config.TrainConfig` for ``config``; ``likelihood`` is the
+:class:`~pyro_lvm.experiments.config.TrainConfig` for ``config``; ``likelihood`` is the
 :class:`~pyro_lvm.models.likelihoods.Likelihood` chosen by ``--likelihood``) returning
 either
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torch import nn
 
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.recipes.base import Experiment
 

@@ -19,7 +19,7 @@ trained (on refined latents) and is still a valid bound. ``--eval-ais`` needs no
 
 from __future__ import annotations
 
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer.dlgm import DLGM
 from pyro_lvm.infer.refine import LangevinProposalGuide
 from pyro_lvm.models.likelihoods import Likelihood

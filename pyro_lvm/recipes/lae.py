@@ -26,7 +26,7 @@ The trainer logs ``inference.metrics()``: ``accept_rate`` and ``step_size``.
 
 from __future__ import annotations
 
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer.lae import LAE
 from pyro_lvm.infer.refine import LangevinProposalGuide
 from pyro_lvm.models.lae import LangevinAutoencoder

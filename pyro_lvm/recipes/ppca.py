@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer.closed_form import ClosedFormFit
 from pyro_lvm.infer.marginal import MarginalLikelihoodGD
 from pyro_lvm.infer.svi import ModuleSVI

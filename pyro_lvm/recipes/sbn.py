@@ -1,6 +1,6 @@
 """``pyro-lvm train sbn``: sigmoid belief nets trained with a choice of gradient estimator.
 
-Settings read from :class:`~pyro_lvm.config.TrainConfig`:
+Settings read from :class:`~pyro_lvm.experiments.config.TrainConfig`:
 
 * ``latent_dim`` binary units per layer (the benchmarks use 200: pass ``--latent-dim 200``),
   ``num_layers`` stochastic layers (1-3);
@@ -17,7 +17,7 @@ from __future__ import annotations
 from pyro.infer import ELBO
 from torch import nn
 
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer.baselines import NeuralBaseline, RunningAverageBaseline, SignalNormalization
 from pyro_lvm.infer.disarm import DisARM
 from pyro_lvm.infer.nvil import TraceNVIL_ELBO

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer.svi import ModuleSVI
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.vae import VAE

@@ -4,8 +4,8 @@ import pytest
 import torch
 from seeding import offset_seed
 
-from pyro_lvm.config import TrainConfig
 from pyro_lvm.data import load_digits
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer import (
     AutoencoderFit,
     ais_log_likelihood,

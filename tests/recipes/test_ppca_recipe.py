@@ -9,8 +9,8 @@ import pytest
 import torch
 from seeding import offset_seed
 
-from pyro_lvm.config import TrainConfig
-from pyro_lvm.evaluation import evaluate
+from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.evaluation import evaluate
 from pyro_lvm.infer import ClosedFormFit, MarginalLikelihoodGD, ModuleSVI
 from pyro_lvm.models import PPCA, make_likelihood, ppca_log_likelihood, ppca_mle
 from pyro_lvm.recipes import get_recipe

@@ -4,7 +4,7 @@ import pytest
 import torch
 from seeding import offset_seed
 
-from pyro_lvm.config import TrainConfig
+from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer import iwae_log_likelihood
 from pyro_lvm.models import BernoulliLikelihood, SigmoidBeliefNet
 from pyro_lvm.recipes import get_recipe

@@ -1,0 +1,157 @@
+"""Run configuration: one dataclass, JSON round-trip, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the CLI's flags, written to ``config.json``).
+
+    Recipes read the fields they need; unknown recipes ignore the rest.
+    """
+
+    model: str = "vae"
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = False
+    epochs: int = 50
+    batch_size: int = 100
+    latent_dim: int = 8
+    hidden_dim: int = 256
+    depth: int = 2
+    layer_norm: bool = False
+    #: orthogonal weights and zero biases in every MLP (the LAE paper's initialisation)
+    orthogonal_init: bool = False
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    likelihood: str = "bernoulli"
+    seed: int = 0
+    eval_samples: int = 1000
+    eval_ais: int = 0
+    analytic_kl: bool = False
+    device: str = "cpu"
+    out: str = "runs/latest"
+    #: rows of the training set held out for validation (0: none)
+    validation: int = 0
+    #: stop after this many epochs without improvement of the monitored loss (0: never)
+    early_stopping: int = 0
+    #: learning-rate schedule per epoch: none | cosine (to 0 at --epochs) | step
+    lr_schedule: str = "none"
+    #: step schedule: multiply the rate by lr_gamma every lr_step epochs
+    lr_step: int = 10
+    lr_gamma: float = 0.1
+    #: clip the global gradient norm (None: off)
+    clip_norm: float | None = None
+    #: a user's model: "path.py:NAME" or "module:NAME" (model "custom")
+    model_file: str | None = None
+    # Langevin (lae, dlgm)
+    langevin_steps: int = 2
+    step_size: float | None = None
+    target_accept: float = 0.574
+    mh: bool = True
+    adapt: bool = True
+    test_scale: float = 0.05
+    refine_steps: int = 0
+    #: LAE feature preconditioning damping (None: plain ALD on the last-layer weight)
+    precondition: float | None = None
+    #: lae: encoder feature normalization before the chain layer (none|center|standardize)
+    feature_norm: str = "center"
+    # Bernoulli latents (sbn)
+    estimator: str = "nvil"
+    num_particles: int = 1
+    num_layers: int = 1
+    # ppca
+    fit: str = "svi"
+    # ae-gmm
+    num_components: int = 10
+
+    def validate(self) -> None:
+        """Raise a one-line ``ValueError`` for impossible settings."""
+        finite = ("lr", "step_size", "target_accept", "test_scale", "precondition")
+        for name in (*finite, "lr_gamma", "clip_norm"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
+        checks = [
+            (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
+            (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.latent_dim > 0, f"--latent-dim must be positive, got {self.latent_dim}"),
+            (self.hidden_dim > 0, f"--hidden-dim must be positive, got {self.hidden_dim}"),
+            (self.depth >= 0, f"--depth must be >= 0, got {self.depth}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (self.eval_samples > 0, f"--eval-samples must be positive, got {self.eval_samples}"),
+            (self.eval_ais >= 0, f"--eval-ais must be >= 0, got {self.eval_ais}"),
+            (
+                self.langevin_steps > 0,
+                f"--langevin-steps must be positive, got {self.langevin_steps}",
+            ),
+            (
+                self.step_size is None or self.step_size > 0,
+                f"--step-size must be positive, got {self.step_size}",
+            ),
+            (
+                0 < self.target_accept < 1,
+                f"--target-accept must be in (0, 1), got {self.target_accept}",
+            ),
+            (self.test_scale > 0, f"--test-scale must be positive, got {self.test_scale}"),
+            (self.validation >= 0, f"--validation must be >= 0, got {self.validation}"),
+            (
+                self.early_stopping >= 0,
+                f"--early-stopping must be >= 0 epochs, got {self.early_stopping}",
+            ),
+            (
+                self.lr_schedule in ("none", "cosine", "step"),
+                f"--lr-schedule must be none, cosine or step, got {self.lr_schedule!r}",
+            ),
+            (self.lr_step > 0, f"--lr-step must be positive, got {self.lr_step}"),
+            (0 < self.lr_gamma <= 1, f"--lr-gamma must be in (0, 1], got {self.lr_gamma}"),
+            (
+                self.clip_norm is None or self.clip_norm > 0,
+                f"--clip-norm must be positive, got {self.clip_norm}",
+            ),
+            (self.refine_steps >= 0, f"--refine-steps must be >= 0, got {self.refine_steps}"),
+            (self.num_layers > 0, f"--num-layers must be positive, got {self.num_layers}"),
+            (
+                self.num_components > 0,
+                f"--num-components must be positive, got {self.num_components}",
+            ),
+            (
+                self.precondition is None or self.precondition > 0,
+                f"--precondition must be positive, got {self.precondition}",
+            ),
+            (
+                self.feature_norm in ("none", "center", "standardize"),
+                f"--feature-norm must be none, center or standardize, got {self.feature_norm!r}",
+            ),
+            (
+                self.num_particles > 0,
+                f"--num-particles must be positive, got {self.num_particles}",
+            ),
+            (
+                self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
+                f"--device must be cpu or cuda, got {self.device!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        data = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})

@@ -1,0 +1,71 @@
+r"""Training that is finite but hopeless: the checks the trainer runs after every epoch.
+
+A diverging loss raises :class:`~pyro_lvm.infer.diagnostics.DivergenceError`; these checks
+catch what stays finite and is still useless, and report it as a warning (and under the
+``warnings`` key of ``metrics.json``) instead of a silent exit 0:
+
+``loss_exploded``
+    The epoch's mean loss per datapoint exceeds the loss of the very first step (the
+    untrained model) by more than ``LOSS_GROWTH`` times its magnitude:
+    :math:`\bar L_e - L_0 > \text{LOSS\_GROWTH} \cdot \max(|L_0|, 1)`. Training should
+    lower the loss; this is an order-of-magnitude increase (e.g. ``--lr 10``).
+``step_size_collapsed``
+    A Langevin step size fell below ``STEP_SIZE_FLOOR``: the chain no longer moves, so
+    the "posterior samples" are the encoder's initial outputs.
+``no_acceptance``
+    The Metropolis acceptance rate averaged over an epoch is below ``MIN_ACCEPT_RATE``
+    (e.g. ``--no-adapt`` with too large a ``--step-size``): every proposal was rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+__all__ = ["LOSS_GROWTH", "MIN_ACCEPT_RATE", "STEP_SIZE_FLOOR", "HealthIssue", "check_epoch"]
+
+LOSS_GROWTH = 10.0
+STEP_SIZE_FLOOR = 1e-8
+MIN_ACCEPT_RATE = 1e-3
+
+
+class HealthIssue(NamedTuple):
+    """One finding: a stable ``kind`` (the metrics flag) and a one-line message."""
+
+    kind: str
+    message: str
+
+
+def check_epoch(record: dict, first_loss: float | None) -> list[HealthIssue]:
+    """The issues visible in one epoch record (``train_loss``, ``step_size``,
+    ``accept_rate``; absent keys are skipped)."""
+    issues = []
+    epoch, loss = record.get("epoch"), record.get("train_loss")
+    if first_loss is not None and loss is not None and math.isfinite(first_loss):
+        if loss - first_loss > LOSS_GROWTH * max(abs(first_loss), 1.0):
+            issues.append(
+                HealthIssue(
+                    "loss_exploded",
+                    f"epoch {epoch}: loss {loss:.3g} per datapoint is over {LOSS_GROWTH:g}x "
+                    f"the untrained model's {first_loss:.3g}; lower the learning rate (--lr)",
+                )
+            )
+    step = record.get("step_size")
+    if step is not None and math.isfinite(step) and step < STEP_SIZE_FLOOR:
+        issues.append(
+            HealthIssue(
+                "step_size_collapsed",
+                f"epoch {epoch}: Langevin step size {step:.2g} is below {STEP_SIZE_FLOOR:g}, "
+                "so the chain is frozen; lower --lr or set --step-size",
+            )
+        )
+    accept = record.get("accept_rate")
+    if accept is not None and math.isfinite(accept) and accept < MIN_ACCEPT_RATE:
+        issues.append(
+            HealthIssue(
+                "no_acceptance",
+                f"epoch {epoch}: acceptance rate {accept:.2g}: every Langevin proposal was "
+                "rejected; lower --step-size or drop --no-adapt",
+            )
+        )
+    return issues

@@ -1,0 +1,417 @@
+"""The run lifecycle: build, train, evaluate and sample a run folder.
+
+What ``pyro-lvm train / evaluate / sample`` do, callable from Python (the CLI only parses
+flags into a :class:`~pyro_lvm.experiments.config.TrainConfig` and calls these). Every
+failure a user can fix is a one-line :class:`RunError`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pyro
+import torch
+
+from pyro_lvm.data import DataBundle, load_dataset
+from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, atomic_save
+from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.rundir import (
+    RunLock,
+    check_run_dir,
+    check_writable,
+    clear_run,
+    non_finite_keys,
+    prepare_run_dir,
+    write_json,
+)
+from pyro_lvm.experiments.schedules import make_schedulers, set_learning_rate
+from pyro_lvm.experiments.trainer import Trainer
+from pyro_lvm.infer.diagnostics import DivergenceError
+from pyro_lvm.models.likelihoods import make_likelihood
+from pyro_lvm.recipes import Experiment, get_recipe
+
+__all__ = [
+    "RunError",
+    "build_experiment",
+    "run_evaluate",
+    "run_sample",
+    "run_train",
+    "sample_paths",
+    "setup_run",
+]
+
+
+class RunError(ValueError):
+    """A run that cannot go ahead as asked (printed by the CLI as one line, exit 2)."""
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"--device {device} requested but CUDA is not available; use --device cpu")
+
+
+def setup_run(
+    config: TrainConfig, data: DataBundle | None = None
+) -> tuple[Experiment, DataBundle]:
+    """Seed, load the data and build the experiment described by ``config``."""
+    config.validate()
+    _check_device(config.device)
+    if data is None:
+        data = load_dataset(config.dataset, config.data_dir, config.download)
+    data = data.for_likelihood(config.likelihood)
+    return build_experiment(config, data.data_dim), data
+
+
+def build_experiment(config: TrainConfig, data_dim: int) -> Experiment:
+    """Seed and build the experiment described by ``config`` for ``data_dim`` inputs
+    (no data needed: :func:`pyro_lvm.load_run` rebuilds a trained run this way)."""
+    config.validate()
+    _check_device(config.device)
+    # the data are checked once up front; per-step argument validation only costs time
+    pyro.enable_validation(False)
+    pyro.set_rng_seed(config.seed)
+    likelihood = make_likelihood(config.likelihood)
+    experiment = get_recipe(config.model).build(config, data_dim, likelihood)
+    if config.clip_norm is not None:
+        if not hasattr(experiment.inference, "clip_norm"):
+            raise RunError(f"--clip-norm does not apply to {config.model} (no gradient steps)")
+        experiment.inference.clip_norm = config.clip_norm
+    experiment.modules.to(config.device)
+    return experiment
+
+
+def _read_config(run: Path) -> TrainConfig:
+    try:
+        return TrainConfig.load(run / "config.json")
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
+        raise RunError(
+            f"{run}/config.json is not a valid run config ({type(err).__name__}); restore it "
+            "or start a new run"
+        ) from None
+
+
+def _tensorboard(out: Path):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(str(out / "tensorboard"))
+    except Exception:  # optional dependency: absent or broken means no TensorBoard
+        return None
+
+
+def run_train(
+    config: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    figures: bool = True,
+    data: DataBundle | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Train, evaluate and write ``metrics.json`` (+ figures); returns the metrics.
+
+    The run folder ``config.out`` must not hold a run unless ``resume`` (continue it) or
+    ``overwrite`` (replace it) is set; it is locked against a second writer while this
+    runs. Raises :class:`RunError` (one line) for every failure the user can fix,
+    including non-finite results (``metrics.json`` then records them as ``null``).
+    """
+    out = Path(config.out)
+    # every check before anything is written: flags, folder, data, model
+    config.validate()
+    _check_device(config.device)
+    check_run_dir(out, resume=resume, overwrite=overwrite)
+    experiment, data = setup_run(config, data)
+    val_x = None
+    if config.validation:
+        data, val_x = data.holdout(config.validation, seed=config.seed)
+    trainer = Trainer(
+        experiment,
+        data,
+        config.batch_size,
+        out,
+        config.seed,
+        config.device,
+        validation_x=val_x,
+        early_stopping=config.early_stopping,
+        schedulers=make_schedulers(
+            experiment.inference,
+            config.lr_schedule,
+            config.epochs,
+            config.lr_step,
+            config.lr_gamma,
+        ),
+    )
+    trainer.metadata = {"config": config.to_dict(), "data": _data_info(data)}
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    with RunLock(out):
+        if not (resume or overwrite):
+            check_run_dir(out)  # another process may have finished a run here meanwhile
+        if overwrite and not resume:
+            clear_run(out)
+        return _train_locked(config, experiment, data, trainer, out, resume, progress, figures)
+
+
+def _train_locked(config, experiment, data, trainer, out, resume, progress, figures) -> dict:
+    if resume:
+        trainer.restore(out / CHECKPOINT_NAME)
+        if trainer.state.epoch > config.epochs:
+            raise RunError(
+                f"{out} has already trained {trainer.state.epoch} epochs; --epochs must be at "
+                f"least {trainer.state.epoch}"
+            )
+        set_learning_rate(experiment.inference, config.lr)
+    write_json(out / "config.json", config.to_dict())
+    prepare = getattr(experiment.inference, "prepare", None)
+    if prepare is not None and trainer.state.step == 0:
+        prepare(data.train_x.to(config.device))
+    writer = _tensorboard(out)
+    bar = _progress_bar(config, data, trainer, enabled=progress)
+
+    def on_step(state, loss):
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix({"loss": f"{loss:.2f}", **_short(experiment.inference.metrics())})
+
+    def on_epoch(state, record):
+        if writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and isinstance(value, float) and math.isfinite(value):
+                    tag = "validation/loss" if key == "val_loss" else f"train/{key}"
+                    writer.add_scalar(tag, value, record["epoch"])
+
+    previous = signal.getsignal(signal.SIGINT)
+
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        trainer.fit(config.epochs, on_step=on_step, on_epoch=on_epoch)
+    except KeyboardInterrupt:
+        raise RunError(
+            f"interrupted at epoch {trainer.state.epoch + 1}, step {trainer.state.step}; "
+            f"checkpoint saved, continue with --resume {out}"
+        ) from None
+    except DivergenceError as err:
+        raise RunError(f"{err} (at step {trainer.state.step + 1}; {_kept(out)})") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if bar is not None:
+            bar.close()
+    finalize = getattr(experiment.inference, "finalize", None)
+    if finalize is not None:  # post-training fits, e.g. the mixture prior of ae-gmm
+        finalize(data.train_x.to(config.device))
+        trainer.save()  # evaluate/sample must see the fitted state
+    metrics = _metrics(config, experiment, data, trainer)
+    write_json(
+        out / "history.json", {"epochs": trainer.state.history, "steps": trainer.state.steps}
+    )
+    pngs = []
+    try:
+        _write_metrics(out, metrics)
+        if figures and _plottable(experiment, "training figures"):
+            from pyro_lvm.figures import write_figures
+
+            pngs = write_figures(experiment, data, trainer.state, out) or []
+    finally:
+        if writer is not None:
+            _log_run(writer, config, metrics, pngs)
+    return metrics
+
+
+def _log_run(writer, config: TrainConfig, metrics: dict, pngs: list) -> None:
+    """TensorBoard: test metrics as scalars and hparams, the figures as images."""
+    finite = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
+    for key, value in finite.items():
+        writer.add_scalar(f"test/{key}", value, config.epochs)
+    hparams = {
+        k: v
+        for k, v in config.to_dict().items()
+        if isinstance(v, (int, float, str, bool)) and k not in ("out", "data_dir")
+    }
+    tests = {f"hparam/{k}": v for k, v in finite.items() if k.startswith("test_")}
+    if tests:
+        writer.add_hparams(hparams, tests, run_name="hparams")
+    import matplotlib.image
+
+    for png in pngs:
+        writer.add_image(
+            f"figures/{Path(png).stem}",
+            matplotlib.image.imread(png)[..., :3],
+            config.epochs,
+            dataformats="HWC",
+        )
+    writer.close()
+
+
+def _plottable(experiment: Experiment, what: str) -> bool:
+    """The figures read ``decoder`` and ``likelihood`` (the ready models' protocol); a
+    custom model without them gets its metrics and a notice instead."""
+    missing = [a for a in ("decoder", "likelihood") if not hasattr(experiment.lvm, a)]
+    if missing:
+        warnings.warn(
+            f"{what} skipped: the model has no {' or '.join(missing)} attribute "
+            "(see docs/cli.md, custom models)",
+            stacklevel=2,
+        )
+    return not missing
+
+
+def _data_info(data: DataBundle) -> dict:
+    """What :func:`pyro_lvm.load_run` needs to rebuild the model without the dataset."""
+    return {
+        "name": data.name,
+        "data_dim": data.data_dim,
+        "image_shape": list(data.image_shape) if data.image_shape is not None else None,
+    }
+
+
+def _kept(out: Path) -> str:
+    if (out / CHECKPOINT_NAME).is_file():
+        return f"the last good checkpoint is kept in {out}; continue with --resume {out}"
+    return "no checkpoint was written (it diverged in the first epoch)"
+
+
+def _write_metrics(out: Path, metrics: dict) -> None:
+    """Strict JSON; non-finite results are recorded as null and are an error."""
+    write_json(out / "metrics.json", metrics)
+    bad = non_finite_keys(metrics)
+    if bad:
+        raise RunError(
+            f"non-finite results ({', '.join(bad)}; null in {out / 'metrics.json'}): the "
+            "model diverged or the settings are impossible; lower --lr or check the flags"
+        )
+
+
+def _short(metrics: dict) -> dict:
+    return {k: f"{v:.3g}" for k, v in metrics.items() if isinstance(v, float)}
+
+
+def _progress_bar(config, data, trainer, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    per_epoch = -(-data.num_train // config.batch_size)
+    return tqdm(
+        total=config.epochs * per_epoch,
+        initial=trainer.state.step,
+        desc=f"{config.model} on {data.name}",
+        unit="step",
+        file=sys.stderr,
+    )
+
+
+def _metrics(config, experiment, data, trainer) -> dict:
+    t0 = time.perf_counter()
+    metrics = {
+        "model": config.model,
+        "dataset": data.name,
+        "num_train": data.num_train,
+        "num_test": data.num_test,
+        "data_dim": data.data_dim,
+        "latent_dim": config.latent_dim,
+        "epochs": trainer.state.epoch,
+        "steps": trainer.state.step,
+        "train_seconds": trainer.state.train_seconds,
+        "ms_per_step": trainer.ms_per_step,
+        "likelihood": config.likelihood,
+        "seed": config.seed,
+    }
+    metrics.update(experiment.inference.metrics())
+    metrics.update(
+        evaluate(
+            experiment,
+            data.test_x,
+            eval_samples=config.eval_samples,
+            eval_ais=config.eval_ais,
+            device=config.device,
+        )
+    )
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    metrics["warnings"] = [w["kind"] for w in trainer.state.warnings]
+    metrics["best_epoch"] = trainer.state.best_epoch
+    metrics["stopped_early"] = trainer.state.stopped_early
+    if trainer.validation_x is not None:
+        metrics["num_validation"] = int(trainer.validation_x.shape[0])
+        if trainer.state.history:
+            metrics["val_loss"] = trainer.state.history[-1].get("val_loss", float("nan"))
+    return metrics
+
+
+def _load_run(run_dir: str, device: str | None = None, model_file: str | None = None):
+    from pyro_lvm.experiments.runs import load_run
+
+    run = load_run(run_dir, device=device, model_file=model_file)  # None: the run's device
+    config = run.config
+    data = load_dataset(config.dataset, config.data_dir, config.download).for_likelihood(
+        config.likelihood
+    )
+    if data.data_dim != run.data_dim:
+        raise RunError(
+            f"{run_dir} was trained on {run.data_dim}-dimensional data but {config.dataset} in "
+            f"{config.data_dir} has {data.data_dim}; point --data-dir at the run's data"
+        )
+    return config, run.experiment, data, run.trainer
+
+
+def run_evaluate(
+    run_dir: str,
+    eval_samples: int = 1000,
+    eval_ais: int = 0,
+    device: str | None = None,
+    model_file: str | None = None,
+) -> dict:
+    """Re-evaluate a run; updates and returns its ``metrics.json``."""
+    run = Path(run_dir)
+    if run.is_dir():  # fail before the (long) evaluation, not after it
+        check_writable(run, "run folder")
+    config, experiment, data, trainer = _load_run(run_dir, device, model_file)
+    config.eval_samples, config.eval_ais = eval_samples, eval_ais
+    config.validate()
+    with RunLock(run):
+        metrics_path = run / "metrics.json"
+        try:
+            metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        except json.JSONDecodeError:
+            metrics = {}  # replaced by the fresh evaluation below
+        fresh = _metrics(config, experiment, data, trainer)
+        for key in ("train_seconds", "ms_per_step"):  # keep the training run's timings
+            fresh[key] = metrics.get(key, fresh[key])
+        metrics.update(fresh)
+        _write_metrics(run, metrics)
+    return metrics
+
+
+def sample_paths(run_dir: str | Path, num: int, seed: int) -> tuple[Path, Path]:
+    """Where ``pyro-lvm sample`` writes: its own names, never the training figures."""
+    stem = Path(run_dir) / f"sample_n{num}_seed{seed}"
+    return stem.with_suffix(".pt"), stem.with_suffix(".png")
+
+
+def run_sample(run_dir: str, num: int = 64, seed: int = 0, model_file: str | None = None) -> Path:
+    """Draw ``num`` samples from a run: writes ``sample_nNUM_seedSEED.pt`` (and ``.png``
+    for images) in the run folder; returns the ``.pt`` path."""
+    if num <= 0:
+        raise RunError(f"--num must be positive, got {num}")
+    run = Path(run_dir)
+    if run.is_dir():
+        check_writable(run, "run folder")
+    config, experiment, data, _ = _load_run(run_dir, model_file=model_file)
+    pyro.set_rng_seed(seed)
+    x = experiment.lvm.generate(num).cpu()
+    pt, png = sample_paths(run, num, seed)
+    atomic_save(x, pt)
+    if data.image_shape is not None and _plottable(experiment, "the sample figure"):
+        from pyro_lvm.figures import save_sample_grid
+
+        save_sample_grid(x, data, experiment, png)
+    return pt
