@@ -45,6 +45,8 @@ import pyro
 import torch
 import torch.nn.functional as F
 from pyro import poutine
+from pyro.distributions import constraints
+from pyro.distributions.transforms import biject_to
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
@@ -241,6 +243,7 @@ class AmortizedLangevin(MCMCKernel):
         self._step_size: float | None = self._init_step_size
         self._final_step_size: float | None = None
         self._checked = False
+        self._transform = None
         self._warned = False
         self._stats = {"accept_prob": 0.0, "accepted": 0.0, "n": 0}
 
@@ -290,22 +293,34 @@ class AmortizedLangevin(MCMCKernel):
         values = dict(zip(self.param_names, self._unflatten(position)))
         return torch.func.functional_call(self.encoder, values, (self._input,))
 
-    def _log_joint(self, z: Tensor) -> Tensor:
+    def _log_joint(self, u: Tensor) -> Tensor:
+        r""":math:`\log p(x, z = T(u)) + \log|\det \partial T / \partial u|` for the
+        encoder output :math:`u` in the site's unconstrained space
+        (:math:`T` = ``biject_to(site.support)``, the identity for real latents)."""
         if not self._checked:
-            self._check_model(z)
+            self._check_model(u)
+        transform = self._transform
+        z = u if transform is None else transform(u)
         # validation off: the Langevin core itself turns non-finite potentials into
         # rejections, and Pyro's per-site NaN/inf checks cost a sync per site
         # params pass the block: LAE traces them to train the model's Pyro params
         with poutine.block(hide_fn=_not_param), pyro.validation_enabled(False):
             model = poutine.condition(self.model, data={self.latent_site: z})
             trace = poutine.trace(model).get_trace(*self._args, **self._kwargs)
-            return trace.log_prob_sum()
+            log_joint = trace.log_prob_sum()
+        if transform is not None:
+            log_joint = log_joint + transform.log_abs_det_jacobian(u, z).sum()
+        return log_joint
+
+    def constrain(self, u: Tensor) -> Tensor:
+        """Latent values in the site's support from the encoder's unconstrained output."""
+        return u if self._transform is None else self._transform(u)
 
     def potential_fn(self, position: Tensor) -> Tensor:
         """:math:`V = -\\log p(x, z = \\text{encoder}(x))`, summed over the batch."""
         return -self._log_joint(self.latents(position))
 
-    def _check_model(self, z: Tensor) -> None:
+    def _check_model(self, z: Tensor | None) -> None:
         """One-line errors for a model ALD cannot sample (traced once, from the prior)."""
         # sampling from the prior must not consume random numbers: a resumed run has to
         # continue exactly as an uninterrupted one (which did this check long ago)
@@ -329,7 +344,13 @@ class AmortizedLangevin(MCMCKernel):
                 "dynamics needs continuous latents: use an SVI estimator (e.g. TraceNVIL_ELBO)"
             )
         site_shape = tuple(fn.batch_shape + fn.event_shape)
-        if site_shape != tuple(z.shape):
+        transform = biject_to(fn.support)
+        support = fn.support
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        self._transform = None if support is constraints.real else transform
+        site_shape = tuple(transform.inv.forward_shape(site_shape))
+        if z is not None and site_shape != tuple(z.shape):
             raise ValueError(
                 f"the encoder outputs shape {tuple(z.shape)} but latent site "
                 f"{self.latent_site!r} has shape {site_shape}; make encoder(x) match the "
@@ -555,7 +576,12 @@ class AmortizedLangevin(MCMCKernel):
         elif self._num_chains_started > 1 and self._trunk is not None:
             latents = self._prior_latents(*args, **kwargs)
         if latents is not None:
-            self._solve_weights(torch.as_tensor(latents), args, kwargs)
+            self._args, self._kwargs = args, kwargs
+            self._check_model(None)  # the site's support: solve for unconstrained values
+            latents = torch.as_tensor(latents)
+            if self._transform is not None:
+                latents = self._transform.inv(latents)
+            self._solve_weights(latents, args, kwargs)
         self.prepare(*args, **kwargs)
         self._start_adaptation()
 
@@ -603,7 +629,7 @@ class AmortizedLangevin(MCMCKernel):
     @property
     def initial_params(self) -> dict[str, Tensor]:
         with torch.no_grad():
-            return {self.latent_site: self.latents().detach().clone()}
+            return {self.latent_site: self.constrain(self.latents()).detach().clone()}
 
     @initial_params.setter
     def initial_params(self, params: dict[str, Tensor]) -> None:
@@ -620,7 +646,7 @@ class AmortizedLangevin(MCMCKernel):
             self._stats = {"accept_prob": 0.0, "accepted": 0.0, "n": 0}  # sampling phase only
         self.transition()
         with torch.no_grad():
-            return {self.latent_site: self.latents().detach().clone()}
+            return {self.latent_site: self.constrain(self.latents()).detach().clone()}
 
     def cleanup(self) -> None:
         # MCMC calls this twice: idempotent; keeps the diagnostics and restores the
