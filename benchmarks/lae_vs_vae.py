@@ -29,8 +29,8 @@ import json
 import statistics
 from pathlib import Path
 
-from pyro_lvm.cli import run_train
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.lifecycle import run_train
 
 KEYS = ["test_nelbo_per_dim", "test_nll", "test_nll_ais", "accept_rate", "ms_per_step"]
 #: for runs evaluated with a refined proposal: the same checkpoint with the paper's proposal
@@ -101,9 +101,9 @@ def _paper_proposal_metrics(config: TrainConfig, bundle) -> dict:
     """Re-evaluate the saved LAE run with the paper's proposal N(encoder(x), s^2 I)."""
     import dataclasses
 
-    from pyro_lvm.cli import setup_run
     from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME
     from pyro_lvm.experiments.evaluation import evaluate
+    from pyro_lvm.experiments.lifecycle import setup_run
     from pyro_lvm.experiments.trainer import Trainer
 
     experiment, data = setup_run(config, bundle)

@@ -12,8 +12,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from pyro_lvm.cli import run_train
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.lifecycle import run_train
 
 KEYS = ("test_nelbo_per_dim", "test_nll", "test_nll_ais", "accept_rate", "ms_per_step")
 

@@ -169,9 +169,8 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
             )
         set_learning_rate(experiment.inference, config.lr)
     write_json(out / "config.json", config.to_dict())
-    prepare = getattr(experiment.inference, "prepare", None)
-    if prepare is not None and trainer.state.step == 0:
-        prepare(data.train_x.to(config.device))
+    if experiment.prepare is not None and trainer.state.step == 0:
+        experiment.prepare(data.train_x.to(config.device))
     writer = _tensorboard(out)
     bar = _progress_bar(config, data, trainer, enabled=progress)
 
@@ -206,9 +205,8 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
             bar.close()
-    finalize = getattr(experiment.inference, "finalize", None)
-    if finalize is not None:  # post-training fits, e.g. the mixture prior of ae-gmm
-        finalize(data.train_x.to(config.device))
+    if experiment.finalize is not None:  # post-training fits, e.g. ae-gmm's mixture prior
+        experiment.finalize(data.train_x.to(config.device))
         trainer.save()  # evaluate/sample must see the fitted state
     metrics = _metrics(config, experiment, data, trainer)
     write_json(

@@ -46,4 +46,5 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         eval_guide=ae.guide,
         extra_metrics=extra_metrics,
         info={"num_components": config.num_components},
+        finalize=inference.finalize,
     )

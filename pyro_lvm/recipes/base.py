@@ -53,6 +53,12 @@ class Experiment:
         Pass dataset row indices to ``inference.step``.
     extra_metrics : callable, optional
         ``extra_metrics(test_x) -> dict`` merged into ``metrics.json``.
+    prepare : callable, optional
+        ``prepare(train_x)``: a whole-training-set step before the first minibatch (e.g.
+        a closed-form fit); the lifecycle calls it once, on a fresh run.
+    finalize : callable, optional
+        ``finalize(train_x)``: a whole-training-set step after the last epoch (e.g. the
+        mixture prior of ``ae-gmm``), saved with the checkpoint before evaluation.
     """
 
     lvm: LatentVariableModel
@@ -63,6 +69,8 @@ class Experiment:
     pass_index: bool = False
     extra_metrics: Callable[[torch.Tensor], dict[str, Any]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    prepare: Callable[[torch.Tensor], None] | None = None
+    finalize: Callable[[torch.Tensor], None] | None = None
 
     @property
     def guide(self) -> Callable:

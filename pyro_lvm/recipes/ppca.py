@@ -73,4 +73,5 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         eval_guide=eval_guide,
         extra_metrics=extra_metrics,
         info={"fit": config.fit},
+        prepare=inference.prepare if isinstance(inference, ClosedFormFit) else None,
     )
