@@ -3,6 +3,7 @@
 from pyro_lvm.models.ae_gmm import AEGMM
 from pyro_lvm.models.base import LatentVariableModel
 from pyro_lvm.models.centering import FeatureCentering
+from pyro_lvm.models.conv import ConvDecoder, ConvEncoder
 from pyro_lvm.models.gmm import (
     GaussianMixtureInfo,
     GaussianMixtureParams,
@@ -18,7 +19,7 @@ from pyro_lvm.models.likelihoods import (
     Likelihood,
     make_likelihood,
 )
-from pyro_lvm.models.nets import MLP
+from pyro_lvm.models.nets import MLP, GaussianHead
 from pyro_lvm.models.ppca import (
     PPCA,
     PPCAParams,
@@ -29,6 +30,7 @@ from pyro_lvm.models.ppca import (
 )
 from pyro_lvm.models.sbn import BernoulliVAE, SigmoidBeliefNet
 from pyro_lvm.models.vae import VAE, GaussianEncoder
+from pyro_lvm.models.vae_flow import VAEFlow
 
 __all__ = [
     "FeatureCentering",
@@ -47,10 +49,14 @@ __all__ = [
     "LangevinAutoencoder",
     "LatentVariableModel",
     "Likelihood",
+    "ConvDecoder",
+    "ConvEncoder",
+    "GaussianHead",
     "MLP",
     "PPCA",
     "PPCAParams",
     "VAE",
+    "VAEFlow",
     "make_likelihood",
     "ppca_em",
     "ppca_log_likelihood",

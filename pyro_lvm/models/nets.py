@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "GaussianHead"]
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU}
 
@@ -85,3 +85,19 @@ class MLP(nn.Sequential):
     def head(self) -> nn.Linear:
         """The final ``Linear`` layer."""
         return self[-1]
+
+
+class GaussianHead(nn.Module):
+    """Reads any network's ``2 * latent_dim`` outputs as ``(loc, softplus -> scale)``.
+
+    Wraps a non-MLP encoder (e.g. :class:`~pyro_lvm.models.conv.ConvEncoder`) so it can
+    stand in for :class:`~pyro_lvm.models.vae.GaussianEncoder` (``VAE(encoder=...)``).
+    """
+
+    def __init__(self, net: nn.Module, latent_dim: int, min_scale: float = 1e-4):
+        super().__init__()
+        self.net, self.latent_dim, self.min_scale = net, latent_dim, min_scale
+
+    def forward(self, x):
+        loc, pre_scale = self.net(x).split(self.latent_dim, dim=-1)
+        return loc, nn.functional.softplus(pre_scale) + self.min_scale

@@ -53,6 +53,10 @@ class VAE(LatentVariableModel):
         The LAE paper's network options.
     decoder : nn.Module, optional
         Replace the MLP decoder (e.g. a linear one for PPCA-like models).
+    encoder : nn.Module, optional
+        Replace the MLP encoder: a module mapping ``x`` to ``(loc, scale)``, e.g. a
+        :class:`~pyro_lvm.models.nets.GaussianHead` around a
+        :class:`~pyro_lvm.models.conv.ConvEncoder`.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class VAE(LatentVariableModel):
         orthogonal_init: bool = False,
         decoder: torch.nn.Module | None = None,
         activation: str = "relu",
+        encoder: torch.nn.Module | None = None,
     ):
         net = dict(
             hidden_dim=hidden_dim,
@@ -79,7 +84,9 @@ class VAE(LatentVariableModel):
         if decoder is None:
             decoder = MLP(latent_dim, data_dim, **net)
         super().__init__(data_dim, latent_dim, decoder, likelihood or BernoulliLikelihood())
-        self.encoder = GaussianEncoder(data_dim, latent_dim, **net)
+        self.encoder = (
+            encoder if encoder is not None else GaussianEncoder(data_dim, latent_dim, **net)
+        )
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         r""":math:`q_\phi(z \mid x)` as a distribution with one event dim."""
