@@ -16,6 +16,7 @@ __all__ = ["COMMON_FLAGS", "MODEL_FLAGS", "RECIPES", "Experiment", "get_recipe",
 RECIPES: dict[str, str] = {
     "ppca": "pyro_lvm.recipes.ppca",
     "vae": "pyro_lvm.recipes.vae",
+    "vae-flow": "pyro_lvm.recipes.vae_flow",
     "lae": "pyro_lvm.recipes.lae",
     "dlgm": "pyro_lvm.recipes.dlgm",
     "sbn": "pyro_lvm.recipes.sbn",
@@ -37,13 +38,14 @@ COMMON_FLAGS = frozenset(
     lr_schedule lr_step lr_gamma clip_norm early_stopping seed latent_dim eval_samples
     eval_ais device out resume overwrite no_figures no_progress threads""".split()
 )
-_NETWORK = frozenset("hidden_dim depth layer_norm orthogonal_init".split())
+_NETWORK = frozenset("hidden_dim depth layer_norm orthogonal_init arch".split())
 _LANGEVIN = frozenset("langevin_steps step_size target_accept mh adapt refine_steps".split())
 
 #: the model-specific settings of each recipe (a flag outside them is refused)
 MODEL_FLAGS: dict[str, frozenset[str]] = {
     "ppca": frozenset({"fit"}),
     "vae": _NETWORK | {"analytic_kl"},
+    "vae-flow": _NETWORK | {"num_flows", "flow"},
     "lae": _NETWORK | _LANGEVIN | {"test_scale", "precondition", "feature_norm"},
     "dlgm": _NETWORK | _LANGEVIN,
     "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from pyro_lvm.models.base import LatentVariableModel
+from pyro_lvm.models.conv import ARCHS, ConvDecoder, ConvEncoder, image_shape_for
 
-__all__ = ["Experiment", "Inference", "network_options"]
+__all__ = ["Experiment", "Inference", "conv_networks", "network_arch", "network_options"]
 
 
 class Inference(Protocol):
@@ -85,3 +86,34 @@ def network_options(config) -> dict[str, Any]:
         "layer_norm": config.layer_norm,
         "orthogonal_init": config.orthogonal_init,
     }
+
+
+def network_arch(config) -> str:
+    """``--arch``: ``mlp`` (default) or ``conv``."""
+    arch = getattr(config, "arch", "mlp")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return arch
+
+
+def conv_networks(
+    config, data_dim: int, encoder_out: int, image_shape: tuple | None = None
+) -> tuple[nn.Module, nn.Module]:
+    """``(encoder, decoder)`` for ``--arch conv``, with the options every recipe shares.
+
+    The encoder maps flattened images to ``encoder_out`` values (ending in an
+    ``nn.Linear``: the chain layer of LAE), the decoder maps ``latent_dim`` values to one
+    likelihood parameter per pixel. ``--hidden-dim`` is the width of the fully connected
+    layer; ``--depth`` does not apply (two convolution blocks of 32 and 64 channels).
+    The image shape comes from ``config.image_shape`` when set, else from ``data_dim``
+    (see :func:`~pyro_lvm.models.conv.image_shape_for`).
+    """
+    shape = image_shape_for(data_dim, image_shape or getattr(config, "image_shape", None))
+    options = {
+        "hidden_dim": config.hidden_dim,
+        "layer_norm": config.layer_norm,
+        "orthogonal_init": config.orthogonal_init,
+    }
+    encoder = ConvEncoder(shape, encoder_out, **options)
+    decoder = ConvDecoder(config.latent_dim, shape, **options)
+    return encoder, decoder

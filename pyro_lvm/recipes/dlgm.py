@@ -25,7 +25,7 @@ from pyro_lvm.infer.refine import LangevinProposalGuide
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.vae import VAE
 from pyro_lvm.recipes.base import Experiment, network_options
-from pyro_lvm.recipes.vae import make_optimizer
+from pyro_lvm.recipes.vae import make_optimizer, vae_networks
 
 __all__ = ["build", "DEFAULT_STEP_SIZE"]
 
@@ -39,6 +39,7 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         config.latent_dim,
         likelihood=likelihood,
         **network_options(config),
+        **vae_networks(config, data_dim),
     )
     inference = DLGM(
         vae.model,

@@ -29,23 +29,35 @@ from __future__ import annotations
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer.lae import LAE
 from pyro_lvm.infer.refine import LangevinProposalGuide
+from pyro_lvm.models.centering import FeatureCentering
 from pyro_lvm.models.lae import LangevinAutoencoder
 from pyro_lvm.models.likelihoods import Likelihood
-from pyro_lvm.recipes.base import Experiment, network_options
+from pyro_lvm.recipes.base import Experiment, conv_networks, network_arch, network_options
 from pyro_lvm.recipes.vae import make_optimizer
 
 __all__ = ["build"]
 
 
 def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experiment:
+    nets, feature_norm = {}, config.feature_norm
+    if network_arch(config) == "conv":
+        encoder, nets["decoder"] = conv_networks(config, data_dim, config.latent_dim)
+        if feature_norm != "none":  # as the MLP encoder: centring right before the chain layer
+            centering = FeatureCentering(
+                config.hidden_dim, standardize=feature_norm == "standardize"
+            )
+            encoder.insert(len(encoder) - 1, centering)
+        nets["encoder"], feature_norm = encoder, "none"
     lvm = LangevinAutoencoder(
         data_dim,
         config.latent_dim,
         likelihood=likelihood,
         **network_options(config),
         test_scale=config.test_scale,
-        feature_norm=config.feature_norm,
+        feature_norm=feature_norm,
+        **nets,
     )
+    lvm.feature_norm = config.feature_norm
     # LAE removes the chain weight (the encoder's last Linear) from the optimizer
     inference = LAE(
         lvm.model,

@@ -8,10 +8,11 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.infer.svi import ModuleSVI
 from pyro_lvm.models.likelihoods import Likelihood
+from pyro_lvm.models.nets import GaussianHead
 from pyro_lvm.models.vae import VAE
-from pyro_lvm.recipes.base import Experiment, network_options
+from pyro_lvm.recipes.base import Experiment, conv_networks, network_arch, network_options
 
-__all__ = ["build", "make_optimizer"]
+__all__ = ["build", "make_optimizer", "vae_networks"]
 
 
 def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
@@ -23,12 +24,22 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose adam or sgd")
 
 
+def vae_networks(config: TrainConfig, data_dim: int) -> dict:
+    """``encoder``/``decoder`` keyword arguments of :class:`VAE` for ``--arch`` (none for
+    ``mlp``: the VAE builds its MLPs)."""
+    if network_arch(config) == "mlp":
+        return {}
+    encoder, decoder = conv_networks(config, data_dim, 2 * config.latent_dim)
+    return {"encoder": GaussianHead(encoder, config.latent_dim), "decoder": decoder}
+
+
 def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experiment:
     vae = VAE(
         data_dim,
         config.latent_dim,
         likelihood=likelihood,
         **network_options(config),
+        **vae_networks(config, data_dim),
     )
     # analytic KL (TraceMeanField_ELBO) has lower variance for the Gaussian guide
     loss = TraceMeanField_ELBO() if config.analytic_kl else Trace_ELBO()
