@@ -206,12 +206,20 @@ def test_warmup_adapts_then_freezes(float64):
 
 
 def test_default_step_size_search(float64):
-    x, model, encoder, _, _ = make_problem()
-    kernel = AmortizedLangevin(model, encoder, adapt_step_size=False)
-    kernel.prepare(x)
-    for _ in range(200):
-        kernel.transition()
-    assert 0.1 < kernel.accept_rate() < 0.98
+    # the search tests each candidate step with one noise draw, so one chain's acceptance
+    # at the found step is itself random: the claim is about its median over independent
+    # searches. If a single search lands outside (0.1, 0.98) with probability p <= 0.1,
+    # the median of 7 does so with probability P(Bin(7, p) >= 4) < 0.003.
+    rates = []
+    for r in range(7):
+        pyro.set_rng_seed(offset_seed(100 + r))
+        x, model, encoder, _, _ = make_problem()
+        kernel = AmortizedLangevin(model, encoder, adapt_step_size=False)
+        kernel.prepare(x)
+        for _ in range(200):
+            kernel.transition()
+        rates.append(kernel.accept_rate())
+    assert 0.1 < sorted(rates)[3] < 0.98, rates
 
 
 def test_nan_potential_is_rejected():
