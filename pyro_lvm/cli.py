@@ -135,6 +135,13 @@ _TRAIN_FLAGS = [
         dict(action="store_true", help="orthogonal weights, zero biases"),
         "model",
     ),
+    (
+        ("--arch",),
+        dict(choices=["mlp", "conv"], help=_help("network family (conv: image data)", "arch")),
+        "model",
+    ),
+    (("--num-flows",), dict(type=int, help=_help("normalizing flows", "num_flows")), "model"),
+    (("--flow",), dict(choices=["iaf", "planar"], help=_help("flow kind", "flow")), "model"),
     (("--analytic-kl",), dict(action="store_true", help="TraceMeanField_ELBO"), "model"),
     (
         ("--model-file",),

@@ -281,6 +281,13 @@ CASES = [
         lambda c: T(c, "--num-components", "0", model="ae-gmm"),
         "--num-components must be",
     ),
+    (
+        "num-flows-0",
+        CLEAR,
+        lambda c: T(c, "--num-flows", "0", model="vae-flow"),
+        "--num-flows must be positive",
+    ),
+    ("arch-for-sbn", CLEAR, lambda c: T(c, "--arch", "conv", model="sbn"), "does not apply"),
     ("threads-0", CLEAR, lambda c: T(c, "--threads", "0"), "--threads must be positive"),
     ("device-tpu", CLEAR, lambda c: T(c, "--device", "tpu"), "--device must be cpu or cuda"),
     (

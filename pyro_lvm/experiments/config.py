@@ -52,6 +52,11 @@ class TrainConfig:
     clip_norm: float | None = None
     #: a user's model: "path.py:NAME" or "module:NAME" (model "custom")
     model_file: str | None = None
+    #: network family: mlp | conv (vae, vae-flow, dlgm, lae; image data)
+    arch: str = "mlp"
+    #: vae-flow: number of flows and their kind (iaf | planar)
+    num_flows: int = 2
+    flow: str = "iaf"
     # Langevin (lae, dlgm)
     langevin_steps: int = 2
     step_size: float | None = None
@@ -102,6 +107,9 @@ class TrainConfig:
                 f"--target-accept must be in (0, 1), got {self.target_accept}",
             ),
             (self.test_scale > 0, f"--test-scale must be positive, got {self.test_scale}"),
+            (self.arch in ("mlp", "conv"), f"--arch must be mlp or conv, got {self.arch!r}"),
+            (self.num_flows > 0, f"--num-flows must be positive, got {self.num_flows}"),
+            (self.flow in ("iaf", "planar"), f"--flow must be iaf or planar, got {self.flow!r}"),
             (self.validation >= 0, f"--validation must be >= 0, got {self.validation}"),
             (
                 self.early_stopping >= 0,
