@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> dict:
         "ms_per_step": trainer.ms_per_step,
     }
     if args.out is not None:
-        from pyro_lvm.figures import write_figures
+        from pyro_lvm.experiments.figures import write_figures
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> dict:
         "ms_per_step": trainer.ms_per_step,
     }
     if args.out is not None:
-        from pyro_lvm.figures import write_figures
+        from pyro_lvm.experiments.figures import write_figures
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_figures(experiment, data, state, Path(args.out))

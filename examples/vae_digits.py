@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.out is not None:
         from pathlib import Path
 
-        from pyro_lvm.figures import write_figures
+        from pyro_lvm.experiments.figures import write_figures
 
         Path(args.out).mkdir(parents=True, exist_ok=True)
         write_figures(experiment, data, state, Path(args.out))

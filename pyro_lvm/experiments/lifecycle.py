@@ -216,9 +216,10 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
     try:
         _write_metrics(out, metrics)
         if figures and _plottable(experiment, "training figures"):
-            from pyro_lvm.figures import write_figures
+            from pyro_lvm.experiments.figures import figure_title, write_figures
 
-            pngs = write_figures(experiment, data, trainer.state, out) or []
+            title = figure_title(config.model, data.name, trainer.state.epoch)
+            pngs = write_figures(experiment, data, trainer.state, out, title) or []
     finally:
         if writer is not None:
             _log_run(writer, config, metrics, pngs)
@@ -409,7 +410,7 @@ def run_sample(run_dir: str, num: int = 64, seed: int = 0, model_file: str | Non
     pt, png = sample_paths(run, num, seed)
     atomic_save(x, pt)
     if data.image_shape is not None and _plottable(experiment, "the sample figure"):
-        from pyro_lvm.figures import save_sample_grid
+        from pyro_lvm.experiments.figures import save_sample_grid
 
-        save_sample_grid(x, data, experiment, png)
+        save_sample_grid(x, data, experiment, png, f"{num} samples, seed {seed}")
     return pt

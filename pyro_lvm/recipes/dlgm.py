@@ -62,5 +62,9 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         inference=inference,
         modules=vae,
         eval_guide=eval_guide,
-        info={"eval_proposal": "refined" if config.refine_steps > 0 else "encoder"},
+        info={
+            "eval_proposal": "refined" if config.refine_steps > 0 else "encoder",
+            # the acceptance the step size adapts towards (none without MH or adaptation)
+            "target_accept": config.target_accept if config.mh and config.adapt else None,
+        },
     )

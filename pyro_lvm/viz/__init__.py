@@ -1,1 +1,4 @@
-"""Matplotlib figures (imported lazily by the CLI and examples; Agg backend)."""
+"""Deprecated package: figures live in :mod:`pyro_lvm.experiments.figures`.
+
+Importing it no longer selects a matplotlib backend.
+"""
