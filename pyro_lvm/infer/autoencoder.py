@@ -20,16 +20,16 @@ set, by :meth:`AutoencoderFit.finalize`: the trainer calls
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import torch
 
-from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
+from pyro_lvm.infer.driver import OptimizerDriver
 
 __all__ = ["AutoencoderFit"]
 
 
-class AutoencoderFit:
+class AutoencoderFit(OptimizerDriver):
     """SVI-like driver: reconstruction-loss steps, then a one-off :meth:`finalize`.
 
     Parameters
@@ -46,6 +46,8 @@ class AutoencoderFit:
         Clip the global gradient norm before each step.
     """
 
+    loss_name = "reconstruction loss"
+
     def __init__(
         self,
         reconstruction_log_prob: Callable[[torch.Tensor], torch.Tensor],
@@ -53,30 +55,14 @@ class AutoencoderFit:
         finalize: Callable[[torch.Tensor], dict[str, float]] | None = None,
         clip_norm: float | None = None,
     ):
+        super().__init__(optim, clip_norm)
         self.reconstruction_log_prob = reconstruction_log_prob
-        self.optim, self.clip_norm = optim, clip_norm
         self._finalize = finalize
         self._finalize_metrics: dict[str, float] = {}
 
-    def _params(self) -> Iterable[torch.Tensor]:
-        return (p for group in self.optim.param_groups for p in group["params"])
-
-    def step(self, x: torch.Tensor) -> float:
-        """One gradient step on the batch; returns the batch-summed reconstruction loss."""
-        self.optim.zero_grad(set_to_none=True)
-        with divergence_guard("reconstruction loss"):
-            loss = -self.reconstruction_log_prob(x).sum()
-        check_loss(loss, "reconstruction loss")
-        loss.backward()
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(self._params()), self.clip_norm)
-        self.optim.step()
-        return loss.item()
-
-    @torch.no_grad()
-    def evaluate_loss(self, x: torch.Tensor) -> float:
-        """The batch-summed reconstruction loss without a step."""
-        return -self.reconstruction_log_prob(x).sum().item()
+    def objective(self, x: torch.Tensor) -> torch.Tensor:
+        """The batch-summed reconstruction loss :math:`-\\sum_i \\log p(x_i \\mid e(x_i))`."""
+        return -self.reconstruction_log_prob(x).sum()
 
     def finalize(self, train_x: torch.Tensor) -> None:
         """Post-training fit on the full training set ``train_x`` (shape ``(N, D)``).
@@ -86,11 +72,10 @@ class AutoencoderFit:
         if self._finalize is not None:
             self._finalize_metrics = {k: float(v) for k, v in self._finalize(train_x).items()}
 
-    def state_dict(self) -> dict:
-        return {"optim": self.optim.state_dict(), "finalize_metrics": self._finalize_metrics}
+    def _extra_state(self) -> dict:
+        return {"finalize_metrics": self._finalize_metrics}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optim.load_state_dict(state["optim"])
+    def _load_extra_state(self, state: dict) -> None:
         self._finalize_metrics = dict(state.get("finalize_metrics", {}))
 
     def metrics(self) -> dict[str, float]:

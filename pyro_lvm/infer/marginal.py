@@ -19,12 +19,12 @@ from collections.abc import Callable
 
 import torch
 
-from pyro_lvm.infer.diagnostics import check_loss
+from pyro_lvm.infer.driver import OptimizerDriver
 
 __all__ = ["MarginalLikelihoodGD"]
 
 
-class MarginalLikelihoodGD:
+class MarginalLikelihoodGD(OptimizerDriver):
     """SVI-like driver minimising the exact negative marginal log-likelihood.
 
     Parameters
@@ -53,19 +53,17 @@ class MarginalLikelihoodGD:
         optim: torch.optim.Optimizer,
         clip_norm: float | None = None,
     ):
+        super().__init__(optim, clip_norm)
         log_likelihood = getattr(log_likelihood, "exact_log_likelihood", log_likelihood)
         if not callable(log_likelihood):
             raise ValueError(
                 "MarginalLikelihoodGD needs a callable log_likelihood(x) or a model with an "
                 "exact_log_likelihood method; pass e.g. model.exact_log_likelihood"
             )
-        self.log_likelihood, self.optim, self.clip_norm = log_likelihood, optim, clip_norm
-        self._grad_norm = float("nan")
+        self.log_likelihood = log_likelihood
 
-    def _params(self) -> list[torch.Tensor]:
-        return [p for group in self.optim.param_groups for p in group["params"]]
-
-    def _loss(self, x: torch.Tensor) -> torch.Tensor:
+    def objective(self, x: torch.Tensor) -> torch.Tensor:
+        """:math:`-\\sum_n \\log p(x_n)` over the batch, differentiable."""
         log_p = self.log_likelihood(x)
         if log_p.shape != x.shape[:1]:
             raise ValueError(
@@ -74,29 +72,6 @@ class MarginalLikelihoodGD:
             )
         return -log_p.sum()
 
-    def step(self, x: torch.Tensor) -> float:
-        """One gradient step; returns :math:`-\\sum_n \\log p(x_n)` over the batch."""
-        self.optim.zero_grad(set_to_none=True)
-        loss = self._loss(x)
-        check_loss(loss)
-        loss.backward()
-        params = [p for p in self._params() if p.grad is not None]
-        max_norm = self.clip_norm if self.clip_norm is not None else float("inf")
-        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        self.optim.step()
-        return loss.item()
-
-    @torch.no_grad()
-    def evaluate_loss(self, x: torch.Tensor) -> float:
-        """:math:`-\\sum_n \\log p(x_n)` without a step."""
-        return self._loss(x).item()
-
-    def state_dict(self) -> dict:
-        return {"optim": self.optim.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.optim.load_state_dict(state["optim"])
-
     def metrics(self) -> dict[str, float]:
         """``grad_norm``: global gradient norm of the latest step (before clipping)."""
-        return {"grad_norm": self._grad_norm}
+        return {"grad_norm": self.grad_norm}

@@ -127,31 +127,40 @@ class ParamOptimizer:
             out.append(p)
         return out
 
-    def step(self, traced: set[Tensor], clip_norm: float | None = None) -> None:
-        """One optimizer step after ``backward``: the optimizer's own parameters and the
-        ``traced`` Pyro params (see the module docstring)."""
+    def params(self, traced: set[Tensor]) -> list[Tensor]:
+        """Every tensor the next :meth:`step` updates: with a torch optimizer its groups,
+        after admitting the ``traced`` Pyro params it does not hold yet (see the module
+        docstring); with a PyroOptim the traced params and the ``extra`` ones."""
         if self.is_pyro:
-            params = list(traced) + [p for p in self._register_extra() if p not in traced]
-            params = [p for p in params if p.grad is not None]
-            if clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip_norm)
-            self.optim(params)
-            return
+            return list(traced) + [p for p in self._register_extra() if p not in traced]
+        self._admit(traced)
+        return self.torch_params()
+
+    def _admit(self, traced: set[Tensor]) -> None:
         held = self._held()
         new = [p for p in traced if id(p) not in held and p.grad is not None]
-        if new:
-            # deterministic order (the trace is a set): by param store name
-            store = pyro.get_param_store()
-            new.sort(key=lambda p: store.param_name(p) or "")
-            self.optim.add_param_group({"params": new})
-            if self._pending_state is not None and len(self._pending_state["param_groups"]) == len(
-                self.optim.param_groups
-            ):
-                self.optim.load_state_dict(self._pending_state)
-                self._pending_state = None
+        if not new:
+            return
+        # deterministic order (the trace is a set): by param store name
+        store = pyro.get_param_store()
+        new.sort(key=lambda p: store.param_name(p) or "")
+        self.optim.add_param_group({"params": new})
+        pending = self._pending_state
+        if pending is not None and len(pending["param_groups"]) == len(self.optim.param_groups):
+            self.optim.load_state_dict(pending)
+            self._pending_state = None
+
+    def step(self, traced: set[Tensor], clip_norm: float | None = None) -> None:
+        """One optimizer step after ``backward``: the optimizer's own parameters and the
+        ``traced`` Pyro params (see the module docstring), the global gradient norm
+        clipped to ``clip_norm`` first if given."""
+        params = self.params(traced)
         if clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.torch_params(), clip_norm)
-        self.optim.step()
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], clip_norm)
+        if self.is_pyro:
+            self.optim([p for p in params if p.grad is not None])
+        else:
+            self.optim.step()
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state (a PyroOptim's ``get_state()``, keyed by param name)."""

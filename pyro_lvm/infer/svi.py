@@ -23,13 +23,12 @@ import torch
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.optim import PyroOptim
 
-from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
-from pyro_lvm.infer.optim import ParamOptimizer
+from pyro_lvm.infer.driver import OptimizerDriver
 
 __all__ = ["ModuleSVI"]
 
 
-class ModuleSVI:
+class ModuleSVI(OptimizerDriver):
     """``step(*args) -> float`` like :class:`pyro.infer.SVI`, on module parameters.
 
     Parameters
@@ -55,41 +54,16 @@ class ModuleSVI:
         loss: ELBO | None = None,
         clip_norm: float | None = None,
     ):
-        self.model, self.guide, self.optim = model, guide, optim
+        super().__init__(optim, clip_norm)
+        self.model, self.guide = model, guide
         self.loss = loss if loss is not None else Trace_ELBO()
-        self.clip_norm = clip_norm
 
-    @property
-    def optim(self) -> torch.optim.Optimizer | PyroOptim:
-        """The optimizer."""
-        return self._optimizer.optim
-
-    @optim.setter
-    def optim(self, optim: torch.optim.Optimizer | PyroOptim) -> None:
-        self._optimizer = ParamOptimizer(optim)
-
-    def step(self, *args, **kwargs) -> float:
-        """One gradient step; returns the loss (minus the ELBO, summed over the batch)."""
-        self._optimizer.zero_grad()
-        with divergence_guard(), self._optimizer.capture() as traced:
-            loss = self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
-        check_loss(loss)
-        loss.backward()
-        self._optimizer.step(traced, self.clip_norm)
-        return loss.item()
+    def objective(self, *args, **kwargs) -> torch.Tensor:
+        """Minus the ELBO of the batch, differentiable."""
+        return self.loss.differentiable_loss(self.model, self.guide, *args, **kwargs)
 
     @torch.no_grad()
     def evaluate_loss(self, *args, **kwargs) -> float:
         """The loss without a gradient step."""
         with pyro.poutine.block():
             return self.loss.loss(self.model, self.guide, *args, **kwargs)
-
-    def state_dict(self) -> dict:
-        return {"optim": self._optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._optimizer.load_state_dict(state["optim"])
-
-    def metrics(self) -> dict[str, float]:
-        """Per-step diagnostics to log (none for SVI)."""
-        return {}

@@ -1,0 +1,137 @@
+r"""The base of every gradient-based training driver: one optimizer step, written once.
+
+Pyro's :class:`pyro.infer.SVI` is one driver over any :class:`~pyro.infer.ELBO`;
+pyro_lvm's drivers (:class:`~pyro_lvm.infer.svi.ModuleSVI`,
+:class:`~pyro_lvm.infer.lae.LAE`, :class:`~pyro_lvm.infer.dlgm.DLGM`,
+:class:`~pyro_lvm.infer.autoencoder.AutoencoderFit`,
+:class:`~pyro_lvm.infer.marginal.MarginalLikelihoodGD`) differ only in the loss they
+differentiate. :class:`OptimizerDriver` owns what they share:
+
+1. clear gradients; trace the Pyro params the loss uses (:class:`ParamOptimizer`);
+2. evaluate the loss inside :func:`~pyro_lvm.infer.diagnostics.divergence_guard`;
+3. refuse a non-finite loss *before* any parameter moves
+   (:class:`~pyro_lvm.infer.diagnostics.DivergenceError`);
+4. backward, clip the global gradient norm, step;
+5. ``state_dict`` / ``load_state_dict`` of the optimizer plus the driver's own state.
+
+A driver implements :meth:`OptimizerDriver.objective` (the differentiable objective of a
+batch) and, when it keeps state besides the optimizer, :meth:`_extra_state` /
+:meth:`_load_extra_state`. This is the ``Inference`` protocol the trainer consumes:
+``step``, ``evaluate_loss``, ``state_dict``, ``load_state_dict``, ``metrics``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from pyro.optim import PyroOptim
+from torch import Tensor
+
+from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
+from pyro_lvm.infer.optim import ParamOptimizer
+
+__all__ = ["OptimizerDriver"]
+
+
+class OptimizerDriver:
+    """One optimizer step on a driver-defined loss.
+
+    Parameters
+    ----------
+    optim : torch.optim.Optimizer or pyro.optim.PyroOptim
+        The optimizer (see :class:`~pyro_lvm.infer.optim.ParamOptimizer` for which Pyro
+        params join it).
+    clip_norm : float, optional
+        Clip the global gradient norm before each step.
+    exclude : iterable of Tensor
+        Tensors the optimizer must never step (a Markov chain's state).
+    extra : dict of str to Tensor, optional
+        Named parameters a PyroOptim trains besides the traced Pyro params.
+    """
+
+    #: how the loss is named in error messages
+    loss_name = "loss"
+
+    def __init__(
+        self,
+        optim: torch.optim.Optimizer | PyroOptim,
+        clip_norm: float | None = None,
+        exclude=(),
+        extra: dict[str, Tensor] | None = None,
+    ):
+        if clip_norm is not None and not clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+        self._exclude, self._extra = tuple(exclude), extra
+        self.optim = optim
+        self.clip_norm = clip_norm
+        #: global gradient norm of the latest step, before clipping (NaN before any step)
+        self.grad_norm = float("nan")
+
+    @property
+    def optim(self) -> torch.optim.Optimizer | PyroOptim:
+        """The optimizer."""
+        return self._optimizer.optim
+
+    @optim.setter
+    def optim(self, optim: torch.optim.Optimizer | PyroOptim) -> None:
+        self._optimizer = ParamOptimizer(optim, exclude=self._exclude, extra=self._extra)
+
+    # -- what a driver defines ------------------------------------------------------------
+    def objective(self, *args, **kwargs) -> Tensor:
+        """The differentiable scalar loss of a batch (summed over datapoints)."""
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- the shared step ------------------------------------------------------------------
+    def step(self, *args, **kwargs) -> float:
+        """One gradient step; returns the batch's loss before the step."""
+        return float(self._descend(lambda: self.objective(*args, **kwargs)))
+
+    def _descend(self, closure) -> Tensor:
+        """Steps 1-4 of the module docstring around ``closure() -> loss``; returns the
+        detached loss.
+
+        ``closure`` may call ``backward`` itself (drivers whose parts have different
+        gradient paths, e.g. DLGM) and return ``(reported_loss, None)``; then only the
+        clip and step remain.
+        """
+        self._optimizer.zero_grad()
+        with divergence_guard(self.loss_name), self._optimizer.capture() as traced:
+            out = closure()
+        loss, pending = out if isinstance(out, tuple) else (out, out)
+        check_loss(loss, self.loss_name)
+        if pending is not None:
+            pending.backward()
+        self._clip_and_step(traced)
+        return loss.detach()
+
+    def _clip_and_step(self, traced: set[Tensor]) -> None:
+        params = [p for p in self._optimizer.params(traced) if p.grad is not None]
+        if params:
+            max_norm = self.clip_norm if self.clip_norm is not None else math.inf
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self._optimizer.step(traced)
+
+    @torch.no_grad()
+    def evaluate_loss(self, *args, **kwargs) -> float:
+        """The loss of a batch, without an update."""
+        return float(self.objective(*args, **kwargs))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state and the driver's own (step sizes, baselines...)."""
+        return {"optim": self._optimizer.state_dict(), **self._extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(state["optim"])
+        self._load_extra_state(state)
+
+    def metrics(self) -> dict[str, float]:
+        """Diagnostics of the latest steps, for logs and progress bars (default none)."""
+        return {}
