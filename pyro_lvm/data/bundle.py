@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pyro_lvm.models.likelihoods import check_finite
+from pyro_lvm.data.formats import check_finite, resolve_format, to_8bit_symmetric
 
 __all__ = ["DataBundle", "binarize", "to_8bit_symmetric", "prepare_for_likelihood"]
 
@@ -27,18 +27,10 @@ def binarize(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
     return torch.bernoulli(x.cpu(), generator=gen).to(x.device)
 
 
-def to_8bit_symmetric(x: torch.Tensor, levels: int = 256) -> torch.Tensor:
-    """Map intensities in [0, 1] to the ``levels``-level grid in [-1, 1] (bin centres of
-    :class:`~pyro_lvm.models.likelihoods.DiscretizedLogistic`)."""
-    k = torch.round(x.clamp(0, 1) * (levels - 1))
-    return k * 2 / (levels - 1) - 1
-
-
-def prepare_for_likelihood(x: torch.Tensor, likelihood: str) -> torch.Tensor:
-    """Intensities in [0, 1] -> the data a likelihood expects (logistic: 8-bit in [-1, 1])."""
-    if likelihood == "logistic":
-        return to_8bit_symmetric(x)
-    return x
+def prepare_for_likelihood(x: torch.Tensor, likelihood) -> torch.Tensor:
+    """Intensities in [0, 1] -> the data a likelihood expects (its :class:`DataFormat`;
+    ``likelihood`` may be a likelihood, a format or a name)."""
+    return resolve_format(likelihood).prepare(x)
 
 
 @dataclass
@@ -102,27 +94,31 @@ class DataBundle:
     def num_test(self) -> int:
         return self.test_x.shape[0]
 
-    def for_likelihood(self, likelihood: str) -> DataBundle:
-        """The bundle with data mapped to what ``likelihood`` expects; the test split is
-        binarized with a fixed seed for ``bernoulli``."""
+    def for_likelihood(self, likelihood) -> DataBundle:
+        """The bundle mapped to what ``likelihood`` reads (its ``data_format``, see
+        :mod:`pyro_lvm.data.formats`; a likelihood object or class, a
+        :class:`~pyro_lvm.data.formats.DataFormat`, or a name such as ``"bernoulli"``).
+        For binary data the test split is binarized once with a fixed seed."""
+        fmt = resolve_format(likelihood)
         in_unit = self.train_x.min() >= 0 and self.train_x.max() <= 1
-        if likelihood in ("bernoulli", "logistic") and not in_unit:
+        if fmt.unit_interval and not in_unit:
+            what = likelihood if isinstance(likelihood, str) else f"{fmt.name} data"
             raise ValueError(
-                f"{likelihood} likelihood needs data in [0, 1] but {self.name!r} spans "
+                f"{what} likelihood needs data in [0, 1] but {self.name!r} spans "
                 f"[{float(self.train_x.min()):.3g}, {float(self.train_x.max()):.3g}]; "
                 "rescale it or use --likelihood gaussian"
             )
-        test_x = self.test_x
-        if likelihood == "bernoulli":
-            test_x = binarize(test_x, seed=EVAL_BINARIZATION_SEED)
+        test_x = (
+            binarize(self.test_x, seed=EVAL_BINARIZATION_SEED) if fmt.binarize else self.test_x
+        )
         return DataBundle(
             name=self.name,
-            train_x=prepare_for_likelihood(self.train_x, likelihood),
-            test_x=prepare_for_likelihood(test_x, likelihood),
+            train_x=fmt.prepare(self.train_x),
+            test_x=fmt.prepare(test_x),
             train_y=self.train_y,
             test_y=self.test_y,
             image_shape=self.image_shape,
-            binary_probs=likelihood == "bernoulli",
+            binary_probs=fmt.binarize,
         )
 
     def holdout(self, num: int, seed: int = 0) -> tuple[DataBundle, torch.Tensor]:

@@ -34,7 +34,7 @@ from pyro_lvm.experiments.rundir import (
 from pyro_lvm.experiments.schedules import make_schedulers, set_learning_rate
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer.diagnostics import DivergenceError
-from pyro_lvm.models.likelihoods import make_likelihood
+from pyro_lvm.models.likelihoods import LIKELIHOODS, make_likelihood
 from pyro_lvm.recipes import Experiment, get_recipe
 
 __all__ = [
@@ -65,7 +65,7 @@ def setup_run(
     _check_device(config.device)
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.download)
-    data = data.for_likelihood(config.likelihood)
+    data = data.for_likelihood(LIKELIHOODS[config.likelihood])
     return build_experiment(config, data.data_dim), data
 
 
@@ -352,7 +352,7 @@ def _load_run(run_dir: str, device: str | None = None, model_file: str | None = 
     run = load_run(run_dir, device=device, model_file=model_file)  # None: the run's device
     config = run.config
     data = load_dataset(config.dataset, config.data_dir, config.download).for_likelihood(
-        config.likelihood
+        LIKELIHOODS[config.likelihood]
     )
     if data.data_dim != run.data_dim:
         raise RunError(

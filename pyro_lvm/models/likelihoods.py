@@ -20,6 +20,8 @@ from pyro import distributions as dist
 from torch import nn
 from torch.distributions import constraints
 
+from pyro_lvm.data.formats import BINARY, EIGHT_BIT_SYMMETRIC, REAL, DataFormat, check_finite
+
 __all__ = [
     "Likelihood",
     "BernoulliLikelihood",
@@ -27,16 +29,9 @@ __all__ = [
     "DiscretizedLogistic",
     "DiscretizedLogisticLikelihood",
     "make_likelihood",
+    "LIKELIHOODS",
+    "check_finite",
 ]
-
-
-def check_finite(x: torch.Tensor, what: str = "data") -> None:
-    """Raise a one-line ``ValueError`` if ``x`` holds NaN or infinite values."""
-    if not torch.isfinite(x).all():
-        n_bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(
-            f"{what} contains {n_bad} NaN or infinite values; clean or impute them first"
-        )
 
 
 class Likelihood(nn.Module):
@@ -49,6 +44,8 @@ class Likelihood(nn.Module):
     name: str = "likelihood"
     #: the data range this likelihood expects, used for plotting and checks
     data_range: tuple[float, float] = (0.0, 1.0)
+    #: what the data layer maps intensities to for this likelihood
+    data_format: DataFormat = REAL
 
     def check_data(self, x: torch.Tensor) -> None:
         """Raise ``ValueError`` (one line) if ``x`` is not valid data for this likelihood."""
@@ -69,6 +66,7 @@ class BernoulliLikelihood(Likelihood):
     """
 
     name = "bernoulli"
+    data_format = BINARY
 
     def forward(self, logits: torch.Tensor) -> dist.Distribution:
         return dist.Bernoulli(logits=logits, validate_args=False).to_event(1)
@@ -212,6 +210,7 @@ class DiscretizedLogisticLikelihood(Likelihood):
 
     name = "logistic"
     data_range = (-1.0, 1.0)
+    data_format = EIGHT_BIT_SYMMETRIC
 
     def __init__(self, num_bins: int = 256, init_scale: float = 0.1):
         super().__init__()
@@ -245,12 +244,15 @@ class DiscretizedLogisticLikelihood(Likelihood):
         return params.clamp(-1, 1)
 
 
+#: likelihood classes by CLI name
+LIKELIHOODS: dict[str, type[Likelihood]] = {
+    cls.name: cls
+    for cls in (BernoulliLikelihood, GaussianLikelihood, DiscretizedLogisticLikelihood)
+}
+
+
 def make_likelihood(name: str, data_dim: int | None = None, **kwargs) -> Likelihood:
     """Build a likelihood by CLI name: ``bernoulli``, ``gaussian`` or ``logistic``."""
-    if name == "bernoulli":
-        return BernoulliLikelihood()
-    if name == "gaussian":
-        return GaussianLikelihood(**kwargs)
-    if name == "logistic":
-        return DiscretizedLogisticLikelihood(**kwargs)
-    raise ValueError(f"unknown likelihood {name!r}; choose one of bernoulli, gaussian, logistic")
+    if name not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}; choose one of {', '.join(LIKELIHOODS)}")
+    return LIKELIHOODS[name](**kwargs)

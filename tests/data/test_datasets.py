@@ -176,3 +176,29 @@ def test_binary_latent_loglik_normalised(float64):
     xs = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)))
     total = binary_latent_log_likelihood(xs, truth.params).logsumexp(0)
     assert abs(total.item()) < 1e-10
+
+
+def test_data_knows_no_model():
+    """Layering: importing the data layer loads no model code (DESIGN.md, data flow)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pyro_lvm.data;"
+        "bad = [m for m in sys.modules if m.startswith(('pyro_lvm.models', 'pyro_lvm.infer'))];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_for_likelihood_takes_the_likelihood_object_or_its_name():
+    from pyro_lvm.models.likelihoods import LIKELIHOODS
+
+    d = load_digits()
+    for name, cls in LIKELIHOODS.items():
+        by_obj, by_name = d.for_likelihood(cls()), d.for_likelihood(name)
+        assert torch.equal(by_obj.train_x, by_name.train_x)
+        assert torch.equal(by_obj.test_x, by_name.test_x)
+        assert by_obj.binary_probs == (name == "bernoulli")
+    with pytest.raises(ValueError, match="unknown data format 'poisson'; choose one of"):
+        d.for_likelihood("poisson")
