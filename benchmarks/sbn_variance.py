@@ -45,6 +45,7 @@ import pyro
 import torch
 
 from pyro_lvm.data import binarize, load_dataset
+from pyro_lvm.experiments.recipes.sbn import make_estimator, nvil_baselines
 from pyro_lvm.infer import (
     ModuleSVI,
     SignalNormalization,
@@ -53,7 +54,6 @@ from pyro_lvm.infer import (
     iwae_log_likelihood,
 )
 from pyro_lvm.models import SigmoidBeliefNet
-from pyro_lvm.recipes.sbn import make_estimator, nvil_baselines
 
 ESTIMATORS = ["reinforce", "tracegraph", "nvil", "nvil_pd", "vimco", "disarm"]
 

@@ -24,9 +24,9 @@ import torch
 from pyro_lvm.data import load_digits
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.recipes import get_recipe
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.models import make_likelihood
-from pyro_lvm.recipes import get_recipe
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -24,11 +24,11 @@ import torch
 
 from pyro_lvm.data import load_digits
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.recipes import Experiment
+from pyro_lvm.experiments.recipes.sbn import nvil_baselines
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer import VIMCO, ModuleSVI, RunningAverageBaseline, TraceNVIL_ELBO
 from pyro_lvm.models import BernoulliLikelihood, BernoulliVAE
-from pyro_lvm.recipes import Experiment
-from pyro_lvm.recipes.sbn import nvil_baselines
 
 BASELINES = ("running", "per-datapoint", "nvil", "none")
 

@@ -15,10 +15,10 @@ import torch
 
 from pyro_lvm.data import load_digits
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.recipes import Experiment
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer import ModuleSVI
 from pyro_lvm.models import VAE, BernoulliLikelihood
-from pyro_lvm.recipes import Experiment
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -34,8 +34,8 @@ from pyro_lvm.experiments.lifecycle import (  # noqa: F401  (public names kept h
     sample_paths,
     setup_run,
 )
+from pyro_lvm.experiments.recipes import RECIPES, model_flags
 from pyro_lvm.infer.diagnostics import DivergenceError
-from pyro_lvm.recipes import RECIPES, model_flags
 
 __all__ = ["main", "build_parser", "run_train", "run_evaluate", "run_sample", "setup_run"]
 
@@ -58,7 +58,7 @@ def _help(text: str, field: str | None = None) -> str:
 
 
 # (flags, options, group) of every train flag; dest names are TrainConfig fields unless
-# listed in _RUN_OPTIONS. Which flags a model takes: pyro_lvm.recipes.MODEL_FLAGS.
+# listed in _RUN_OPTIONS. Which flags a model takes: pyro_lvm.experiments.recipes.MODEL_FLAGS.
 _TRAIN_FLAGS = [
     (
         ("--config",),

@@ -32,9 +32,9 @@ from pyro_lvm.cli import main
 from pyro_lvm.data import load_dataset
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes import model_flags
 from pyro_lvm.infer import ais_log_likelihood, iwae_log_likelihood
 from pyro_lvm.models import VAE
-from pyro_lvm.recipes import model_flags
 
 FAST = ["--epochs", "1", "--hidden-dim", "16", "--latent-dim", "2", "--eval-samples", "10"]
 QUIET = ["--no-progress", "--no-figures"]

@@ -14,5 +14,7 @@ Data flows one way: data -> models -> inference -> experiments -> CLI. The CLI
 ``evaluation``     one evaluator for every model
 ``lifecycle``      train / evaluate / sample a run (what the CLI calls)
 ``runs``           :func:`load_run`
+``figures``        the figures of a run (no backend change on import)
+``recipes``        the registry: model name -> ``build(config)`` -> :class:`Experiment`
 =================  ==============================================================
 """

@@ -17,8 +17,8 @@ import math
 
 import torch
 
+from pyro_lvm.experiments.recipes.base import Experiment
 from pyro_lvm.infer.importance import log_importance_weights
-from pyro_lvm.recipes.base import Experiment
 
 __all__ = ["evaluate"]
 

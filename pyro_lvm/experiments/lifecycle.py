@@ -22,6 +22,7 @@ from pyro_lvm.data import DataBundle, load_dataset
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, atomic_save
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.recipes import Experiment, get_recipe
 from pyro_lvm.experiments.rundir import (
     RunLock,
     check_run_dir,
@@ -35,7 +36,6 @@ from pyro_lvm.experiments.schedules import make_schedulers, set_learning_rate
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.models.likelihoods import LIKELIHOODS, make_likelihood
-from pyro_lvm.recipes import Experiment, get_recipe
 
 __all__ = [
     "RunError",

@@ -11,7 +11,7 @@ from torch import nn
 
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.recipes.base import Experiment
+from pyro_lvm.experiments.recipes.base import Experiment
 
 __all__ = ["Run", "load_run"]
 

@@ -29,8 +29,8 @@ from pyro_lvm.experiments.checkpoint import (
     set_rng_state,
 )
 from pyro_lvm.experiments.health import check_epoch
+from pyro_lvm.experiments.recipes.base import Experiment
 from pyro_lvm.infer.diagnostics import DivergenceError
-from pyro_lvm.recipes.base import Experiment
 
 __all__ = ["Trainer", "TrainerState"]
 
@@ -62,7 +62,7 @@ class TrainerState:
 
 
 class Trainer:
-    """Minibatch training of an :class:`~pyro_lvm.recipes.base.Experiment`.
+    """Minibatch training of an :class:`~pyro_lvm.experiments.recipes.base.Experiment`.
 
     Parameters
     ----------

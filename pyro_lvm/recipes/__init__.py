@@ -1,60 +1,16 @@
-"""Registry of ready experiments: CLI model name -> recipe module.
+"""Deprecated location: the recipes live in :mod:`pyro_lvm.experiments.recipes`.
 
-Each recipe module defines ``build(config, data) -> Experiment`` (see
-:mod:`pyro_lvm.recipes.base`). Modules are imported lazily so a broken or heavy recipe
-never slows down the others.
+``pyro_lvm.recipes`` and every ``pyro_lvm.recipes.<name>`` resolve to the very same
+module objects (not copies), so ``Experiment`` and the registry are shared.
 """
 
-from __future__ import annotations
-
 import importlib
+import sys
 
-from pyro_lvm.recipes.base import Experiment
+from pyro_lvm.experiments import recipes as _recipes
+from pyro_lvm.experiments.recipes import *  # noqa: F403
+from pyro_lvm.experiments.recipes import __all__  # noqa: F401
 
-__all__ = ["COMMON_FLAGS", "MODEL_FLAGS", "RECIPES", "Experiment", "get_recipe", "model_flags"]
-
-RECIPES: dict[str, str] = {
-    "ppca": "pyro_lvm.recipes.ppca",
-    "vae": "pyro_lvm.recipes.vae",
-    "vae-flow": "pyro_lvm.recipes.vae_flow",
-    "lae": "pyro_lvm.recipes.lae",
-    "dlgm": "pyro_lvm.recipes.dlgm",
-    "sbn": "pyro_lvm.recipes.sbn",
-    "ae-gmm": "pyro_lvm.recipes.ae_gmm",
-    "custom": "pyro_lvm.recipes.custom",
-}
-
-
-def get_recipe(name: str):
-    """The recipe module registered as ``name`` (one-line error for unknown names)."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(sorted(RECIPES))}")
-    return importlib.import_module(RECIPES[name])
-
-
-#: settings (TrainConfig fields and CLI run options) every model takes
-COMMON_FLAGS = frozenset(
-    """config dataset data_dir download likelihood validation epochs batch_size lr optimizer
-    lr_schedule lr_step lr_gamma clip_norm early_stopping seed latent_dim eval_samples
-    eval_ais device out resume overwrite no_figures no_progress threads""".split()
-)
-_NETWORK = frozenset("hidden_dim depth layer_norm orthogonal_init arch".split())
-_LANGEVIN = frozenset("langevin_steps step_size target_accept mh adapt refine_steps".split())
-
-#: the model-specific settings of each recipe (a flag outside them is refused)
-MODEL_FLAGS: dict[str, frozenset[str]] = {
-    "ppca": frozenset({"fit"}),
-    "vae": _NETWORK | {"analytic_kl"},
-    "vae-flow": _NETWORK | {"num_flows", "flow"},
-    "lae": _NETWORK | _LANGEVIN | {"test_scale", "precondition", "feature_norm"},
-    "dlgm": _NETWORK | _LANGEVIN,
-    "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
-    "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),
-}
-
-
-def model_flags(name: str) -> frozenset[str] | None:
-    """Every setting ``name`` takes, or ``None`` (all) for a recipe without a declaration."""
-    if name not in MODEL_FLAGS:
-        return None
-    return COMMON_FLAGS | MODEL_FLAGS[name]
+_SUBMODULES = ("ae_gmm", "base", "custom", "dlgm", "lae", "ppca", "sbn", "vae", "vae_flow")
+for _name in _SUBMODULES:
+    sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"{_recipes.__name__}.{_name}")

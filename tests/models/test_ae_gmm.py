@@ -246,7 +246,7 @@ def test_bad_num_components_is_one_line_error():
     for k in (0, -3):
         with pytest.raises(ValueError, match="num_components must be a positive integer"):
             AEGMM(64, 2, num_components=k)
-    from pyro_lvm.recipes.ae_gmm import build
+    from pyro_lvm.experiments.recipes.ae_gmm import build
 
     with pytest.raises(ValueError, match="num_components"):
         build(TrainConfig(model="ae-gmm", num_components=0), 64, BernoulliLikelihood())

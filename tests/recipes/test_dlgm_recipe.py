@@ -8,9 +8,9 @@ import torch
 
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.recipes import get_recipe
 from pyro_lvm.infer import DLGM, LangevinProposalGuide
 from pyro_lvm.models import make_likelihood
-from pyro_lvm.recipes import get_recipe
 
 
 def _build(**overrides):

@@ -7,11 +7,11 @@ from seeding import offset_seed
 from pyro_lvm.data import load_digits
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.recipes import get_recipe
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer import LAE
 from pyro_lvm.models import LangevinAutoencoder
 from pyro_lvm.models.likelihoods import make_likelihood
-from pyro_lvm.recipes import get_recipe
 
 
 @pytest.fixture(autouse=True)

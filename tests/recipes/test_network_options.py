@@ -6,9 +6,9 @@ from seeding import offset_seed
 from torch import nn
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes import get_recipe
 from pyro_lvm.models.centering import FeatureCentering
 from pyro_lvm.models.likelihoods import make_likelihood
-from pyro_lvm.recipes import get_recipe
 
 
 @pytest.mark.parametrize("model", ["vae", "dlgm", "lae"])

@@ -11,9 +11,9 @@ from seeding import offset_seed
 
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.recipes import get_recipe
 from pyro_lvm.infer import ClosedFormFit, MarginalLikelihoodGD, ModuleSVI
 from pyro_lvm.models import PPCA, make_likelihood, ppca_log_likelihood, ppca_mle
-from pyro_lvm.recipes import get_recipe
 
 
 @pytest.fixture(autouse=True)

@@ -5,10 +5,10 @@ import torch
 from seeding import offset_seed
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes import get_recipe
+from pyro_lvm.experiments.recipes.sbn import ESTIMATORS
 from pyro_lvm.infer import iwae_log_likelihood
 from pyro_lvm.models import BernoulliLikelihood, SigmoidBeliefNet
-from pyro_lvm.recipes import get_recipe
-from pyro_lvm.recipes.sbn import ESTIMATORS
 
 
 def _config(**kw):

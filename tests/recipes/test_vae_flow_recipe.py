@@ -10,10 +10,10 @@ from torch import nn
 from pyro_lvm.data import load_digits
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.recipes import get_recipe, model_flags
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.models import ConvDecoder, ConvEncoder, FeatureCentering, VAEFlow
 from pyro_lvm.models.likelihoods import make_likelihood
-from pyro_lvm.recipes import get_recipe, model_flags
 
 
 @pytest.fixture(autouse=True)

@@ -20,12 +20,12 @@ trained (on refined latents) and is still a valid bound. ``--eval-ais`` needs no
 from __future__ import annotations
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes.base import Experiment, network_options
+from pyro_lvm.experiments.recipes.vae import make_optimizer, vae_networks
 from pyro_lvm.infer.dlgm import DLGM
 from pyro_lvm.infer.refine import LangevinProposalGuide
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.vae import VAE
-from pyro_lvm.recipes.base import Experiment, network_options
-from pyro_lvm.recipes.vae import make_optimizer, vae_networks
 
 __all__ = ["build", "DEFAULT_STEP_SIZE"]
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes.base import Experiment
+from pyro_lvm.experiments.recipes.vae import make_optimizer
 from pyro_lvm.infer.autoencoder import AutoencoderFit
 from pyro_lvm.models.ae_gmm import AEGMM
 from pyro_lvm.models.likelihoods import Likelihood
-from pyro_lvm.recipes.base import Experiment
-from pyro_lvm.recipes.vae import make_optimizer
 
 __all__ = ["build"]
 

@@ -13,11 +13,16 @@ from __future__ import annotations
 from pyro.infer import Trace_ELBO
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes.base import (
+    Experiment,
+    conv_networks,
+    network_arch,
+    network_options,
+)
+from pyro_lvm.experiments.recipes.vae import make_optimizer
 from pyro_lvm.infer.svi import ModuleSVI
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.vae_flow import VAEFlow
-from pyro_lvm.recipes.base import Experiment, conv_networks, network_arch, network_options
-from pyro_lvm.recipes.vae import make_optimizer
 
 __all__ = ["build", "DEFAULT_NUM_FLOWS", "DEFAULT_FLOW", "CONTEXT_DIM"]
 

@@ -5,7 +5,7 @@
 :class:`~pyro_lvm.models.likelihoods.Likelihood` chosen by ``--likelihood``) returning
 either
 
-* an :class:`~pyro_lvm.recipes.base.Experiment` (full control: any inference driver), or
+* an :class:`~pyro_lvm.experiments.recipes.base.Experiment` (any inference driver), or
 * a model object following the protocol of ``docs/custom_models.md``: an
   :class:`torch.nn.Module` with Pyro programs ``model(x)`` and ``guide(x)`` over a data
   plate; it is trained by SVI (:class:`~pyro_lvm.infer.ModuleSVI` with ``Trace_ELBO``,
@@ -27,8 +27,8 @@ from pathlib import Path
 from torch import nn
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes.base import Experiment
 from pyro_lvm.models.likelihoods import Likelihood
-from pyro_lvm.recipes.base import Experiment
 
 __all__ = ["build", "load_object"]
 
@@ -76,8 +76,8 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
             f"--model-file {config.model_file}: the model has no guide(x); add one or return "
             "an Experiment with another inference driver"
         )
+    from pyro_lvm.experiments.recipes.vae import make_optimizer
     from pyro_lvm.infer import ModuleSVI
-    from pyro_lvm.recipes.vae import make_optimizer
 
     svi = ModuleSVI(
         built.model,

@@ -27,13 +27,18 @@ The trainer logs ``inference.metrics()``: ``accept_rate`` and ``step_size``.
 from __future__ import annotations
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes.base import (
+    Experiment,
+    conv_networks,
+    network_arch,
+    network_options,
+)
+from pyro_lvm.experiments.recipes.vae import make_optimizer
 from pyro_lvm.infer.lae import LAE
 from pyro_lvm.infer.refine import LangevinProposalGuide
 from pyro_lvm.models.centering import FeatureCentering
 from pyro_lvm.models.lae import LangevinAutoencoder
 from pyro_lvm.models.likelihoods import Likelihood
-from pyro_lvm.recipes.base import Experiment, conv_networks, network_arch, network_options
-from pyro_lvm.recipes.vae import make_optimizer
 
 __all__ = ["build"]
 

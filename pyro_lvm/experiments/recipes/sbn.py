@@ -18,6 +18,8 @@ from pyro.infer import ELBO
 from torch import nn
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes.base import Experiment
+from pyro_lvm.experiments.recipes.vae import make_optimizer
 from pyro_lvm.infer.baselines import NeuralBaseline, RunningAverageBaseline, SignalNormalization
 from pyro_lvm.infer.disarm import DisARM
 from pyro_lvm.infer.nvil import TraceNVIL_ELBO
@@ -26,8 +28,6 @@ from pyro_lvm.infer.tracegraph import DifferentiableTraceGraph_ELBO
 from pyro_lvm.infer.vimco import VIMCO
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.sbn import SigmoidBeliefNet
-from pyro_lvm.recipes.base import Experiment
-from pyro_lvm.recipes.vae import make_optimizer
 
 __all__ = ["ESTIMATORS", "build", "make_estimator", "nvil_baselines"]
 

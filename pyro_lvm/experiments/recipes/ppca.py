@@ -18,13 +18,13 @@ from functools import partial
 import torch
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes.base import Experiment
+from pyro_lvm.experiments.recipes.vae import make_optimizer
 from pyro_lvm.infer.closed_form import ClosedFormFit
 from pyro_lvm.infer.marginal import MarginalLikelihoodGD
 from pyro_lvm.infer.svi import ModuleSVI
 from pyro_lvm.models.likelihoods import GaussianLikelihood, Likelihood
 from pyro_lvm.models.ppca import PPCA
-from pyro_lvm.recipes.base import Experiment
-from pyro_lvm.recipes.vae import make_optimizer
 
 __all__ = ["FITS", "EM_ITERS", "EM_TOL", "build"]
 

@@ -6,11 +6,16 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.recipes.base import (
+    Experiment,
+    conv_networks,
+    network_arch,
+    network_options,
+)
 from pyro_lvm.infer.svi import ModuleSVI
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.nets import GaussianHead
 from pyro_lvm.models.vae import VAE
-from pyro_lvm.recipes.base import Experiment, conv_networks, network_arch, network_options
 
 __all__ = ["build", "make_optimizer", "vae_networks"]
 
