@@ -53,6 +53,12 @@ class OptimizerDriver:
 
     #: how the loss is named in error messages
     loss_name = "loss"
+    #: compute the global gradient norm every step even without clipping (it costs a
+    #: reduction over every gradient; drivers that report it in ``metrics`` set this)
+    track_grad_norm = False
+    #: let the ready models skip re-registering parameters the optimizer holds
+    #: (:mod:`pyro_lvm._registration`); off for JIT-compiled losses, whose inputs they are
+    declare_held = True
 
     def __init__(
         self,
@@ -66,7 +72,8 @@ class OptimizerDriver:
         self._exclude, self._extra = tuple(exclude), extra
         self.optim = optim
         self.clip_norm = clip_norm
-        #: global gradient norm of the latest step, before clipping (NaN before any step)
+        #: global gradient norm of the latest step before clipping (NaN before any step, or
+        #: when neither clipping nor ``track_grad_norm`` asks for it)
         self.grad_norm = float("nan")
 
     @property
@@ -103,7 +110,10 @@ class OptimizerDriver:
         clip and step remain.
         """
         self._optimizer.zero_grad()
-        with divergence_guard(self.loss_name), self._optimizer.capture() as traced:
+        with (
+            divergence_guard(self.loss_name),
+            self._optimizer.capture(self.declare_held) as traced,
+        ):
             out = closure()
         loss, pending = out if isinstance(out, tuple) else (out, out)
         check_loss(loss, self.loss_name)
@@ -113,10 +123,11 @@ class OptimizerDriver:
         return loss.detach()
 
     def _clip_and_step(self, traced: set[Tensor]) -> None:
-        params = [p for p in self._optimizer.params(traced) if p.grad is not None]
-        if params:
-            max_norm = self.clip_norm if self.clip_norm is not None else math.inf
-            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if self.clip_norm is not None or self.track_grad_norm:
+            params = [p for p in self._optimizer.params(traced) if p.grad is not None]
+            if params:
+                max_norm = self.clip_norm if self.clip_norm is not None else math.inf
+                self.grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         self._optimizer.step(traced)
 
     @torch.no_grad()

@@ -47,6 +47,8 @@ class MarginalLikelihoodGD(OptimizerDriver):
     >>> loss = gd.step(x)   # -sum_n log p(x_n)
     """
 
+    track_grad_norm = True  # reported by metrics()
+
     def __init__(
         self,
         log_likelihood: Callable[[torch.Tensor], torch.Tensor] | object,

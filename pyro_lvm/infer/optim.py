@@ -35,6 +35,8 @@ from pyro.optim import PyroOptim
 from pyro.params import param_with_module_name
 from torch import Tensor
 
+from pyro_lvm._registration import holding
+
 __all__ = ["ParamOptimizer"]
 
 
@@ -69,7 +71,8 @@ class ParamOptimizer:
             )
         self.optim = optim
         self.is_pyro = isinstance(optim, PyroOptim)
-        self._exclude = {id(p) for p in exclude}
+        self._exclude_tensors = list(exclude)
+        self._exclude = {id(p) for p in self._exclude_tensors}
         self._extra = dict(extra or {})
         self._extra_name = extra_name
         self._pending_state: dict | None = None
@@ -90,16 +93,23 @@ class ParamOptimizer:
         return [p for group in self.optim.param_groups for p in group["params"]]
 
     @contextmanager
-    def capture(self):
+    def capture(self, declare_held: bool = True):
         """Trace the Pyro params used inside the block; yields a set filled on exit.
 
         Their gradients are cleared on exit, so call ``backward`` after the block: a
         param restored from a checkpoint (or used elsewhere) may carry a stale ``.grad``.
         Param sites inside :func:`pyro.poutine.block` are hidden unless the block lets
-        ``"param"`` messages through.
+        ``"param"`` messages through. ``declare_held`` lets the ready models skip
+        re-registering parameters this torch optimizer holds (:mod:`pyro_lvm._registration`);
+        a JIT-compiled ELBO needs them registered, as its inputs.
         """
         found: set[Tensor] = set()
-        with poutine.trace(param_only=True) as tracer:
+        # modules whose parameters this torch optimizer holds (or excludes) need not
+        # re-register them with the param store on every call (pyro_lvm._registration)
+        declared = []
+        if declare_held and not self.is_pyro:
+            declared = [*self.torch_params(), *self._exclude_tensors]
+        with holding(declared), poutine.trace(param_only=True) as tracer:
             yield found
         for site in tracer.trace.nodes.values():
             p = site["value"].unconstrained()

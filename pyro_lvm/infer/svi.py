@@ -27,6 +27,22 @@ from pyro_lvm.infer.driver import OptimizerDriver
 
 __all__ = ["ModuleSVI"]
 
+_JIT_ELBOS = tuple(
+    getattr(pyro.infer, name)
+    for name in (
+        "JitTrace_ELBO",
+        "JitTraceGraph_ELBO",
+        "JitTraceEnum_ELBO",
+        "JitTraceMeanField_ELBO",
+        "JitTraceTMC_ELBO",
+    )
+    if hasattr(pyro.infer, name)
+)
+
+
+def _is_jit(loss: ELBO) -> bool:
+    return isinstance(loss, _JIT_ELBOS)
+
 
 class ModuleSVI(OptimizerDriver):
     """``step(*args) -> float`` like :class:`pyro.infer.SVI`, on module parameters.
@@ -57,6 +73,8 @@ class ModuleSVI(OptimizerDriver):
         super().__init__(optim, clip_norm)
         self.model, self.guide = model, guide
         self.loss = loss if loss is not None else Trace_ELBO()
+        # Pyro's JIT ELBOs (JitTrace_ELBO, ...) compile the param store entries as inputs
+        self.declare_held = not _is_jit(self.loss)
 
     def objective(self, *args, **kwargs) -> torch.Tensor:
         """Minus the ELBO of the batch, differentiable."""

@@ -27,6 +27,7 @@ import torch
 from pyro.params import param_with_module_name
 from torch import nn
 
+from pyro_lvm._registration import all_held
 from pyro_lvm.models.likelihoods import Likelihood
 
 __all__ = ["LatentVariableModel"]
@@ -77,24 +78,28 @@ class LatentVariableModel(nn.Module):
         of the same class, are replaced), because the module's ``state_dict`` is the
         checkpoint and a stale entry would be trained in place of the real parameter.
         """
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if all_held(p for _, p in trainable):
+            return  # a pyro_lvm driver already trains all of them (pyro_lvm._registration)
         name = self.pyro_name or type(self).__name__
         store = pyro.get_param_store()
         # pyro.module(name, self) without its warning for frozen (requires_grad=False)
         # parameters, which are simply not Pyro params
-        for param_name, p in self.named_parameters():
-            if p.requires_grad:
-                full = param_with_module_name(name, param_name)
-                if store.param_name(p) != full and full in store:
-                    del store[full]
-                pyro.param(full, p)
+        for param_name, p in trainable:
+            full = param_with_module_name(name, param_name)
+            if store.param_name(p) != full and full in store:
+                del store[full]
+            pyro.param(full, p)
 
     # -- generative side ------------------------------------------------------------
     def prior(self, batch_size: int) -> dist.Distribution:
         """:math:`\\mathcal N(0, I)` over ``(batch_size, latent_dim)`` with one event dim."""
+        # expanded 0-d tensors: no (batch, latent) allocation per call
         p = next(self.parameters(), None)
         kw = {"device": p.device, "dtype": p.dtype} if p is not None else {}
-        zeros = torch.zeros(batch_size, self.latent_dim, **kw)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        loc, scale = torch.zeros((), **kw), torch.ones((), **kw)
+        shape = (batch_size, self.latent_dim)
+        return dist.Normal(loc, scale).expand(shape).to_event(1)
 
     def decode(self, z: torch.Tensor) -> dist.Distribution:
         """The observation distribution :math:`p_\\theta(x \\mid z)`."""

@@ -34,7 +34,10 @@ def test_step_descends_and_reports_the_loss_before_the_step():
     loss = d.step(torch.zeros(2))
     assert loss == pytest.approx(36.0)  # 4 * 3^2 at w = 0
     assert torch.allclose(w.detach(), torch.full((4,), 0.6))  # w - lr * 2 (w - 3)
-    assert d.grad_norm == pytest.approx(12.0)  # |2 (0 - 3)| * sqrt(4)
+    assert d.grad_norm != d.grad_norm  # NaN: not computed without clipping (a cost)
+    d.track_grad_norm = True
+    d.step(torch.zeros(2))
+    assert d.grad_norm == pytest.approx(2 * 2.4 * 2)  # |2 (0.6 - 3)| * sqrt(4)
 
 
 def test_clip_norm_bounds_the_update():
