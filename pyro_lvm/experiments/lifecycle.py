@@ -22,6 +22,7 @@ from pyro_lvm.data import DataBundle, load_dataset
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, atomic_save
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.protocol import PlottableModel, missing
 from pyro_lvm.experiments.recipes import Experiment, get_recipe
 from pyro_lvm.experiments.rundir import (
     RunLock,
@@ -252,16 +253,16 @@ def _log_run(writer, config: TrainConfig, metrics: dict, pngs: list) -> None:
 
 
 def _plottable(experiment: Experiment, what: str) -> bool:
-    """The figures read ``decoder`` and ``likelihood`` (the ready models' protocol); a
-    custom model without them gets its metrics and a notice instead."""
-    missing = [a for a in ("decoder", "likelihood") if not hasattr(experiment.lvm, a)]
-    if missing:
+    """The figures need :class:`~pyro_lvm.experiments.protocol.PlottableModel` (the ready
+    models' protocol); a custom model without it gets its metrics and a notice instead."""
+    lacking = missing(experiment.lvm, PlottableModel)
+    if lacking:
         warnings.warn(
-            f"{what} skipped: the model has no {' or '.join(missing)} attribute "
-            "(see docs/cli.md, custom models)",
+            f"{what} skipped: the model has no {' or '.join(lacking)} "
+            "(pyro_lvm.experiments.protocol.PlottableModel; see docs/cli.md, custom models)",
             stacklevel=2,
         )
-    return not missing
+    return not lacking
 
 
 def _data_info(data: DataBundle) -> dict:

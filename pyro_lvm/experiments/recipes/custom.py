@@ -6,7 +6,7 @@
 either
 
 * an :class:`~pyro_lvm.experiments.recipes.base.Experiment` (any inference driver), or
-* a model object following the protocol of ``docs/custom_models.md``: an
+* a model object following :class:`~pyro_lvm.experiments.protocol.TrainableModel`: an
   :class:`torch.nn.Module` with Pyro programs ``model(x)`` and ``guide(x)`` over a data
   plate; it is trained by SVI (:class:`~pyro_lvm.infer.ModuleSVI` with ``Trace_ELBO``,
   ``--lr``, ``--optimizer``, ``--clip-norm``), evaluated with its guide as proposal, and
@@ -27,6 +27,7 @@ from pathlib import Path
 from torch import nn
 
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.protocol import TrainableModel, missing
 from pyro_lvm.experiments.recipes.base import Experiment
 from pyro_lvm.models.likelihoods import Likelihood
 
@@ -66,15 +67,17 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
     built = factory(config, data_dim, likelihood)
     if isinstance(built, Experiment):
         return built
-    if not (isinstance(built, nn.Module) and callable(getattr(built, "model", None))):
+    lacking = missing(built, TrainableModel)
+    if not isinstance(built, nn.Module) or "model" in lacking:
         raise ValueError(
             f"--model-file {config.model_file} returned {type(built).__name__}: it must return "
             "an Experiment or an nn.Module with model(x) and guide(x) methods"
         )
-    if not callable(getattr(built, "guide", None)):
+    if lacking:
         raise ValueError(
-            f"--model-file {config.model_file}: the model has no guide(x); add one or return "
-            "an Experiment with another inference driver"
+            f"--model-file {config.model_file}: the model has no {', '.join(lacking)}; add "
+            "guide(x) or return an Experiment with another inference driver "
+            "(pyro_lvm.experiments.protocol.TrainableModel)"
         )
     from pyro_lvm.experiments.recipes.vae import make_optimizer
     from pyro_lvm.infer import ModuleSVI
