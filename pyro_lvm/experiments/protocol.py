@@ -9,14 +9,10 @@ protocols; a researcher's own model needs only :class:`TrainableModel` to train,
 gains ``pyro-lvm sample`` and the figures by adding the others. The checks are
 structural (:func:`typing.runtime_checkable`): no base class is required.
 
-=====================  ==========================================================
-protocol               used by
-=====================  ==========================================================
-:class:`TrainableModel`   trainer (SVI on ``model``/``guide``), evaluator (the guide as
-                          importance proposal), checkpoints (``state_dict``)
-:class:`GenerativeModel`  ``pyro-lvm sample``, ``load_run(...).model.generate``
-:class:`PlottableModel`   the figures: samples, reconstructions, latent scatter
-=====================  ==========================================================
+- :class:`TrainableModel`: the trainer (SVI on ``model``/``guide``), the evaluator (the
+  guide as importance proposal) and checkpoints (``state_dict``);
+- :class:`GenerativeModel`: ``pyro-lvm sample`` and ``load_run(...).model.generate``;
+- :class:`PlottableModel`: the figures (samples, reconstructions, latent scatter).
 """
 
 from __future__ import annotations
