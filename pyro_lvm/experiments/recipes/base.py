@@ -12,7 +12,14 @@ from torch import nn
 from pyro_lvm.models.base import LatentVariableModel
 from pyro_lvm.models.conv import ARCHS, ConvDecoder, ConvEncoder, image_shape_for
 
-__all__ = ["Experiment", "Inference", "conv_networks", "network_arch", "network_options"]
+__all__ = [
+    "Experiment",
+    "Inference",
+    "conv_networks",
+    "langevin_experiment",
+    "network_arch",
+    "network_options",
+]
 
 
 class Inference(Protocol):
@@ -117,3 +124,27 @@ def conv_networks(
     encoder = ConvEncoder(shape, encoder_out, **options)
     decoder = ConvDecoder(config.latent_dim, shape, **options)
     return encoder, decoder
+
+
+def langevin_experiment(config, lvm: LatentVariableModel, inference: Inference) -> Experiment:
+    """The Experiment of a model trained with Langevin transitions (``lae``, ``dlgm``):
+    evaluated with the encoder as proposal, or with ``--refine-steps`` Langevin steps
+    from it; the figures draw the acceptance target when MH and adaptation are on."""
+    from pyro_lvm.infer.refine import LangevinProposalGuide
+
+    eval_guide = lvm.guide
+    if config.refine_steps > 0:
+        eval_guide = LangevinProposalGuide(
+            lvm.model, lvm.encode, config.refine_steps, target_accept_prob=config.target_accept
+        )
+    return Experiment(
+        lvm=lvm,
+        inference=inference,
+        modules=lvm,
+        eval_guide=eval_guide,
+        info={
+            "eval_proposal": "refined" if config.refine_steps > 0 else "encoder",
+            # the acceptance the step size adapts towards (none without MH or adaptation)
+            "target_accept": config.target_accept if config.mh and config.adapt else None,
+        },
+    )

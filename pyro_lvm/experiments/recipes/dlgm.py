@@ -20,10 +20,9 @@ trained (on refined latents) and is still a valid bound. ``--eval-ais`` needs no
 from __future__ import annotations
 
 from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.experiments.recipes.base import Experiment, network_options
+from pyro_lvm.experiments.recipes.base import Experiment, langevin_experiment, network_options
 from pyro_lvm.experiments.recipes.vae import make_optimizer, vae_networks
 from pyro_lvm.infer.dlgm import DLGM
-from pyro_lvm.infer.refine import LangevinProposalGuide
 from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.vae import VAE
 
@@ -52,19 +51,4 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         target_accept_prob=config.target_accept,
         guide_params=list(vae.encoder.parameters()),
     )
-    eval_guide = vae.guide
-    if config.refine_steps > 0:
-        eval_guide = LangevinProposalGuide(
-            vae.model, vae.encode, config.refine_steps, target_accept_prob=config.target_accept
-        )
-    return Experiment(
-        lvm=vae,
-        inference=inference,
-        modules=vae,
-        eval_guide=eval_guide,
-        info={
-            "eval_proposal": "refined" if config.refine_steps > 0 else "encoder",
-            # the acceptance the step size adapts towards (none without MH or adaptation)
-            "target_accept": config.target_accept if config.mh and config.adapt else None,
-        },
-    )
+    return langevin_experiment(config, vae, inference)

@@ -30,12 +30,12 @@ from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.recipes.base import (
     Experiment,
     conv_networks,
+    langevin_experiment,
     network_arch,
     network_options,
 )
 from pyro_lvm.experiments.recipes.vae import make_optimizer
 from pyro_lvm.infer.lae import LAE
-from pyro_lvm.infer.refine import LangevinProposalGuide
 from pyro_lvm.models.centering import FeatureCentering
 from pyro_lvm.models.lae import LangevinAutoencoder
 from pyro_lvm.models.likelihoods import Likelihood
@@ -75,19 +75,4 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         target_accept_prob=config.target_accept,
         precondition=config.precondition,
     )
-    eval_guide = lvm.guide
-    if config.refine_steps > 0:
-        eval_guide = LangevinProposalGuide(
-            lvm.model, lvm.encode, config.refine_steps, target_accept_prob=config.target_accept
-        )
-    return Experiment(
-        lvm=lvm,
-        inference=inference,
-        modules=lvm,
-        eval_guide=eval_guide,
-        info={
-            "eval_proposal": "refined" if config.refine_steps > 0 else "encoder",
-            # the acceptance the step size adapts towards (none without MH or adaptation)
-            "target_accept": config.target_accept if config.mh and config.adapt else None,
-        },
-    )
+    return langevin_experiment(config, lvm, inference)
