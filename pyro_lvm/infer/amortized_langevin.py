@@ -92,20 +92,42 @@ def _final_linear(encoder: nn.Module) -> tuple[str, nn.Linear] | None:
     return found
 
 
+def _check_subsampling(sites: dict[str, dict]) -> None:
+    """Refuse subsampled plates (``subsample_size=`` or ``subsample=``): they scale the
+    potential by :math:`N/n`, a colder chain than the posterior of the rows given."""
+    for site in sites.values():
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.full_size != frame.size:
+                raise ValueError(
+                    f"plate {frame.name!r} subsamples {frame.size} of {frame.full_size} rows "
+                    "(subsample_size= or subsample=), which scales the potential by N/n (a "
+                    "colder chain); pass the minibatch itself as the model's data with a "
+                    f"full-size plate, pyro.plate({frame.name!r}, {frame.size})"
+                )
+
+
 class AmortizedLangevin(MCMCKernel):
     r"""MALA on an encoder's final-layer weight; its outputs are posterior samples.
 
     Parameters
     ----------
     model : callable
-        Pyro model ``model(x, ...)`` with a continuous latent site ``latent_site`` inside a
-        (full-size, not subsampled) data plate over the rows of ``x``; no other latent
-        sites.
+        Pyro model ``model(x, ...)`` whose local latent sites ``latent_site`` lie inside a
+        (full-size, not subsampled) data plate over the rows of ``x``. Any other
+        unobserved site outside that plate is a *global* latent: it joins the chain state
+        (its unconstrained value) and moves by the same MALA transition, and
+        ``get_samples()`` returns it too. Latent sites may have constrained supports: the
+        potential works in Pyro's unconstrained space (``biject_to(site.support)``) and
+        carries the log-abs-det-Jacobian; samples are constrained values.
     encoder : nn.Module
-        ``encoder(x)`` returns latent values of the site's shape ``(n, latent_dim)``. It
-        receives the first positional argument given to the model.
-    latent_site : str
-        Name of the latent sample site.
+        ``encoder(x)`` returns the local sites' unconstrained values: a Tensor of the
+        site's shape ``(n, latent_dim)`` for one site, a dict ``{site: value}`` for
+        several. It receives the first positional argument given to the model (see
+        ``encoder_input``).
+    latent_site : str or sequence of str
+        Name(s) of the local latent sample sites. With several sites the default chain
+        state is still the final ``nn.Linear`` (e.g. one head whose columns are split into
+        the sites); with one head per site name each head's weight in ``params``.
     step_size : float, optional
         Initial MALA step size :math:`\eta`. By default it is found at setup by doubling or
         halving :math:`10^{-3}` until one proposal's acceptance crosses the target.
@@ -156,7 +178,7 @@ class AmortizedLangevin(MCMCKernel):
         model: Callable,
         encoder: nn.Module,
         *,
-        latent_site: str = "z",
+        latent_site: str | Sequence[str] = "z",
         step_size: float | None = None,
         mh: bool = True,
         adapt_step_size: bool = True,
@@ -176,7 +198,14 @@ class AmortizedLangevin(MCMCKernel):
             raise ValueError(f"adapt_window must be a positive integer, got {adapt_window}")
         if not isinstance(encoder, nn.Module):
             raise ValueError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+        sites = (latent_site,) if isinstance(latent_site, str) else tuple(latent_site)
+        if not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) < len(sites):
+            raise ValueError(
+                f"latent_site must be a site name or a sequence of distinct names, got "
+                f"{latent_site!r}"
+            )
         self.model, self.encoder, self.latent_site = model, encoder, latent_site
+        self.latent_sites: tuple[str, ...] = sites
         self.mh, self.adapt_step_size = mh, adapt_step_size
         self.target_accept_prob, self.adapt_window = target_accept_prob, adapt_window
         self._init_step_size = step_size
@@ -185,7 +214,9 @@ class AmortizedLangevin(MCMCKernel):
         self._saved: list[Tensor] | None = None
         self._num_chains_started = 0
         self.transforms: dict = {}  # MCMC reads it; the state is unconstrained already
-        self.save_params = [latent_site]
+        # MCMC stores these sites; setup adds the global sites unless the user chose
+        self._default_save = sorted(sites)
+        self.save_params = sorted(sites)
 
         named = dict(encoder.named_parameters())
         self._head: nn.Linear | None = None
@@ -215,9 +246,11 @@ class AmortizedLangevin(MCMCKernel):
         plain_sequential = (
             isinstance(encoder, nn.Sequential) and type(encoder).forward is nn.Sequential.forward
         )
-        if self._head is not None and plain_sequential:
+        if len(sites) > 1:
+            pass  # the encoder returns a dict: always re-evaluated (generic path)
+        elif self._head is not None and plain_sequential:
             self._trunk = nn.Sequential(*list(encoder)[:-1])  # shares the modules
-        elif isinstance(encoder, nn.Linear) and self._head is not None:
+        elif isinstance(encoder, nn.Linear):
             self._trunk = nn.Identity()
         if precondition is not None and self._trunk is None:
             raise ValueError(
@@ -243,7 +276,14 @@ class AmortizedLangevin(MCMCKernel):
         self._step_size: float | None = self._init_step_size
         self._final_step_size: float | None = None
         self._checked = False
-        self._transform = None
+        self._shapes_checked = False
+        # per latent site: biject_to(support), None for real supports
+        self._transforms: dict[str, Any] = {}
+        self._local_shapes: dict[str, tuple] = {}
+        # global (non-plated) latent sites: names, unconstrained shapes, current values
+        self._global_names: tuple[str, ...] = ()
+        self._global_shapes: tuple[torch.Size, ...] = ()
+        self._global_u: Tensor | None = None
         self._warned = False
         self._stats = {"accept_prob": 0.0, "accepted": 0.0, "n": 0}
 
@@ -257,18 +297,29 @@ class AmortizedLangevin(MCMCKernel):
         """The current :class:`~pyro_lvm.infer.langevin.LangevinState` (flat position)."""
         return self._state
 
-    def _flat_position(self) -> Tensor:
-        """The chain position at the encoder's current weights."""
+    def _chain_size(self) -> int:
+        """Length of the chain-parameter part of the position (its prefix)."""
         if self._reparam is not None:
             phi0, A = self._reparam
-            return torch.zeros(phi0.shape[0] * A.shape[0], dtype=phi0.dtype, device=phi0.device)
-        return torch.cat([p.detach().reshape(-1) for p in self.chain_params])
+            return phi0.shape[0] * A.shape[0]
+        return sum(p.numel() for p in self.chain_params)
+
+    def _flat_position(self) -> Tensor:
+        """The chain position at the encoder's current weights (and global values)."""
+        if self._reparam is not None:
+            phi0, A = self._reparam
+            chain = torch.zeros(self._chain_size(), dtype=phi0.dtype, device=phi0.device)
+        else:
+            chain = torch.cat([p.detach().reshape(-1) for p in self.chain_params])
+        if self._global_u is None:
+            return chain
+        return torch.cat([chain, self._global_u.to(chain)])
 
     def _unflatten(self, position: Tensor) -> list[Tensor]:
-        """Chain parameter values at ``position``."""
+        """Chain parameter values at ``position`` (its chain part)."""
         if self._reparam is not None:
             phi0, A = self._reparam
-            return [phi0 + position.view(phi0.shape[0], A.shape[0]) @ A]
+            return [phi0 + position[: self._chain_size()].view(phi0.shape[0], A.shape[0]) @ A]
         out, i = [], 0
         for p in self.chain_params:
             out.append(position[i : i + p.numel()].view_as(p))
@@ -276,52 +327,105 @@ class AmortizedLangevin(MCMCKernel):
         return out
 
     def _write_back(self, position: Tensor) -> None:
-        """The encoder holds the chain's current state."""
+        """The encoder holds the chain's current state; the kernel the global values."""
         with torch.no_grad():
             for p, value in zip(self.chain_params, self._unflatten(position)):
                 p.copy_(value)
+        if self._global_names:
+            self._global_u = position[self._chain_size() :].detach()
 
     # -- the potential --------------------------------------------------------------------
-    def latents(self, position: Tensor | None = None) -> Tensor:
-        r"""Encoder outputs :math:`z = \Phi g(x) + b` at ``position`` (default: current)."""
+    def _as_dict(self, out: Any) -> dict[str, Tensor]:
+        """The encoder output as ``{site: unconstrained value}``."""
+        if isinstance(out, Tensor) and len(self.latent_sites) == 1:
+            return {self.latent_sites[0]: out}
+        if isinstance(out, dict) and set(out) == set(self.latent_sites):
+            return out
+        got = sorted(out) if isinstance(out, dict) else type(out).__name__
+        raise ValueError(
+            f"the encoder returned {got} for latent sites {list(self.latent_sites)}; return a "
+            "Tensor for one site or a dict mapping each latent site name to its value"
+        )
+
+    def _local_values(self, position: Tensor) -> dict[str, Tensor]:
+        """Encoder outputs (unconstrained) per latent site at ``position``."""
+        if self._trunk is not None:
+            (weight,) = self._unflatten(position)
+            return {self.latent_sites[0]: F.linear(self._features, weight, self._head.bias)}
+        values = dict(zip(self.param_names, self._unflatten(position)))
+        out = torch.func.functional_call(self.encoder, values, (self._input,))
+        return self._as_dict(out)
+
+    def _global_values(self, position: Tensor | None) -> dict[str, Tensor]:
+        """Global sites' unconstrained values from the tail of ``position``."""
+        if not self._global_names:
+            return {}
+        tail = position[self._chain_size() :] if position is not None else self._global_u
+        out, i = {}, 0
+        for name, shape in zip(self._global_names, self._global_shapes):
+            n = math.prod(shape)
+            out[name] = tail[i : i + n].view(shape)
+            i += n
+        return out
+
+    def latents(self, position: Tensor | None = None) -> Tensor | dict[str, Tensor]:
+        r"""Encoder outputs :math:`z = \Phi g(x) + b` at ``position`` (default: current):
+        a Tensor for one latent site, a dict for several (unconstrained values)."""
         if position is None:
             position = self._state.position if self._state is not None else None
             position = self._flat_position() if position is None else position
-        if self._trunk is not None:
-            (weight,) = self._unflatten(position)
-            return F.linear(self._features, weight, self._head.bias)
-        values = dict(zip(self.param_names, self._unflatten(position)))
-        return torch.func.functional_call(self.encoder, values, (self._input,))
+        values = self._local_values(position)
+        return values if len(self.latent_sites) > 1 else values[self.latent_sites[0]]
 
-    def _log_joint(self, u: Tensor) -> Tensor:
-        r""":math:`\log p(x, z = T(u)) + \log|\det \partial T / \partial u|` for the
-        encoder output :math:`u` in the site's unconstrained space
-        (:math:`T` = ``biject_to(site.support)``, the identity for real latents)."""
-        if not self._checked:
-            self._check_model(u)
-        transform = self._transform
-        z = u if transform is None else transform(u)
+    def _log_joint(self, u: dict[str, Tensor]) -> Tensor:
+        r""":math:`\log p(x, z = T(u)) + \sum_s \log|\det \partial T_s / \partial u_s|` for
+        the values :math:`u_s` in each site's unconstrained space
+        (:math:`T_s` = ``biject_to(site.support)``, the identity for real latents)."""
+        if not self._shapes_checked:
+            self._check_shapes(u)
+        z = self.constrain(u)
         # validation off: the Langevin core itself turns non-finite potentials into
         # rejections, and Pyro's per-site NaN/inf checks cost a sync per site
         # params pass the block: LAE traces them to train the model's Pyro params
         with poutine.block(hide_fn=_not_param), pyro.validation_enabled(False):
-            model = poutine.condition(self.model, data={self.latent_site: z})
+            model = poutine.condition(self.model, data=z)
             trace = poutine.trace(model).get_trace(*self._args, **self._kwargs)
             log_joint = trace.log_prob_sum()
-        if transform is not None:
-            log_joint = log_joint + transform.log_abs_det_jacobian(u, z).sum()
+        for name, transform in self._transforms.items():
+            if transform is not None:
+                log_joint = log_joint + transform.log_abs_det_jacobian(u[name], z[name]).sum()
         return log_joint
 
-    def constrain(self, u: Tensor) -> Tensor:
-        """Latent values in the site's support from the encoder's unconstrained output."""
-        return u if self._transform is None else self._transform(u)
+    def constrain(self, u: Tensor | dict[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        """Latent values in each site's support from unconstrained values (a Tensor for
+        the one latent site, or a dict by site name)."""
+        if isinstance(u, Tensor):
+            transform = self._transforms.get(self.latent_sites[0])
+            return u if transform is None else transform(u)
+        return {
+            n: v if self._transforms.get(n) is None else self._transforms[n](v)
+            for n, v in u.items()
+        }
 
     def potential_fn(self, position: Tensor) -> Tensor:
-        """:math:`V = -\\log p(x, z = \\text{encoder}(x))`, summed over the batch."""
-        return -self._log_joint(self.latents(position))
+        """:math:`V = -\\log p(x, z = \\text{encoder}(x), \\theta)`, summed over the batch
+        (:math:`\\theta` the global sites, the tail of ``position``)."""
+        return -self._log_joint({**self._local_values(position), **self._global_values(position)})
 
-    def _check_model(self, z: Tensor | None) -> None:
-        """One-line errors for a model ALD cannot sample (traced once, from the prior)."""
+    def _check_shapes(self, u: dict[str, Tensor]) -> None:
+        for name in self.latent_sites:
+            expected, got = self._local_shapes[name], tuple(u[name].shape)
+            if got != expected:
+                raise ValueError(
+                    f"the encoder outputs shape {got} but latent site {name!r} has shape "
+                    f"{expected}; make encoder(x) match the latent site"
+                )
+        self._shapes_checked = True
+
+    def _check_model(self) -> None:
+        """One-line errors for a model ALD cannot sample (traced once, from the prior);
+        records each site's transform and finds the global sites (drawing their start
+        from the prior when the kernel has none)."""
         # sampling from the prior must not consume random numbers: a resumed run has to
         # continue exactly as an uninterrupted one (which did this check long ago)
         with poutine.block(), torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -331,46 +435,55 @@ class AmortizedLangevin(MCMCKernel):
             for name, site in trace.nodes.items()
             if site["type"] == "sample" and not site_is_subsample(site)
         }
-        if self.latent_site not in sites:
-            latent = [n for n, s in sites.items() if not s["is_observed"]]
+        latent = [n for n, s in sites.items() if not s["is_observed"]]
+        for name in self.latent_sites:
+            if name not in sites:
+                raise ValueError(
+                    f"the model has no sample site {name!r}; pass latent_site= one of its "
+                    f"latent sites {latent}"
+                )
+        _check_subsampling(sites)
+        data_plates = {f.name for n in self.latent_sites for f in sites[n]["cond_indep_stack"]}
+        transforms, global_names, global_shapes, global_values = {}, [], [], []
+        for name in latent:
+            site = sites[name]
+            fn = site["fn"]
+            if fn.support.is_discrete:
+                raise ValueError(
+                    f"latent site {name!r} is discrete ({type(fn).__name__}); Langevin "
+                    "dynamics needs continuous latents: use an SVI estimator (e.g. "
+                    "TraceNVIL_ELBO) or condition it out with poutine.condition"
+                )
+            transform = biject_to(fn.support)
+            support = fn.support
+            while isinstance(support, constraints.independent):
+                support = support.base_constraint
+            transforms[name] = None if support is constraints.real else transform
+            if name in self.latent_sites:
+                shape = tuple(fn.batch_shape + fn.event_shape)
+                self._local_shapes[name] = tuple(transform.inv.forward_shape(shape))
+                continue
+            plates = [f.name for f in site["cond_indep_stack"] if f.name in data_plates]
+            if plates:
+                raise ValueError(
+                    f"latent site {name!r} is inside the data plate {plates[0]!r} but not in "
+                    f"latent_site={list(self.latent_sites)}; add it to latent_site (the "
+                    "encoder outputs it) or condition it out with poutine.condition"
+                )
+            u = transform.inv(site["value"])
+            global_names.append(name)
+            global_shapes.append(u.shape)
+            global_values.append(u.reshape(-1))
+        self._transforms = transforms
+        names = tuple(global_names)
+        if self._global_u is not None and names != self._global_names:
             raise ValueError(
-                f"the model has no sample site {self.latent_site!r}; pass latent_site= one "
-                f"of its latent sites {latent}"
+                f"the model's global latent sites changed from {list(self._global_names)} to "
+                f"{list(names)}; use one kernel per model structure"
             )
-        fn = sites[self.latent_site]["fn"]
-        if fn.support.is_discrete:
-            raise ValueError(
-                f"latent site {self.latent_site!r} is discrete ({type(fn).__name__}); Langevin "
-                "dynamics needs continuous latents: use an SVI estimator (e.g. TraceNVIL_ELBO)"
-            )
-        site_shape = tuple(fn.batch_shape + fn.event_shape)
-        transform = biject_to(fn.support)
-        support = fn.support
-        while isinstance(support, constraints.independent):
-            support = support.base_constraint
-        self._transform = None if support is constraints.real else transform
-        site_shape = tuple(transform.inv.forward_shape(site_shape))
-        if z is not None and site_shape != tuple(z.shape):
-            raise ValueError(
-                f"the encoder outputs shape {tuple(z.shape)} but latent site "
-                f"{self.latent_site!r} has shape {site_shape}; make encoder(x) match the "
-                "latent site"
-            )
-        others = [n for n, s in sites.items() if not s["is_observed"] and n != self.latent_site]
-        if others:
-            raise ValueError(
-                f"the model has latent sites {others} besides {self.latent_site!r}; "
-                "AmortizedLangevin samples one latent site: condition or remove the others"
-            )
-        for site in sites.values():
-            for frame in site["cond_indep_stack"]:
-                if frame.full_size is not None and frame.full_size != frame.size:
-                    raise ValueError(
-                        f"plate {frame.name!r} subsamples {frame.size} of {frame.full_size} "
-                        "rows, which scales the potential by N/n (a colder chain); give the "
-                        "model the minibatch with a full-size plate (the potential is the "
-                        "plain minibatch sum)"
-                    )
+        self._global_names, self._global_shapes = names, tuple(global_shapes)
+        if names and self._global_u is None:
+            self._global_u = torch.cat(global_values)
         self._checked = True
 
     # -- batch set-up -----------------------------------------------------------------------
@@ -383,6 +496,8 @@ class AmortizedLangevin(MCMCKernel):
         """
         self._args, self._kwargs = args, kwargs
         x = self._input = self._encoder_input(args, kwargs)
+        if not self._checked:
+            self._check_model()
         if self._trunk is not None:
             with torch.set_grad_enabled(keep_graph):
                 self._features = self._trunk(x)
@@ -393,7 +508,7 @@ class AmortizedLangevin(MCMCKernel):
             self._check_rank(self._head.in_features, x.shape[0])
         position = self._flat_position()
         if self._trunk is None and tuple(x.shape) not in self._affine_checked:
-            self._check_affine(position)
+            self._check_affine(position[: self._chain_size()])
             self._affine_checked.add(tuple(x.shape))
         state = langevin_init(position, self.potential_fn, keep_graph=keep_graph)
         if not torch.isfinite(state.potential).all() or not torch.isfinite(state.grad).all():
@@ -426,17 +541,27 @@ class AmortizedLangevin(MCMCKernel):
         gen = torch.Generator(device="cpu").manual_seed(0)  # no draw from the global RNG
         d = torch.randn(position.shape, generator=gen).to(position)
         d = d * (position.abs().mean() + 1.0) * 0.5
-        f0, fp, fm = (self.latents(p) for p in (position, position + d, position - d))
-        second = (fp - 2 * f0 + fm).abs().max()
-        size = (fp - fm).abs().max() + f0.abs().max() + 1e-12
+        f0, fp, fm = (self._local_values(p) for p in (position, position + d, position - d))
         tol = 1e-3 if position.dtype == torch.float32 else 1e-8
-        if not torch.isfinite(second) or second > tol * size:
-            raise ValueError(
-                f"the encoder output is not affine in the chain parameters {self.param_names} "
-                f"(relative second difference {float(second / size):.2g}); ALD samples the "
-                "wrong law then: end the encoder with the chain's nn.Linear and move output "
-                "transforms (exp, softplus) into the model, or name affine params="
-            )
+        for name in self.latent_sites:
+            second = (fp[name] - 2 * f0[name] + fm[name]).abs().max()
+            moved = (fp[name] - fm[name]).abs().max()
+            size = moved + f0[name].abs().max() + 1e-12
+            if not torch.isfinite(second) or second > tol * size:
+                raise ValueError(
+                    f"the encoder output {name!r} is not affine in the chain parameters "
+                    f"{self.param_names} (relative second difference "
+                    f"{float(second / size):.2g}); ALD samples the wrong law then: end the "
+                    "encoder with the chain's nn.Linear and move output transforms (exp, "
+                    "softplus) into the model, or name affine params="
+                )
+            if not moved > 0:
+                raise ValueError(
+                    f"latent site {name!r} does not depend on the chain parameters "
+                    f"{self.param_names}, so ALD never moves it: name the weight of the "
+                    "layer that outputs it in params= too (or output every site from one "
+                    "final nn.Linear)"
+                )
 
     def _feature_preconditioner(self, features: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`(\Phi_0, A)` with :math:`A = (G G^\top + \lambda \bar e I)^{-1} G`."""
@@ -546,7 +671,11 @@ class AmortizedLangevin(MCMCKernel):
         saved = self._args, self._kwargs, self._features
         try:
             self._args, self._kwargs = args, kwargs
-            return -self._log_joint(self.encoder(self._encoder_input(args, kwargs)))
+            x = self._encoder_input(args, kwargs)
+            if not self._checked:
+                self._check_model()
+            u = {**self._as_dict(self.encoder(x)), **self._global_values(None)}
+            return -self._log_joint(u)
         finally:
             self._args, self._kwargs, self._features = saved
 
@@ -558,52 +687,76 @@ class AmortizedLangevin(MCMCKernel):
         ``MCMC.run`` leaves the user's modules as they were. The first chain starts at
         the encoder's weights (or ``initial_params``); every later chain of the same kernel
         (``num_chains > 1``, drawn sequentially) starts from latents drawn from the
-        model's prior, so that the chains are independent and dispersed.
+        model's prior, so that the chains are independent and dispersed. Global sites
+        start at a prior draw (or ``initial_params``).
         """
         self._reset()
         self._warmup_steps = warmup_steps
         if self._saved is None:
             self._saved = [p.detach().clone() for p in self.chain_params]
         self._num_chains_started += 1
+        self._args, self._kwargs = args, kwargs
+        self._encoder_input(args, kwargs)  # the data are there: else a one-line error
+        self._check_model()  # supports, global sites (their start: a prior draw)
+        if self.save_params == self._default_save:
+            # sorted: MCMC unflattens its stored draws in sorted key order
+            self._default_save = sorted([*self.latent_sites, *self._global_names])
+            self.save_params = list(self._default_save)
+        init = dict(self._initial_params or {})
+        unknown = set(init) - {*self.latent_sites, *self._global_names, *self.param_names}
+        if unknown:
+            raise ValueError(
+                f"initial_params has keys {sorted(unknown)} that are neither latent sites "
+                f"{[*self.latent_sites, *self._global_names]} nor chain parameters "
+                f"{self.param_names}; key them by site or parameter name"
+            )
         latents = None
-        if self._initial_params is not None:
-            if self.latent_site in self._initial_params:
-                latents = self._initial_params[self.latent_site]
-            else:
-                named = dict(self.encoder.named_parameters())
-                initial = [self._initial_params.get(n, named[n]) for n in self.param_names]
-                self._write_back(torch.cat([p.detach().reshape(-1) for p in initial]))
+        if set(init) & set(self.param_names):
+            named = dict(self.encoder.named_parameters())
+            initial = [init.get(n, named[n]) for n in self.param_names]
+            with torch.no_grad():
+                for p, value in zip(self.chain_params, initial):
+                    p.copy_(value)
+        elif self.latent_sites[0] in init:
+            latents = init[self.latent_sites[0]]
         elif self._num_chains_started > 1 and self._trunk is not None:
             latents = self._prior_latents(*args, **kwargs)
         if latents is not None:
-            self._args, self._kwargs = args, kwargs
-            self._check_model(None)  # the site's support: solve for unconstrained values
-            latents = torch.as_tensor(latents)
-            if self._transform is not None:
-                latents = self._transform.inv(latents)
-            self._solve_weights(latents, args, kwargs)
+            latents = self.unconstrain({self.latent_sites[0]: torch.as_tensor(latents)})
+            self._solve_weights(latents[self.latent_sites[0]], args, kwargs)
+        if any(n in init for n in self._global_names):
+            values = {n: init.get(n) for n in self._global_names}
+            current = self.constrain(self._global_values(None))
+            u = self.unconstrain(
+                {n: values[n] if values[n] is not None else current[n] for n in values}
+            )
+            self._global_u = torch.cat([u[n].reshape(-1) for n in self._global_names])
         self.prepare(*args, **kwargs)
         self._start_adaptation()
 
+    def unconstrain(self, z: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Unconstrained values from values in each site's support."""
+        out = {}
+        for name, value in z.items():
+            transform = self._transforms.get(name)
+            out[name] = value if transform is None else transform.inv(torch.as_tensor(value))
+        return out
+
     def _prior_latents(self, *args, **kwargs) -> Tensor:
-        """A draw of the latent site from the model's prior (a dispersed start)."""
+        """A draw of the (single) latent site from the model's prior (a dispersed start)."""
         with poutine.block(), torch.no_grad():
             trace = poutine.trace(self.model).get_trace(*args, **kwargs)
-        if self.latent_site not in trace.nodes:
-            raise ValueError(
-                f"the model has no sample site {self.latent_site!r}; pass latent_site= one "
-                "of its latent sites"
-            )
-        return trace.nodes[self.latent_site]["value"]
+        return trace.nodes[self.latent_sites[0]]["value"]
 
     def _solve_weights(self, latents: Tensor, args: tuple, kwargs: dict) -> None:
         r"""Set the final layer's weight :math:`\Phi` so that :math:`G \Phi^\top + b` equals
         ``latents`` (minimum-norm least squares); refuse if the features cannot."""
+        site = self.latent_sites[0]
         if self._trunk is None:
             raise ValueError(
-                f"initial_params keyed by {self.latent_site!r} needs the default chain state "
-                "(the final nn.Linear of an nn.Sequential encoder); key them by parameter "
-                f"names {self.param_names} instead"
+                f"initial_params keyed by {site!r} needs the default chain state "
+                "(the final nn.Linear of an nn.Sequential encoder, one latent site); key "
+                f"them by parameter names {self.param_names} instead"
             )
         with torch.no_grad():
             features = self._trunk(self._encoder_input(args, kwargs))
@@ -612,7 +765,7 @@ class AmortizedLangevin(MCMCKernel):
             expected = (features.shape[0], self._head.out_features)
             if target.shape != expected:
                 raise ValueError(
-                    f"initial latents for {self.latent_site!r} have shape "
+                    f"initial latents for {site!r} have shape "
                     f"{tuple(latents.shape)}; pass shape {expected}"
                 )
             weight_t = torch.linalg.pinv(features) @ target
@@ -626,18 +779,26 @@ class AmortizedLangevin(MCMCKernel):
                 )
             self._head.weight.copy_(weight_t.T)
 
+    def _current_sample(self) -> dict[str, Tensor]:
+        """Every latent site's value (constrained) at the current state."""
+        position = self._state.position if self._state is not None else self._flat_position()
+        with torch.no_grad():
+            u = {**self._local_values(position), **self._global_values(position)}
+            return {n: v.detach().clone() for n, v in self.constrain(u).items()}
+
     @property
     def initial_params(self) -> dict[str, Tensor]:
-        with torch.no_grad():
-            return {self.latent_site: self.constrain(self.latents()).detach().clone()}
+        return self._current_sample()
 
     @initial_params.setter
     def initial_params(self, params: dict[str, Tensor]) -> None:
         keys = set(params)
-        if keys != {self.latent_site} and not keys <= set(self.param_names):
+        if not set(self.latent_sites) <= keys and not keys <= set(self.param_names):
+            sites = self.latent_sites
+            named = f"site {sites[0]!r}" if len(sites) == 1 else f"sites {list(sites)}"
             raise ValueError(
-                f"initial_params must be keyed by the latent site {self.latent_site!r} or by "
-                f"chain parameter names {self.param_names}, got {sorted(keys)}"
+                f"initial_params must be keyed by the latent {named} (plus any global "
+                f"sites) or by chain parameter names {self.param_names}, got {sorted(keys)}"
             )
         self._initial_params = dict(params)
 
@@ -645,8 +806,7 @@ class AmortizedLangevin(MCMCKernel):
         if self._t == self._warmup_steps:
             self._stats = {"accept_prob": 0.0, "accepted": 0.0, "n": 0}  # sampling phase only
         self.transition()
-        with torch.no_grad():
-            return {self.latent_site: self.constrain(self.latents()).detach().clone()}
+        return self._current_sample()
 
     def cleanup(self) -> None:
         # MCMC calls this twice: idempotent; keeps the diagnostics and restores the
@@ -685,6 +845,7 @@ class AmortizedLangevin(MCMCKernel):
             "t": self._t,
             "step_size": self._step_size,
             "adapt": None if self._adapt is None else self._adapt._asdict(),
+            "globals": self._global_u,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -692,3 +853,4 @@ class AmortizedLangevin(MCMCKernel):
         self._step_size = state["step_size"]
         adapt = state["adapt"]
         self._adapt = None if adapt is None else DualAveragingState(**adapt)
+        self._global_u = state.get("globals")
