@@ -78,6 +78,7 @@ from pyro_lvm.infer.mcmc.langevin import (
     langevin_step,
     mala_log_accept_ratio,
     potential_and_grad,
+    standard_normal,
 )
 
 __all__ = ["AmortizedLangevin", "RankConditionWarning"]
@@ -420,7 +421,7 @@ class AmortizedLangevin(MCMCKernel):
         state = LangevinState(
             self._state.position, self._state.potential.detach(), self._state.grad
         )
-        noise = torch.randn_like(state.position)
+        noise = standard_normal(state.position, self.generator)
 
         def log_accept(eta: float) -> float:
             position = langevin_proposal(state, eta, noise)

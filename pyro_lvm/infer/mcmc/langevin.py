@@ -73,6 +73,7 @@ __all__ = [
     "langevin_proposal",
     "mala_log_accept_ratio",
     "langevin_step",
+    "standard_normal",
 ]
 
 PotentialFn = Callable[[Tensor], Tensor]
@@ -227,7 +228,9 @@ def langevin_init(
 # -- the pieces of a step -----------------------------------------------------------------
 
 
-def _noise(position: Tensor, generator: torch.Generator | None) -> Tensor:
+def standard_normal(position: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A standard normal draw shaped like ``position``, from ``generator`` (on its
+    device) or the global RNG."""
     if generator is None:
         return torch.randn_like(position)
     return torch.randn(position.shape, generator=generator, device=generator.device).to(position)
@@ -246,7 +249,7 @@ def langevin_proposal(
     event_dim = _event_dim(state.position, event_dim)
     eta = _pad_event(_as_step_size(step_size, state.position), event_dim)
     if noise is None:
-        noise = _noise(state.position, generator)
+        noise = standard_normal(state.position, generator)
     return state.position - eta * state.grad + _sqrt(2 * eta) * noise
 
 
