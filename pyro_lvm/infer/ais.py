@@ -60,17 +60,14 @@ from typing import NamedTuple
 
 import torch
 
-from pyro_lvm.infer.langevin import (
-    LangevinInfo,
+from pyro_lvm.infer.latents import find_latents, log_densities, sample_prior
+from pyro_lvm.infer.mcmc.adaptation import dual_averaging_init, dual_averaging_step
+from pyro_lvm.infer.mcmc.hmc import hmc_step
+from pyro_lvm.infer.mcmc.langevin import (
     LangevinState,
-    dual_averaging_init,
-    dual_averaging_step_size,
-    dual_averaging_update,
     langevin_init,
     langevin_step,
-    potential_and_grad,
 )
-from pyro_lvm.infer.latents import find_latents, log_densities, sample_prior
 
 __all__ = ["AISResult", "ais_schedule", "annealed_importance_sampling", "ais_log_likelihood"]
 
@@ -148,7 +145,7 @@ def annealed_potential(
     ``evaluated["grad"]`` (its gradient in ``z``). The gradients of the two terms are
     taken separately, the likelihood's through the decoder once, and the returned
     potential carries :math:`\nabla V_\beta` as its gradient through a term that is zero
-    in value, so differentiating it (as :func:`~pyro_lvm.infer.langevin.potential_and_grad`
+    in value, so differentiating it (as :func:`~pyro_lvm.infer.mcmc.langevin.potential_and_grad`
     does) costs one multiply instead of a second pass through the decoder.
     """
 
@@ -163,43 +160,6 @@ def annealed_potential(
         return value + ((position - position.detach()) * grad).sum(-1)
 
     return potential
-
-
-def _hmc_step(
-    state: LangevinState,
-    potential_fn: Callable,
-    step_size: torch.Tensor,
-    num_leapfrog: int,
-    mh: bool,
-) -> tuple[LangevinState, LangevinInfo]:
-    r"""One HMC transition per chain (event dim 1) with leapfrog step
-    :math:`\epsilon = \sqrt{2\eta}`, so that ``num_leapfrog=1`` is MALA with step
-    :math:`\eta`. Non-finite trajectories are rejected."""
-    eps = (2 * step_size).sqrt().unsqueeze(-1)
-    momentum = torch.randn_like(state.position)
-    p = momentum - 0.5 * eps * state.grad
-    position = state.position
-    for i in range(num_leapfrog):
-        position = position + eps * p
-        potential, grad = potential_and_grad(potential_fn, position)
-        if i < num_leapfrog - 1:
-            p = p - eps * grad
-    p = p - 0.5 * eps * grad
-    log_ratio = state.potential - potential + 0.5 * (momentum.pow(2).sum(-1) - p.pow(2).sum(-1))
-    finite = torch.isfinite(log_ratio) & torch.isfinite(grad).all(-1)
-    log_ratio = torch.where(finite, log_ratio, -math.inf)
-    if mh:
-        accept_prob = log_ratio.clamp(max=0.0).exp()
-        accepted = torch.rand_like(accept_prob).log() < log_ratio
-    else:
-        accept_prob, accepted = finite.to(log_ratio.dtype), finite
-    keep = accepted.unsqueeze(-1)
-    new_state = LangevinState(
-        torch.where(keep, position, state.position),
-        torch.where(accepted, potential, state.potential),
-        torch.where(keep, grad, state.grad),
-    )
-    return new_state, LangevinInfo(accept_prob, accepted, log_ratio, step_size)
 
 
 def annealed_importance_sampling(
@@ -310,19 +270,17 @@ def annealed_importance_sampling(
                 state, make_potential(betas[t]), step_sizes, mh=mh, event_dim=1
             )
         else:
-            state, info = _hmc_step(state, make_potential(betas[t]), step_sizes, num_leapfrog, mh)
+            state, info = hmc_step(
+                state, make_potential(betas[t]), step_sizes, num_leapfrog, mh=mh
+            )
         log_lik = torch.where(info.accepted, evaluated["log_lik"], log_lik)
         grad_log_lik = torch.where(info.accepted.unsqueeze(-1), evaluated["grad"], grad_log_lik)
         accept_sum = accept_sum + info.accept_prob
         if adapt is not None:
             # tuning chains only, past steps only: the estimator chains stay exact AIS
-            adapt = dual_averaging_update(
-                adapt,
-                info.accept_prob[:num_tune].mean(0),
-                target_accept_prob,
-                max_t=adapt_memory,
+            adapt, eta = dual_averaging_step(
+                adapt, info.accept_prob[:num_tune].mean(0), target_accept_prob, max_t=adapt_memory
             )
-            eta = dual_averaging_step_size(adapt)
     log_w = log_w[num_tune:]
     log_lik = log_w.logsumexp(0) - math.log(num_chains)
     accept_rate = accept_sum[num_tune:].mean(0) / max(num_transitions, 1)

@@ -38,14 +38,6 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.infer.diagnostics import check_loss
-from pyro_lvm.infer.langevin import (
-    DualAveragingState,
-    LangevinState,
-    dual_averaging_init,
-    dual_averaging_step_size,
-    dual_averaging_update,
-    langevin_step,
-)
 from pyro_lvm.infer.latents import (
     LatentSpec,
     find_latents,
@@ -53,6 +45,12 @@ from pyro_lvm.infer.latents import (
     pack,
     trace_log_densities,
 )
+from pyro_lvm.infer.mcmc.adaptation import (
+    DualAveragingState,
+    dual_averaging_init,
+    dual_averaging_step,
+)
+from pyro_lvm.infer.mcmc.langevin import LangevinState, langevin_step
 
 __all__ = ["DLGM"]
 
@@ -202,10 +200,10 @@ class DLGM:
                 accept_prob = info.log_accept_ratio.clamp(max=0.0).exp().mean()
                 accept.append(float(accept_prob))
                 if self.adapt is not None:
-                    self.adapt = dual_averaging_update(
+                    self.adapt, eta = dual_averaging_step(
                         self.adapt, accept_prob, self.target_accept_prob, max_t=self.adapt_memory
                     )
-                    eta = float(dual_averaging_step_size(self.adapt))
+                    eta = float(eta)
             # the kept graph of the last proposal serves every chain that accepted it; a
             # rejected chain's potential has no graph, so recompute in that case
             decoder_loss = state.potential

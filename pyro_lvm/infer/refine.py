@@ -39,14 +39,9 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from pyro_lvm.infer.langevin import (
-    dual_averaging_init,
-    dual_averaging_step_size,
-    dual_averaging_update,
-    langevin_init,
-    langevin_step,
-)
 from pyro_lvm.infer.latents import LatentSpec, find_latents, log_densities
+from pyro_lvm.infer.mcmc.adaptation import dual_averaging_init, dual_averaging_step
+from pyro_lvm.infer.mcmc.langevin import langevin_init, langevin_step
 
 __all__ = [
     "RefineInfo",
@@ -154,9 +149,10 @@ def refine_latents(
         )
         if t < num_warmup:
             if adapt is not None:
-                adapt = dual_averaging_update(adapt, info.accept_prob.mean(0), target_accept_prob)
-                final = t == num_warmup - 1
-                eta = dual_averaging_step_size(adapt, final=final).to(z)
+                adapt, eta = dual_averaging_step(
+                    adapt, info.accept_prob.mean(0), target_accept_prob, final=t == num_warmup - 1
+                )
+                eta = eta.to(z)
             continue
         accept_sum = accept_sum + info.accept_prob
         if return_samples:

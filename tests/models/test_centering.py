@@ -106,7 +106,7 @@ def test_centred_encoder_keeps_the_chain_layer_last_and_conditions_the_chain_bet
             lvm.eval()
             with torch.no_grad():
                 raw = nn.Sequential(*list(lvm.encoder)[:-2])(x)
-                g = lae.kernel._trunk(x)
+                g = lae.kernel.features(x)
             assert g.mean(0).norm() < 0.05 * raw.mean(0).norm()
             # the chain's potential is quadratic in the last-layer weight with curvature
             # set by the features' Gram matrix; centring by the mean m subtracts
