@@ -9,7 +9,9 @@ equivalent to
     python benchmarks/lae_vs_vae.py --epochs 30 --seeds 0 1 2 --eval-ais 500
     python benchmarks/lae_vs_vae.py --dataset mnist --data-dir ~/data --epochs 30
 
-``--extra key=value`` overrides a setting for every model. ``--json PATH`` also writes
+``--extra key=value`` overrides a setting for every model, ``--model-extra
+model:key=value`` for one model only (e.g. ``lae:langevin_steps=5``);
+``--no-orthogonal-init`` uses PyTorch's default init. ``--json PATH`` also writes
 ``compare.json`` there. Runs already finished in ``--out`` are reused.
 """
 
@@ -42,6 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-ais", type=int, default=500)
     p.add_argument("--validation", type=int, default=0, help="hold out N training rows")
     p.add_argument("--extra", nargs="*", default=[], help="setting overrides key=value")
+    p.add_argument("--model-extra", nargs="*", default=[], help="model:key=value overrides")
+    p.add_argument(
+        "--no-orthogonal-init", dest="orthogonal_init", action="store_false", help="default init"
+    )
     p.add_argument("--json", default=None, help="also write compare.json here")
     p.add_argument("--out", default="runs/lae_vs_vae")
     return p.parse_args(argv)
@@ -56,7 +62,7 @@ def _settings(args) -> TrainConfig:
         hidden_dim=args.hidden_dim,
         depth=args.depth,
         layer_norm=True,
-        orthogonal_init=True,
+        orthogonal_init=args.orthogonal_init,
         latent_dim=args.latent_dim,
         lr=args.lr,
         likelihood=args.likelihood,
@@ -64,22 +70,43 @@ def _settings(args) -> TrainConfig:
         eval_ais=args.eval_ais,
         validation=args.validation,
     )
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    for pair in args.extra:
+    for key, value in _pairs(args.extra, config).items():
+        setattr(config, key, value)
+    return config
+
+
+def _pairs(pairs, config: TrainConfig) -> dict:
+    """``key=value`` strings as typed settings."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for pair in pairs:
         key, value = pair.split("=", 1)
-        if key not in types:
-            raise SystemExit(f"--extra {pair}: unknown setting {key!r}")
+        if key not in known:
+            raise SystemExit(f"{pair}: unknown setting {key!r}")
         current = getattr(config, key)
         if isinstance(current, bool):
             value = value.lower() in ("1", "true", "yes")
         elif current is not None:
             value = type(current)(value)
-        setattr(config, key, value)
-    return config
+        else:
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def _model_settings(args, config: TrainConfig) -> dict:
+    per_model: dict[str, list[str]] = {}
+    for item in args.model_extra:
+        model, pair = item.split(":", 1)
+        per_model.setdefault(model, []).append(pair)
+    return {model: _pairs(pairs, config) for model, pairs in per_model.items()}
 
 
 def main(args) -> list[dict]:
-    results = compare(args.models, args.seeds, _settings(args), args.out)
+    settings = _settings(args)
+    results = compare(
+        args.models, args.seeds, settings, args.out, model_settings=_model_settings(args, settings)
+    )
     print((Path(args.out) / "compare.md").read_text())
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,10 @@ TINY = dict(epochs=1, hidden_dim=32, depth=1, latent_dim=2, batch_size=32, eval_
 def test_compare_writes_every_row_and_seed_then_resumes_without_retraining(tmp_path):
     models, seeds = ["vae", "lae"], [offset_seed(0), offset_seed(1)]
     settings = TrainConfig(likelihood="logistic", eval_ais=2, **TINY)
-    events = []
-    results = compare(models, seeds, settings, tmp_path, callback=events.append)
+    events, own = [], {"lae": {"langevin_steps": 3}}
+    results = compare(
+        models, seeds, settings, tmp_path, model_settings=own, callback=events.append
+    )
     assert [(e.kind, e.model, e.seed) for e in events if e.kind != "done"] == [
         ("train", m, s) for m in models for s in seeds
     ]
@@ -29,12 +31,16 @@ def test_compare_writes_every_row_and_seed_then_resumes_without_retraining(tmp_p
     table = (tmp_path / "compare.md").read_text()
     assert "| vae |" in table and "| lae |" in table and "+-" in table
     assert (tmp_path / "compare.png").stat().st_size > 0
+    steps = {
+        m: json.loads((tmp_path / f"{m}-seed{seeds[0]}/config.json").read_text()) for m in models
+    }
+    assert steps["lae"]["langevin_steps"] == 3 and steps["vae"]["langevin_steps"] == 2
     assert len(list(tmp_path.glob("frechet_classifier-digits-logistic-*.pt"))) == 1
 
     checkpoints = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*-seed*/checkpoint.pt")}
     assert len(checkpoints) == len(models) * len(seeds)
     events.clear()
-    again = compare(models, seeds, settings, tmp_path, callback=events.append)
+    again = compare(models, seeds, settings, tmp_path, model_settings=own, callback=events.append)
     assert {e.kind for e in events if e.kind != "done"} == {"reuse"}
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
     assert again == results

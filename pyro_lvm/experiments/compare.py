@@ -26,9 +26,9 @@ import dataclasses
 import json
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyro
 import torch
@@ -97,6 +97,7 @@ def compare(
     settings: TrainConfig,
     out: str | Path,
     *,
+    model_settings: Mapping[str, Mapping[str, Any]] | None = None,
     sample_quality: bool = True,
     progress: bool = False,
     callback: Callable[[CompareEvent], None] | None = None,
@@ -113,6 +114,10 @@ def compare(
     out : path
         Comparison folder: runs in ``OUT/MODEL-seedS``, plus ``compare.json``,
         ``compare.md``, ``compare.png`` and the cached feature classifier.
+    model_settings : mapping, optional
+        ``{model: {field: value}}``: settings of one model only (e.g. LAE's
+        ``langevin_steps``), recorded in its runs' ``config.json``; use sparingly, the
+        point of a comparison is the shared budget.
     sample_quality : bool
         Measure ``sample_frechet`` (labelled datasets only).
     progress : bool
@@ -126,7 +131,7 @@ def compare(
         One metrics dict per run (with ``model`` and ``seed``), as in ``compare.json``.
     """
     models, seeds = list(models), list(seeds)
-    _check(models, seeds)
+    _check(models, seeds, model_settings or {})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset(settings.dataset, settings.data_dir, settings.download)
@@ -137,8 +142,9 @@ def compare(
     notify = callback or (lambda event: None)
     total, results = len(models) * len(seeds), []
     for index, (model, seed) in enumerate(((m, s) for m in models for s in seeds), 1):
+        own = dict((model_settings or {}).get(model, {}))
         config = dataclasses.replace(
-            settings, model=model, seed=seed, out=str(out / f"{model}-seed{seed}")
+            settings, **own, model=model, seed=seed, out=str(out / f"{model}-seed{seed}")
         )
         run_dir = Path(config.out)
 
@@ -159,7 +165,7 @@ def compare(
     return results
 
 
-def _check(models: list[str], seeds: list[int]) -> None:
+def _check(models: list[str], seeds: list[int], model_settings: Mapping) -> None:
     from pyro_lvm.recipes import RECIPES
 
     if not models or not seeds:
@@ -168,6 +174,12 @@ def _check(models: list[str], seeds: list[int]) -> None:
     if unknown:
         choices = ", ".join(sorted(set(RECIPES) - {"custom"}))
         raise RunError(f"unknown model {unknown[0]!r} for compare; choose from {choices}")
+    fields = set(TrainConfig.__dataclass_fields__) - {"model", "seed", "out"}
+    for model, own in model_settings.items():
+        bad = sorted(set(own) - fields)
+        if model not in models or bad:
+            what = f"unknown settings {', '.join(bad)}" if bad else "a model not compared"
+            raise RunError(f"model_settings for {model!r}: {what}")
     for values, what in ((models, "model"), (seeds, "seed")):
         if len(set(values)) != len(values):
             raise RunError(f"a {what} is listed twice in --{what}s; list each once")
