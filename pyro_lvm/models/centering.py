@@ -60,7 +60,11 @@ class FeatureCentering(nn.Module):
     num_features : int
         Feature width.
     momentum : float
-        Weight of the newest batch in the moving averages, in (0, 1].
+        Weight of the newest batch in the moving averages, in (0, 1]. With the updates
+        absorbed (:meth:`compensate`) the statistics shape only the chain's geometry, so
+        they should follow the trunk closely: 0.5 (about the last 3 batches) tracks it
+        without a lag, 0.05 (the former default, about 40 batches) let the features run
+        away in one of 3 seeds even with the updates absorbed.
     standardize : bool
         Also divide by the running per-feature standard deviation.
     eps : float
@@ -70,7 +74,7 @@ class FeatureCentering(nn.Module):
     def __init__(
         self,
         num_features: int,
-        momentum: float = 0.05,
+        momentum: float = 0.5,
         standardize: bool = False,
         eps: float = 1e-5,
     ):
