@@ -5,6 +5,7 @@
     pyro-lvm train MODEL [--dataset NAME] [--epochs N] ... [--out DIR] [--resume DIR]
     pyro-lvm evaluate RUN_DIR [--eval-samples K] [--eval-ais STEPS]
     pyro-lvm sample RUN_DIR [--num N]
+    pyro-lvm compare [--models M ...] [--seeds S ...] [any train flag] --out DIR
 
 Each run directory holds ``config.json``, ``checkpoint.pt``, ``metrics.json`` and PNG
 figures. Bad input exits non-zero with a one-line message.
@@ -271,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     s.add_argument("--model-file", default=None, help="a custom-model run's code (trusted)")
+    _add_compare_parser(sub)
     return parser
 
 
@@ -412,10 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         threads = getattr(args, "threads", None)
         dataset = getattr(args, "dataset", _DEFAULTS.dataset)
-        if threads is None and (args.command != "train" or dataset == "digits"):
+        trains = args.command in ("train", "compare")
+        if threads is None and (not trains or dataset == "digits"):
             # 8x8 inputs: threading overhead exceeds the arithmetic; evaluation (AIS, IWAE)
             # of any run is also faster single-threaded at these sizes (measured: issue 8)
-            threads = 1 if args.command == "train" else _run_threads(args.run_dir)
+            threads = 1 if trains else _run_threads(args.run_dir)
         if threads is not None:
             if threads <= 0:
                 raise CLIError(f"--threads must be positive, got {threads}")
@@ -435,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.run_dir, args.eval_samples, args.eval_ais, args.device, args.model_file
             )
             _print_summary(metrics, args.run_dir)
+        elif args.command == "compare":
+            _run_compare(args)
         else:
             path = run_sample(args.run_dir, args.num, args.seed, args.model_file)
             print(f"wrote {path}")
@@ -469,6 +474,77 @@ def _print_summary(metrics: dict, out) -> None:
     if metrics.get("warnings"):
         print(f"training health warnings: {', '.join(metrics['warnings'])} (see metrics.json)")
     print(f"wrote {Path(out) / 'metrics.json'} and figures")
+
+
+# ---- pyro-lvm compare -------------------------------------------------------------
+
+#: train flags that make no sense for a comparison (each run has its own folder)
+_NOT_FOR_COMPARE = ("config", "out", "resume", "overwrite", "no_figures", "model_file")
+
+
+def _add_compare_parser(sub) -> None:
+    from pyro_lvm.experiments.compare import DEFAULT_MODELS
+
+    c = sub.add_parser(
+        "compare",
+        help="train several models with identical settings and seeds; tabulate them",
+        description="Train each model for each seed with the same settings, evaluate them "
+        "the same way, write DIR/compare.json, compare.md and compare.png. Finished runs "
+        "in DIR/MODEL-seedS are reused, not retrained.",
+        argument_default=argparse.SUPPRESS,
+    )
+    c.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), metavar="MODEL")
+    c.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S")
+    c.add_argument("--out", required=True, metavar="DIR", help="comparison folder")
+    c.add_argument(
+        "--no-sample-quality",
+        dest="sample_quality",
+        action="store_false",
+        default=True,
+        help="skip the classifier-feature Frechet distance",
+    )
+    groups = {}
+    for flags, options, group in _TRAIN_FLAGS:
+        if _dest(flags, options) in _NOT_FOR_COMPARE:
+            continue
+        if group not in groups:
+            groups[group] = c.add_argument_group(group)
+        groups[group].add_argument(*flags, **options)
+
+
+def _run_compare(args) -> None:
+    from pyro_lvm.experiments.compare import compare
+
+    fields = _given(args)
+    fields.setdefault("likelihood", _DEFAULTS.likelihood)
+    settings = TrainConfig(**fields)
+    settings.validate()
+
+    def show(event) -> None:
+        where = f"[{event.index}/{event.total}] {event.model} seed {event.seed}"
+        if event.kind == "done":
+            m = event.metrics
+            shown = ", ".join(
+                f"{k} {m[k]:.4g}"
+                for k in ("test_nelbo_per_dim", "test_nll", "test_nll_ais", "sample_frechet")
+                if isinstance(m.get(k), float)
+            )
+            print(f"{where}: {shown}", flush=True)
+        else:
+            print(f"{where}: {event.kind} in {event.run_dir}", file=sys.stderr, flush=True)
+
+    compare(
+        args.models,
+        args.seeds,
+        settings,
+        args.out,
+        sample_quality=args.sample_quality,
+        progress=not getattr(args, "no_progress", False),
+        callback=show,
+    )
+    out = Path(args.out)
+    print((out / "compare.md").read_text())
+    print(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'compare.png'}")
 
 
 if __name__ == "__main__":  # pragma: no cover

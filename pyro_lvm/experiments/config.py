@@ -36,7 +36,8 @@ class TrainConfig:
     seed: int = 0
     eval_samples: int = 1000
     eval_ais: int = 0
-    analytic_kl: bool = False
+    #: vae: the Gaussian KL term in closed form (TraceMeanField_ELBO) instead of Monte Carlo
+    analytic_kl: bool = True
     device: str = "cpu"
     out: str = "runs/latest"
     #: rows of the training set held out for validation (0: none)

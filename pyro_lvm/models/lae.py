@@ -106,6 +106,7 @@ class LangevinAutoencoder(LatentVariableModel):
                 width = hidden_dim if depth > 0 else data_dim
                 centering = FeatureCentering(width, standardize=feature_norm == "standardize")
                 encoder.insert(len(encoder) - 1, centering)  # the last module stays Linear
+                centering.compensate(encoder[-1])  # updates keep the encoder's function
         self.encoder = encoder
         self.feature_norm = feature_norm
         self.test_scale = test_scale

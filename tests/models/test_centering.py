@@ -41,6 +41,14 @@ def test_later_rows_depend_on_their_own_input_only_and_statistics_move_by_moment
     out = layer(h1)
     # uses the statistics from before this batch: row i is a function of h_i alone
     torch.testing.assert_close(out, (h1 - mean0) / torch.sqrt(var0 + layer.eps))
+    # the update is pending until the next training batch, which then uses it
+    torch.testing.assert_close(layer.pending_mean, 0.75 * mean0 + 0.25 * h1.mean(0))
+    torch.testing.assert_close(layer.pending_var, 0.75 * var0 + 0.25 * h1.var(0))
+    torch.testing.assert_close(layer.running_mean, mean0)
+    h3 = features(seed=3)
+    torch.testing.assert_close(
+        layer(h3), (h3 - layer.running_mean) / torch.sqrt(layer.running_var + layer.eps)
+    )
     torch.testing.assert_close(layer.running_mean, 0.75 * mean0 + 0.25 * h1.mean(0))
     torch.testing.assert_close(layer.running_var, 0.75 * var0 + 0.25 * h1.var(0))
     # another batch sharing row 0: row 0's output depends on the state, not on batch-mates
@@ -51,6 +59,39 @@ def test_later_rows_depend_on_their_own_input_only_and_statistics_move_by_moment
     state = layer.running_mean.clone()
     layer(h2)
     torch.testing.assert_close(layer.running_mean, state)  # eval mode: frozen
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_updates_absorbed_by_the_chain_layer_keep_the_encoders_function(standardize):
+    torch.manual_seed(offset_seed(4))
+    head = nn.Linear(5, 3)
+    layer = FeatureCentering(5, momentum=0.5, standardize=standardize).compensate(head)
+    encoder = nn.Sequential(layer, head)
+    probe = features(seed=5)
+    encoder(features(seed=0))  # initialisation: the function is defined from here on
+    encoder.eval()
+    before = encoder(probe)
+    encoder.train()
+    for k in range(1, 4):  # batches far from each other: the statistics move a lot
+        h = features(seed=10 + k) * (1 + k)
+        out = encoder(h)
+        # every training batch is computed with one consistent set of statistics
+        encoder.eval()
+        torch.testing.assert_close(out, encoder(h))
+        torch.testing.assert_close(encoder(probe), before)
+        encoder.train()
+    assert not torch.allclose(layer.running_mean, features(seed=0).mean(0))
+    with pytest.raises(ValueError, match="bias"):
+        FeatureCentering(5).compensate(nn.Linear(5, 3, bias=False))
+
+
+def test_a_checkpoint_without_pending_statistics_loads_with_none_pending():
+    layer = FeatureCentering(5)
+    layer(features(seed=0))
+    state = {k: v for k, v in layer.state_dict().items() if not k.startswith("pending")}
+    fresh = FeatureCentering(5)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.pending_mean, layer.running_mean)
 
 
 def test_gradient_flows_to_the_features_not_the_statistics():

@@ -52,6 +52,7 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
                 config.hidden_dim, standardize=feature_norm == "standardize"
             )
             encoder.insert(len(encoder) - 1, centering)
+            centering.compensate(encoder[-1])  # updates keep the encoder's function
         nets["encoder"], feature_norm = encoder, "none"
     lvm = LangevinAutoencoder(
         data_dim,
