@@ -250,7 +250,7 @@ def sampler_trace(
 ) -> Figure:
     r"""MCMC diagnostics over training: acceptance (with the adaptation target), step
     size, and how far the chain moves per transition (``move``: the root-mean-square
-    change of the latent codes, when the driver reports it)."""
+    change of the chain state, 0 for a rejection, when the driver reports it)."""
     has_move = any("move" in s for s in steps)
     fig = Figure(figsize=(6.5, 7 if has_move else 5))
     axes = fig.subplots(3 if has_move else 2, 1, sharex=True)
@@ -269,7 +269,7 @@ def sampler_trace(
     if has_move:
         rows = [s for s in steps if "move" in s]
         axes[2].plot([s["step"] for s in rows], [s["move"] for s in rows], lw=0.7)
-        axes[2].set_ylabel("RMS latent move\nper transition")
+        axes[2].set_ylabel("RMS chain move\nper transition")
     axes[-1].set_xlabel("step")
     axes[0].set_title(title or "sampler")
     return fig

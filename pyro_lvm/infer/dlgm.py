@@ -38,6 +38,7 @@ from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.infer.diagnostics import check_loss
+from pyro_lvm.infer.driver import OptimizerDriver
 from pyro_lvm.infer.latents import (
     LatentSpec,
     find_latents,
@@ -55,7 +56,7 @@ from pyro_lvm.infer.mcmc.langevin import LangevinState, langevin_step
 __all__ = ["DLGM"]
 
 
-class DLGM:
+class DLGM(OptimizerDriver):
     """SVI-like driver of the Hoffman (2017) baseline: ``step(x) -> float``.
 
     Parameters
@@ -105,14 +106,11 @@ class DLGM:
             raise ValueError(f"step_size must be positive, got {step_size}")
         if not 0 < target_accept_prob < 1:
             raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob}")
-        self.model, self.guide, self.optim = model, guide, optim
+        super().__init__(optim, clip_norm)
+        self.model, self.guide = model, guide
         self.num_steps, self.mh = num_steps, mh
         self.target_accept_prob, self.adapt_memory = target_accept_prob, adapt_memory
-        self.latent_site, self.max_plate_nesting, self.clip_norm = (
-            latent_site,
-            max_plate_nesting,
-            clip_norm,
-        )
+        self.latent_site, self.max_plate_nesting = latent_site, max_plate_nesting
         self.step_size = float(step_size)
         self.adapt: DualAveragingState | None = (
             dual_averaging_init(step_size) if adapt_step_size else None
@@ -123,7 +121,7 @@ class DLGM:
 
     # -- helpers ----------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
-        return [p for group in self.optim.param_groups for p in group["params"]]
+        return self._optimizer.torch_params()
 
     def _spec(self, x: torch.Tensor) -> LatentSpec:
         key = tuple(x.shape)
@@ -177,8 +175,11 @@ class DLGM:
     # -- the Inference protocol ---------------------------------------------------------
     def step(self, x: torch.Tensor) -> float:
         """One update; returns minus the ELBO summed over the batch (before the update)."""
+        return float(self._descend(lambda: self._losses(x)))
+
+    def _losses(self, x: torch.Tensor):
+        """The reported loss (minus the ELBO) and the backward of the two objectives."""
         spec = self._spec(x)
-        self.optim.zero_grad(set_to_none=True)
         with poutine.block():
             guide_trace, model_trace, encoder_loss = self._elbo_traces(x)
             check_loss(encoder_loss)
@@ -211,6 +212,11 @@ class DLGM:
                 decoder_loss = potential(state.position)
             decoder_loss = decoder_loss.sum()
             check_loss(decoder_loss, "Langevin potential")
+        self.step_size = eta
+        self._last = {"accept_rate": sum(accept) / len(accept), "step_size": eta}
+        return encoder_loss, lambda: self._backward(decoder_loss, encoder_loss)
+
+    def _backward(self, decoder_loss: torch.Tensor, encoder_loss: torch.Tensor) -> None:
         # the decoder learns from z_T (detached: no gradient reaches the encoder here) ...
         decoder_loss.backward()
         # ... the encoder from the ELBO, whose decoder gradient is discarded
@@ -218,12 +224,6 @@ class DLGM:
         for p, g in zip(self._guide_params, enc_grads):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
-        if self.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self._params(), self.clip_norm)
-        self.optim.step()
-        self.step_size = eta
-        self._last = {"accept_rate": sum(accept) / len(accept), "step_size": eta}
-        return encoder_loss.item()
 
     @torch.no_grad()
     def evaluate_loss(self, x: torch.Tensor) -> float:
@@ -231,16 +231,14 @@ class DLGM:
         with poutine.block():
             return self._elbo_traces(x)[2].item()
 
-    def state_dict(self) -> dict:
+    def _extra_state(self) -> dict:
         return {
-            "optim": self.optim.state_dict(),
             "step_size": self.step_size,
             "adapt": None if self.adapt is None else self.adapt._asdict(),
             "last": dict(self._last),
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.optim.load_state_dict(state["optim"])
+    def _load_extra_state(self, state: dict) -> None:
         self.step_size = float(state["step_size"])
         adapt = state.get("adapt")
         self.adapt = None if adapt is None else DualAveragingState(**adapt)

@@ -105,9 +105,10 @@ class OptimizerDriver:
         """Steps 1-4 of the module docstring around ``closure() -> loss``; returns the
         detached loss.
 
-        ``closure`` may call ``backward`` itself (drivers whose parts have different
-        gradient paths, e.g. DLGM) and return ``(reported_loss, None)``; then only the
-        clip and step remain.
+        A driver whose parts have different gradient paths (DLGM: the decoder from the
+        chain's end point, the encoder from the ELBO) returns ``(reported_loss,
+        backward)`` instead, ``backward()`` filling the gradients; it runs where
+        ``loss.backward()`` would.
         """
         self._optimizer.zero_grad()
         with (
@@ -115,10 +116,9 @@ class OptimizerDriver:
             self._optimizer.capture(self.declare_held) as traced,
         ):
             out = closure()
-        loss, pending = out if isinstance(out, tuple) else (out, out)
+        loss, backward = out if isinstance(out, tuple) else (out, out.backward)
         check_loss(loss, self.loss_name)
-        if pending is not None:
-            pending.backward()
+        backward()
         self._clip_and_step(traced)
         return loss.detach()
 

@@ -46,8 +46,7 @@ from pyro.optim import PyroOptim
 from torch import nn
 
 from pyro_lvm.infer.amortized_langevin import AmortizedLangevin
-from pyro_lvm.infer.diagnostics import check_loss
-from pyro_lvm.infer.optim import ParamOptimizer
+from pyro_lvm.infer.driver import OptimizerDriver
 
 __all__ = ["LAE"]
 
@@ -57,7 +56,12 @@ DEFAULT_ADAPT_WINDOW = 1000
 METRICS_WINDOW = 100
 
 
-class LAE:
+def _scalar(value, like: torch.Tensor) -> torch.Tensor:
+    """A float or a (per-chain) tensor as a 0-d tensor beside ``like`` (no host sync)."""
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device).mean()
+
+
+class LAE(OptimizerDriver):
     """SVI-like trainer for a Langevin autoencoder.
 
     Parameters
@@ -89,6 +93,8 @@ class LAE:
         decoder changes).
     """
 
+    loss_name = "LAE potential"
+
     def __init__(
         self,
         model: Callable,
@@ -111,21 +117,16 @@ class LAE:
                 "kernel itself"
             )
         self.model, self.encoder = model, encoder
-        self.kernel, self.num_steps, self.clip_norm = kernel, num_steps, clip_norm
-        self.optim = optim
-        # (accept_prob, step_size) of the latest transitions, for metrics()
-        self._recent: deque[tuple[float, float]] = deque(maxlen=METRICS_WINDOW)
-
-    @property
-    def optim(self) -> torch.optim.Optimizer | PyroOptim:
-        """The optimizer (the chain parameters are not in it)."""
-        return self._optimizer.optim
-
-    @optim.setter
-    def optim(self, optim: torch.optim.Optimizer | PyroOptim) -> None:
-        self._optimizer = ParamOptimizer(
-            optim, exclude=self.kernel.chain_params, extra=dict(self.encoder.named_parameters())
+        self.kernel, self.num_steps = kernel, num_steps
+        # the chain parameters are never stepped; a PyroOptim trains the encoder's others
+        super().__init__(
+            optim,
+            clip_norm,
+            exclude=kernel.chain_params,
+            extra=dict(encoder.named_parameters()),
         )
+        # (accept_prob, step_size, move) of the latest transitions, for metrics()
+        self._recent: deque[tuple[float, ...]] = deque(maxlen=METRICS_WINDOW)
 
     def _params(self) -> list[torch.Tensor]:
         """The parameters a torch optimizer holds."""
@@ -134,25 +135,31 @@ class LAE:
     def step(self, *args, **kwargs) -> float:
         """``T`` transitions, then one optimizer step; returns the mean batch-summed
         potential :math:`\\frac1T\\sum_t V_t`."""
+        return float(self._descend(lambda: self._transitions(args, kwargs)))
+
+    def _transitions(self, args, kwargs) -> torch.Tensor:
+        """Run the ``T`` transitions on the batch; the mean potential, graph kept."""
         kernel = self.kernel
-        self._optimizer.zero_grad()
         try:
-            with self._optimizer.capture() as traced:
-                kernel.prepare(*args, keep_graph=True, **kwargs)
-                potentials = []
-                for _ in range(self.num_steps):
-                    info = kernel.transition(adapt=kernel.adapt_step_size, keep_graph=True)
-                    potentials.append(kernel.state.potential)
-                    self._recent.append((float(info.accept_prob), float(info.step_size)))
+            kernel.prepare(*args, keep_graph=True, **kwargs)
+            potentials, stats = [], []
+            before = kernel.state.position.detach()
+            for _ in range(self.num_steps):
+                info = kernel.transition(adapt=kernel.adapt_step_size, keep_graph=True)
+                potentials.append(kernel.state.potential)
+                after = kernel.state.position.detach()
+                # how far the chain moved (0 for a rejection), in the kernel's coordinates
+                move = (after - before).square().mean().sqrt()
+                stats.append((info.accept_prob, info.step_size, move))
+                before = after
+            # one host sync for the step's diagnostics, not one per transition
+            flat = torch.stack([torch.stack([_scalar(v, move) for v in row]) for row in stats])
+            self._recent.extend(tuple(row) for row in flat.tolist())
             # a state kept over several transitions appears several times: autograd sums
             # its gradient and traverses its graph once
-            loss = sum(potentials) / self.num_steps
-            check_loss(loss, "LAE potential")
-            loss.backward()
+            return sum(potentials) / self.num_steps
         finally:
             kernel.release()
-        self._optimizer.step(traced, self.clip_norm)
-        return float(loss.detach())
 
     @torch.no_grad()
     def evaluate_loss(self, *args, **kwargs) -> float:
@@ -160,23 +167,22 @@ class LAE:
         return float(self.kernel.potential(*args, **kwargs))
 
     def metrics(self) -> dict[str, float]:
-        """Mean acceptance probability (a Rao-Blackwellized acceptance rate) and step size
-        over the latest transitions (at most ``METRICS_WINDOW``); reading them changes
-        nothing, so a progress bar may call this every step."""
+        """Mean acceptance probability (a Rao-Blackwellized acceptance rate), step size
+        and ``move`` (root-mean-square change of the chain state per transition, 0 for a
+        rejection) over the latest transitions (at most ``METRICS_WINDOW``); reading them
+        changes nothing, so a progress bar may call this every step."""
         if not self._recent:
             return {"accept_rate": float("nan"), "step_size": float("nan")}
-        accept, step = zip(*self._recent)
-        return {"accept_rate": sum(accept) / len(accept), "step_size": sum(step) / len(step)}
+        columns = list(zip(*self._recent))
+        out = {"accept_rate": columns[0], "step_size": columns[1]}
+        if len(columns) > 2:
+            out["move"] = columns[2]
+        return {k: sum(v) / len(v) for k, v in out.items()}
 
-    def state_dict(self) -> dict[str, Any]:
-        """Optimizer and kernel adaptation state (the chain itself is an encoder parameter)."""
-        return {
-            "optim": self._optimizer.state_dict(),
-            "kernel": self.kernel.state_dict(),
-            "recent": list(self._recent),
-        }
+    def _extra_state(self) -> dict[str, Any]:
+        """Kernel adaptation state (the chain itself is an encoder parameter)."""
+        return {"kernel": self.kernel.state_dict(), "recent": list(self._recent)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._optimizer.load_state_dict(state["optim"])
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
         self.kernel.load_state_dict(state["kernel"])
         self._recent = deque(map(tuple, state.get("recent", [])), maxlen=METRICS_WINDOW)

@@ -8,7 +8,9 @@ import torch
 
 from pyro_lvm.infer.autoencoder import AutoencoderFit
 from pyro_lvm.infer.diagnostics import DivergenceError
+from pyro_lvm.infer.dlgm import DLGM
 from pyro_lvm.infer.driver import OptimizerDriver
+from pyro_lvm.infer.lae import LAE
 from pyro_lvm.infer.marginal import MarginalLikelihoodGD
 from pyro_lvm.infer.svi import ModuleSVI
 
@@ -73,7 +75,7 @@ def test_impossible_clip_norm_is_one_line():
         _driver(clip_norm=0.0)
 
 
-@pytest.mark.parametrize("cls", [ModuleSVI, AutoencoderFit, MarginalLikelihoodGD])
+@pytest.mark.parametrize("cls", [ModuleSVI, AutoencoderFit, MarginalLikelihoodGD, LAE, DLGM])
 def test_the_drivers_share_the_base(cls):
     assert issubclass(cls, OptimizerDriver)
     own = {"step", "state_dict", "load_state_dict", "_descend"} & set(vars(cls))

@@ -125,9 +125,13 @@ def test_step_size_adaptation_keeps_acceptance_near_target():
         lae.step(x[(i % 4) * 32 : (i % 4 + 1) * 32])
     m = lae.metrics()  # the latest 100 transitions
     assert lae.metrics() == m  # reading does not reset
-    assert set(m) == {"accept_rate", "step_size"}
+    assert set(m) == {"accept_rate", "step_size", "move"}
     assert 0.3 < m["accept_rate"] < 0.9
     assert m["step_size"] > 1e-5
+    # a MALA move is about sqrt(2 eta) per coordinate, times the acceptance; the drift
+    # term and the preconditioning make it only an order of magnitude
+    scale = (2 * m["step_size"]) ** 0.5 * m["accept_rate"]
+    assert 0.1 * scale < m["move"] < 10 * scale
 
 
 def test_state_dict_round_trip():

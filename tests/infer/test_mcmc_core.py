@@ -17,7 +17,6 @@ from torch import nn
 
 from pyro_lvm.infer import AmortizedLangevin
 from pyro_lvm.infer.mcmc import (
-    LangevinState,
     dual_averaging_init,
     dual_averaging_step,
     find_step_size,
