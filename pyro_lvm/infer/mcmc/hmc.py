@@ -2,8 +2,8 @@ r"""One HMC transition per chain (leapfrog integrator + the shared MH decision).
 
 With leapfrog step :math:`\epsilon = \sqrt{2\eta}` and unit mass, one leapfrog step is
 MALA with step :math:`\eta` (the same proposal and acceptance), which the tests use as a
-cross-check. Non-finite trajectories are rejected (:func:`~pyro_lvm.infer.mcmc.mh.
-finite_log_ratio`).
+cross-check. Non-finite trajectories are rejected
+(:func:`~pyro_lvm.infer.mcmc.mh.finite_log_ratio`).
 
 References
 ----------
