@@ -77,7 +77,9 @@ def run_one(args, precondition, seed):
     encoder = nn.Sequential(trunk, head) if args.encoder == "sequential" else Custom(trunk, head)
     pyro.set_rng_seed(seed)
     kernel = AmortizedLangevin(model, encoder, precondition=precondition)
-    mcmc = MCMC(kernel, num_samples=args.num_samples, warmup_steps=args.warmup, disable_progbar=True)
+    mcmc = MCMC(
+        kernel, num_samples=args.num_samples, warmup_steps=args.warmup, disable_progbar=True
+    )
     cpu, wall = time.thread_time(), time.perf_counter()
     mcmc.run(x)
     cpu, wall = time.thread_time() - cpu, time.perf_counter() - wall
