@@ -14,6 +14,7 @@ from pyro_lvm.infer.closed_form import ClosedFormFit
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.infer.disarm import DisARM
 from pyro_lvm.infer.dlgm import DLGM
+from pyro_lvm.infer.driver import OptimizerDriver
 from pyro_lvm.infer.importance import (
     elbo_per_datapoint,
     iwae_log_likelihood,
@@ -75,6 +76,7 @@ __all__ = [
     "LangevinState",
     "MarginalLikelihoodGD",
     "ModuleSVI",
+    "OptimizerDriver",
     "RankConditionWarning",
     "dual_averaging_init",
     "dual_averaging_step_size",
