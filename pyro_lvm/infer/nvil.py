@@ -28,6 +28,10 @@ Differences from :class:`pyro.infer.TraceGraph_ELBO`:
 * baselines are typed :class:`torch.nn.Module` objects attached per site, and the
   running average is kept per dataset row (keyed by the data plate's subsample indices),
   so the batch size may change between steps;
+* masks and scales follow Pyro: the score function of a masked (or zero-scaled) guide
+  element is kept and multiplied by its downstream costs, which carry their own masks
+  and scales, so a masked latent whose value drives unmasked observations still gets
+  its gradient, exactly as in ``TraceGraph_ELBO``;
 * :meth:`differentiable_loss` exists, so the estimator works as a plain torch loss
   (:class:`~pyro_lvm.infer.ModuleSVI`, Lightning) as well as with :class:`pyro.infer.SVI`.
 
@@ -115,6 +119,14 @@ class _RecordSubsample(Messenger):
     def _pyro_post_sample(self, msg) -> None:
         if site_is_subsample(msg):
             self.indices[msg["name"]] = msg["value"]
+
+
+def _nonzero(scale):
+    """The site's scale with zeros replaced by 1: a guide element scaled by 0 drops its
+    own log q, but its downstream costs (scaled by their own sites) still count."""
+    if torch.is_tensor(scale):
+        return torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale if scale != 0 else 1.0
 
 
 def _structure_key(model_trace, guide_trace) -> tuple:
@@ -313,9 +325,9 @@ class TraceNVIL_ELBO(ELBO):
         fit_loss = 0.0
         for name in sites:
             guide_site = guide_trace.nodes[name]
-            scale = guide_site["scale"]
-            if name not in costs or (not torch.is_tensor(scale) and scale == 0):
+            if name not in costs:
                 continue
+            scale = _nonzero(guide_site["scale"])
             stack = guide_site["cond_indep_stack"]
             # per-datapoint signal, relative to the site's own (subsample) scale
             signal = detach_provenance(costs[name].sum_to(stack)).detach() / scale
@@ -326,8 +338,9 @@ class TraceNVIL_ELBO(ELBO):
             if name in self.baselines:
                 signal, site_fit = _apply_baselines(self.baselines[name], ctx, signal, update)
                 fit_loss = fit_loss + site_fit
-            if guide_site["mask"] is not None:
-                signal = signal * guide_site["mask"]
+            # no mask here: a masked guide element drops its own log q, but its value
+            # still drives the unmasked terms downstream (as in TraceGraph_ELBO, the
+            # score function is neither masked nor scaled, its cost is)
             # Pyro leaves the score function unscaled: scale the centred signal back
             score = guide_site["score_parts"].score_function
             surrogate = surrogate + (score * (signal * scale)).sum()

@@ -81,7 +81,9 @@ class VIMCO(ELBO):
 
     The weights follow Pyro's ELBO conventions: masked log-density elements
     (:func:`pyro.poutine.mask`, ``dist.mask``) are zero, so a fully masked datapoint has
-    bound 0 and an observation masked out is simply not observed; observed guide sites
+    bound 0 and an observation masked out is simply not observed (a masked guide element
+    is still drawn from the guide, so its score term stays, as in ``TraceGraph_ELBO``:
+    its value may drive unmasked terms); observed guide sites
     (e.g. :func:`pyro.factor` in the guide) enter :math:`\log w` with a minus sign, as
     they enter ``Trace_ELBO``; site scales (subsampling :math:`N/B`,
     :func:`pyro.poutine.scale`, per-datapoint scale tensors) multiply each datapoint's
@@ -206,7 +208,11 @@ class VIMCO(ELBO):
                 else:
                     log_w = log_w - lp
                     if not site["is_observed"] and not getattr(site["fn"], "has_rsample", False):
-                        score = score + lp
+                        # the particles are drawn from the unmasked guide: a masked
+                        # element's value still drives the unmasked terms of log w, so
+                        # its score (Pyro's, neither masked nor scaled) stays
+                        sf = site["score_parts"].score_function
+                        score = score + self._per_datapoint(sf, nest, data_dim, batch)
         if not torch.is_tensor(log_w):
             raise ValueError("VIMCO found no sample sites in the model and guide")
         return log_w, score, scale
