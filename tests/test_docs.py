@@ -79,8 +79,8 @@ def test_custom_models_tutorial_runs_and_its_results_hold():
     assert ns["lae_before"] < ns["lae_after"] <= best + 1e-4
     assert ns["lae_after"] > best - 0.5
     # MCMC against the closed-form posterior (Gaussian) and the Gamma posterior
-    assert ns["z"].shape == (1500, 4, ns["LATENT"])
-    assert ns["ess"].min() > 100
+    assert ns["z"].shape == (1000, 4, ns["LATENT"])
+    assert ns["ess"].min() > 25  # enough for the ESS-based standard errors below
     assert (ns["mean_z_scores"].abs() < Z).all(), ns["mean_z_scores"]
     assert (ns["rate"] > 0).all()
     assert (ns["rate_z_scores"].abs() < Z).all(), ns["rate_z_scores"]

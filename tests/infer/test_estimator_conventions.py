@@ -12,7 +12,7 @@ from bernoulli_toy import DATA, ToySBN, assert_unbiased, estimate_grads, exact_g
 from pyro import poutine
 from seeding import offset_seed
 
-from pyro_lvm.infer import TraceNVIL_ELBO, iwae_log_likelihood
+from pyro_lvm.infer import DisARM, TraceNVIL_ELBO, iwae_log_likelihood
 from pyro_lvm.infer.vimco import VIMCO
 
 ROWS = DATA.repeat(40, 1)
@@ -33,10 +33,27 @@ def test_every_elbo_keyword_is_accepted():
     )
     nvil = TraceNVIL_ELBO(num_particles=2, max_plate_nesting=1, **options)
     vimco = VIMCO(num_particles=3, max_plate_nesting=1, vectorize_particles=False, **options)
+    disarm = DisARM(num_particles=2, max_plate_nesting=1, vectorize_particles=True, **options)
     assert vimco.vectorize_particles and vimco.retain_graph and nvil.retain_graph
+    assert disarm.retain_graph
     toy = ToySBN(1)
-    for elbo in (nvil, vimco):
+    for elbo in (nvil, vimco, disarm):
         assert math.isfinite(elbo.loss(toy.model, toy.guide, DATA))
+
+
+def test_disarm_finds_the_data_plate_by_name(float64):
+    """The same pair of draws gives the same loss whatever the data plate is called."""
+    toy = ToySBN(1)
+
+    pyro.set_rng_seed(offset_seed(8))
+    flat = DisARM().loss(toy.model, toy.guide, DATA)
+    toy.plate = lambda x, idx=None: pyro.plate("rows", x.shape[0], dim=-1)
+    with pytest.raises(ValueError, match="data_plate=") as err:
+        DisARM().loss(toy.model, toy.guide, DATA)
+    assert "\n" not in str(err.value)
+    pyro.set_rng_seed(offset_seed(8))
+    renamed = DisARM(data_plate="rows").loss(toy.model, toy.guide, DATA)
+    assert renamed == pytest.approx(flat, rel=1e-12)
 
 
 @pytest.mark.parametrize("mask", [MASK, False, True])
