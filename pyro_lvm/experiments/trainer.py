@@ -135,7 +135,9 @@ class Trainer:
         self.experiment, self.data, self.batch_size = experiment, data, batch_size
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = torch.device(device)
-        self.collective = collective if collective is not None and collective.world_size > 1 else None
+        if collective is not None and collective.world_size <= 1:
+            collective = None
+        self.collective = collective
         #: whether this process writes checkpoints (rank 0 only)
         self.is_writer = self.collective is None or self.collective.rank == 0
         self.seed = seed
@@ -260,7 +262,7 @@ class Trainer:
             with data_parallel(self.collective):
                 yield local
         else:
-            with self._rank_stream(tag=self.state.step):
+            with self.rank_stream(tag=self.state.step):
                 yield local
 
     def fit(
@@ -341,7 +343,7 @@ class Trainer:
         """Loss per datapoint of ``inference.evaluate_loss`` on the validation data."""
         total = 0.0
         inference = self.experiment.inference
-        with self._rank_stream(tag=-1 - self.state.epoch):
+        with self.rank_stream(tag=-1 - self.state.epoch):
             for x in self._validation_batches():
                 x = x.to(self.device)
                 if self.experiment.pass_index:
@@ -354,7 +356,7 @@ class Trainer:
         return total / self.validation_x.shape[0]
 
     @contextlib.contextmanager
-    def _rank_stream(self, tag: int):
+    def rank_stream(self, tag: int):
         """Data parallel: run the block inside the collective with this rank's own random
         stream (the global one stays in step across ranks); nothing in a single process."""
         if self.collective is None:

@@ -62,6 +62,12 @@ class OptimizerDriver:
     #: let the ready models skip re-registering parameters the optimizer holds
     #: (:mod:`pyro_lvm._registration`); off for JIT-compiled losses, whose inputs they are
     declare_held = True
+    #: data parallel: random draws (guide noise) are per datapoint, so each rank draws its
+    #: own (see :class:`~pyro_lvm.experiments.trainer.Trainer`)
+    data_parallel_rng = "per_rank"
+    #: data parallel: the loss value is already the union batch's (LAE: its potentials are
+    #: summed over ranks inside the kernel), so only the gradients are summed
+    loss_is_global = False
 
     def __init__(
         self,
@@ -128,7 +134,10 @@ class OptimizerDriver:
             # gradients and the loss, so every rank checks and steps on the union batch's
             backward()
             params = self._optimizer.params(traced)
-            (loss,) = all_reduce_gradients(params, loss.detach())
+            if self.loss_is_global:
+                all_reduce_gradients(params)
+            else:
+                (loss,) = all_reduce_gradients(params, loss.detach())
             check_loss(loss, self.loss_name)
         self._clip_and_step(traced)
         return loss.detach()
