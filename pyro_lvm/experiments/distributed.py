@@ -127,6 +127,13 @@ def check_data_parallel(experiment, config) -> None:
             f"{config.model} does not support --devices/--num-nodes (its inference does not "
             "all-reduce gradients); train it in one process"
         )
+    kernel = getattr(experiment.inference, "kernel", None)
+    if kernel is not None and getattr(kernel, "reduce_fn", None) is None:
+        raise ValueError(
+            "the Langevin kernel has no reduce_fn, so each process would sample its own "
+            "shard's posterior; build it with reduce_fn=pyro_lvm.infer.distributed."
+            "reduce_potential (LAE does by default)"
+        )
     if config.batch_size < world:
         raise ValueError(
             f"--batch-size {config.batch_size} is smaller than the {world} processes; each "

@@ -25,7 +25,9 @@ for it with :func:`current_collective`:
   :class:`~pyro_lvm.infer.baselines.SignalNormalization` and
   :class:`~pyro_lvm.models.centering.FeatureCentering` update their running statistics
   from union-batch moments;
-* the amortized Langevin kernel sums the potential and its gradient.
+* the amortized Langevin kernel sums the potential and its gradient
+  (:func:`reduce_potential`, its ``reduce_fn`` hook, which :class:`~pyro_lvm.infer.LAE`
+  installs).
 
 Outside :func:`data_parallel` every helper is the identity: single-process code is
 unchanged and pays nothing.
@@ -34,6 +36,7 @@ unchanged and pays nothing.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
@@ -49,6 +52,7 @@ __all__ = [
     "data_parallel",
     "global_mean",
     "rank_seed",
+    "reduce_potential",
     "reduce_sum",
     "shard_bounds",
 ]
@@ -64,7 +68,14 @@ class Collective(Protocol):
         """The elementwise sum of ``tensor`` over all ranks (every rank gets it)."""
 
 
-_CURRENT: list[Collective] = []
+class _Active(threading.local):
+    """The collectives entered by this thread (a stack)."""
+
+    def __init__(self):
+        self.stack: list[Collective] = []
+
+
+_ACTIVE = _Active()
 
 
 @contextmanager
@@ -73,16 +84,16 @@ def data_parallel(collective: Collective | None) -> Iterator[Collective | None]:
     if collective is None or collective.world_size <= 1:
         yield collective
         return
-    _CURRENT.append(collective)
+    _ACTIVE.stack.append(collective)
     try:
         yield collective
     finally:
-        _CURRENT.pop()
+        _ACTIVE.stack.pop()
 
 
 def current_collective() -> Collective | None:
     """The active collective, or ``None`` in a single process."""
-    return _CURRENT[-1] if _CURRENT else None
+    return _ACTIVE.stack[-1] if _ACTIVE.stack else None
 
 
 def reduce_sum(tensor: Tensor) -> Tensor:
@@ -125,6 +136,17 @@ def all_gather_cat(tensor: Tensor) -> Tensor:
     buffer[rank, : tensor.shape[0]] = tensor.to(dtype)
     buffer = collective.all_reduce(buffer)
     return torch.cat([buffer[r, :n] for r, n in enumerate(lengths)]).to(tensor.dtype)
+
+
+def reduce_potential(potential: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The ``reduce_fn`` hook of the Langevin kernels (:mod:`pyro_lvm.infer.mcmc`):
+    potential and gradient summed over ranks in one collective inside
+    :func:`data_parallel`, unchanged outside it."""
+    if current_collective() is None:
+        return potential, grad
+    total = reduce_sum(torch.cat([potential.reshape(-1), grad.reshape(-1)]))
+    n = potential.numel()
+    return total[:n].view_as(potential), total[n:].view_as(grad)
 
 
 def all_reduce_gradients(params: Sequence[Tensor], *values: Tensor) -> tuple[Tensor, ...]:

@@ -53,6 +53,7 @@ from pyro.optim import PyroOptim
 from torch import nn
 
 from pyro_lvm.infer.amortized_langevin import AmortizedLangevin
+from pyro_lvm.infer.distributed import reduce_potential
 from pyro_lvm.infer.driver import OptimizerDriver
 
 __all__ = ["LAE"]
@@ -122,6 +123,8 @@ class LAE(OptimizerDriver):
             raise ValueError(f"num_steps (T) must be a positive integer, got {num_steps}")
         if kernel is None:
             kernel_options.setdefault("adapt_window", DEFAULT_ADAPT_WINDOW)
+            # data parallel: potential and gradient summed over ranks (identity otherwise)
+            kernel_options.setdefault("reduce_fn", reduce_potential)
             kernel = AmortizedLangevin(model, encoder, **kernel_options)
         elif kernel_options:
             raise ValueError(
