@@ -1,8 +1,9 @@
 """Worker of tests/test_distributed.py: train one case for a few steps, save the state.
 
 ``python tests/dp_worker.py CASE[,CASE...] OUT --devices N`` launches N CPU processes with
-Lightning Fabric (gloo); each writes ``OUT/{case}_rank{r}.pt``. The test runs :func:`train` in its own
-process (``collective=None``) as the single-process reference on the union batches.
+Lightning Fabric (gloo); each writes ``OUT/{case}_rank{r}.pt``. The test runs
+:func:`train` in its own process (``collective=None``) as the single-process reference on
+the union batches.
 
 Cases
 -----
