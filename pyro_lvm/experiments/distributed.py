@@ -5,8 +5,8 @@ placing each on its device, and the collectives of the process group (gloo on CP
 on GPU). pyro_lvm keeps its own training loop (:class:`~pyro_lvm.experiments.trainer.Trainer`,
 exact resume included): the loop calls the inference drivers with this rank's share of
 every batch inside :func:`~pyro_lvm.infer.distributed.data_parallel`, and the drivers
-sum gradients and potentials with :meth:`FabricCollective.all_reduce`
-(``Fabric.all_reduce(..., reduce_op="sum")``). Wrapping the networks in
+sum gradients and potentials with :meth:`FabricCollective.all_reduce` (a sum on Fabric's
+process group). Wrapping the networks in
 ``DistributedDataParallel`` would not work: the models are called through
 ``model``/``guide``, never through ``DDP.forward``, so its gradient hooks never fire in sync.
 
@@ -49,9 +49,16 @@ class FabricCollective:
         return self.fabric.device
 
     def all_reduce(self, tensor: Tensor) -> Tensor:
-        """Elementwise sum over ranks (``tensor`` may be overwritten)."""
+        """Elementwise sum over ranks (``tensor`` may be overwritten).
+
+        The sum runs on the process group Fabric set up, as ``Fabric.all_reduce(...,
+        reduce_op="sum")`` does but without the barrier Lightning puts before every
+        reduction: the all-reduce itself synchronises, and the barrier added ~60% to a
+        2-process CPU step of the digits VAE (measured: 55-62 against 31-42 ms).
+        """
         device = tensor.device
-        out = self.fabric.all_reduce(tensor.to(self.device), reduce_op="sum")
+        out = tensor.to(self.device)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
         return out.to(device)
 
 
