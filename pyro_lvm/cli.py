@@ -25,6 +25,7 @@ from pyro_lvm import __version__
 from pyro_lvm.data import DATASETS
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.distributed import is_global_zero
 from pyro_lvm.experiments.lifecycle import (  # noqa: F401  (public names kept here too)
     RunError,
     _read_config,
@@ -48,7 +49,16 @@ CLIError = RunError
 
 
 #: settings a resumed run may change (the rest define the run and must match it)
-RESUMABLE = ("epochs", "lr", "eval_samples", "eval_ais", "device")
+RESUMABLE = (
+    "epochs",
+    "lr",
+    "eval_samples",
+    "eval_ais",
+    "device",
+    "devices",
+    "strategy",
+    "num_nodes",
+)
 _DEFAULTS = TrainConfig()
 
 
@@ -217,6 +227,26 @@ _TRAIN_FLAGS = [
         "evaluation",
     ),
     (("--device",), dict(help=_help("cpu or cuda", "device")), "run"),
+    (
+        ("--devices",),
+        dict(type=int, metavar="N", help=_help("processes per node (data parallel)", "devices")),
+        "distributed",
+    ),
+    (
+        ("--strategy",),
+        dict(choices=["ddp"], help=_help("data-parallel strategy", "strategy")),
+        "distributed",
+    ),
+    (
+        ("--accelerator",),
+        dict(choices=["cpu", "gpu"], help="cpu or gpu (default: from --device; gpu = cuda)"),
+        "distributed",
+    ),
+    (
+        ("--num-nodes",),
+        dict(type=int, metavar="K", help=_help("machines (SLURM, torchrun)", "num_nodes")),
+        "distributed",
+    ),
     (("--out",), dict(help="run directory (default: runs/MODEL-DATASET)"), "run"),
     (("--resume",), dict(metavar="DIR", help="continue the run in DIR"), "run"),
     (("--overwrite",), dict(action="store_true", help="replace the run already in --out"), "run"),
@@ -298,8 +328,18 @@ def _add_model_parser(models, name: str) -> None:
 
 
 def _given(args) -> dict:
-    """The train flags the user passed, as TrainConfig fields."""
-    return {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    """The train flags the user passed, as TrainConfig fields (``--accelerator`` becomes
+    ``--device``: gpu means cuda)."""
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    accelerator = getattr(args, "accelerator", None)
+    if accelerator is not None:
+        device = "cuda" if accelerator == "gpu" else "cpu"
+        if given.get("device", device).split(":")[0] != device:
+            raise CLIError(
+                f"--accelerator {accelerator} contradicts --device {given['device']}; pass one"
+            )
+        given["device"] = given.get("device", device)
+    return given
 
 
 def _config_from_args(args) -> TrainConfig:
@@ -432,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
                 figures=not getattr(args, "no_figures", False),
                 overwrite=getattr(args, "overwrite", False),
             )
-            _print_summary(metrics, config.out)
+            if is_global_zero():  # data parallel: rank 0 speaks for the run
+                _print_summary(metrics, config.out)
         elif args.command == "evaluate":
             metrics = run_evaluate(
                 args.run_dir, args.eval_samples, args.eval_ais, args.device, args.model_file

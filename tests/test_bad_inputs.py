@@ -214,6 +214,27 @@ CASES = [
     ("batch-size-0", CLEAR, lambda c: T(c, "--batch-size", "0"), "--batch-size must be positive"),
     ("batch-too-large", CLEAR, lambda c: T(c, "--batch-size", "5000"), "pass a smaller"),
     ("eval-samples-0", CLEAR, lambda c: T(c, "--eval-samples", "0"), "--eval-samples must be"),
+    # -- data parallel (refused before any process is launched) ---------------------------
+    ("devices-0", CLEAR, lambda c: T(c, "--devices", "0"), "--devices must be positive"),
+    ("num-nodes-0", CLEAR, lambda c: T(c, "--num-nodes", "0"), "--num-nodes must be positive"),
+    (
+        "accelerator-vs-device",
+        CLEAR,
+        lambda c: T(c, "--accelerator", "gpu", "--device", "cpu"),
+        "--accelerator gpu contradicts --device cpu",
+    ),
+    (
+        "batch-below-world",
+        CLEAR,
+        lambda c: T(c, "--devices", "2", "--num-nodes", "2", "--batch-size", "3"),
+        "pass --batch-size >= devices * num-nodes",
+    ),
+    (
+        "devices-with-one-gpu",
+        CLEAR,
+        lambda c: T(c, "--devices", "2", "--device", "cuda:1"),
+        "with --devices pass --device cuda",
+    ),
     ("eval-ais-negative", CLEAR, lambda c: T(c, "--eval-ais", "-1"), "--eval-ais must be >= 0"),
     (
         "langevin-steps-0",

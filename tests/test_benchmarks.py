@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from seeding import offset_seed
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
@@ -24,3 +25,14 @@ def test_run_all_quick_writes_json_and_table(tmp_path):
             assert 0 < cpu["min"] <= cpu["median"] <= cpu["max"]
     table = (tmp_path / "run_all_quick.md").read_text()
     assert "| vae |" in table and "load average" in table
+
+
+def test_gpu_benchmark_runs_on_cpu_and_exits_cleanly_without_cuda(tmp_path):
+    import gpu
+
+    result = gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert [r["case"] for r in result["rows"]] == ["vae step", "lae step", "iwae K=100"]
+    assert all(r["ms"] > 0 for r in result["rows"])
+    assert json.loads((tmp_path / "gpu_quick_cpu.json").read_text())["rows"] == result["rows"]
+    if not torch.cuda.is_available():
+        assert gpu.main(["--out", str(tmp_path)]) == {"skipped": "no CUDA"}

@@ -39,6 +39,11 @@ class TrainConfig:
     #: vae: the Gaussian KL term in closed form (TraceMeanField_ELBO) instead of Monte Carlo
     analytic_kl: bool = True
     device: str = "cpu"
+    #: data parallel (Lightning Fabric): processes per node, strategy, nodes; the
+    #: accelerator is --device's (--accelerator gpu sets --device cuda)
+    devices: int = 1
+    strategy: str = "ddp"
+    num_nodes: int = 1
     out: str = "runs/latest"
     #: rows of the training set held out for validation (0: none)
     validation: int = 0
@@ -143,6 +148,20 @@ class TrainConfig:
             (
                 self.num_particles > 0,
                 f"--num-particles must be positive, got {self.num_particles}",
+            ),
+            (self.devices > 0, f"--devices must be positive, got {self.devices}"),
+            (self.num_nodes > 0, f"--num-nodes must be positive, got {self.num_nodes}"),
+            (self.strategy == "ddp", f"--strategy must be ddp, got {self.strategy!r}"),
+            (
+                self.devices * self.num_nodes == 1 or not self.device.startswith("cuda:"),
+                f"--device {self.device} names one GPU; with --devices pass --device cuda "
+                "(each process takes its own)",
+            ),
+            (
+                self.batch_size >= self.devices * self.num_nodes,
+                f"--batch-size {self.batch_size} is smaller than the "
+                f"{self.devices * self.num_nodes} processes; pass --batch-size >= devices * "
+                "num-nodes (--batch-size is the global batch)",
             ),
             (
                 self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),

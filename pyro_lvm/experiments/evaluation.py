@@ -9,6 +9,11 @@ Per datapoint, in nats, averaged over the test split:
 - ``*_per_dim`` (nats per dimension) and ``*_bpd`` (bits per dimension);
 - ``test_recon_mse``: squared error of the reconstruction at the encoder's point summary;
 - ``test_nll_ais``: annealed importance sampling (Wu et al. 2017) when requested.
+
+Data parallel (inside :func:`~pyro_lvm.infer.distributed.data_parallel`) each rank
+evaluates its contiguous share of the test rows and the per-datapoint means are taken over
+the union (sums and counts all-reduced): the same numbers as one process, up to the
+Monte Carlo draws, in ``1/world_size`` of the time.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import math
 import torch
 
 from pyro_lvm.experiments.recipes.base import Experiment
+from pyro_lvm.infer.distributed import current_collective, global_mean, shard_bounds
 from pyro_lvm.infer.importance import log_importance_weights
 
 __all__ = ["evaluate"]
@@ -42,6 +48,7 @@ def evaluate(
     lvm = experiment.lvm
     lvm.eval()
     data_dim = test_x.shape[1]
+    full_x, test_x = test_x, _my_rows(test_x)
     elbo, iwae, sq_err = [], [], []
     for x in _batches(test_x, batch_size):
         x = x.to(device)
@@ -59,19 +66,33 @@ def evaluate(
             sq_err.append(((lvm.reconstruct(x) - x) ** 2).sum(-1))
         except (NotImplementedError, AttributeError):  # optional in the model protocol
             pass
-    nelbo = -torch.cat(elbo).mean().item()
-    nll = -torch.cat(iwae).mean().item()
+    # data parallel: means over the union of the ranks' rows (one process: plain means)
+    nelbo = -global_mean(_cat(elbo, test_x)).item()
+    nll = -global_mean(_cat(iwae, test_x)).item()
     out = {"eval_samples": eval_samples}
     out.update(_with_units("test_nelbo", nelbo, data_dim))
     out.update(_with_units("test_nll", nll, data_dim))
     if sq_err:
-        out["test_recon_mse"] = torch.cat(sq_err).mean().item() / data_dim
+        out["test_recon_mse"] = global_mean(torch.cat(sq_err)).item() / data_dim
     if eval_ais > 0:
         out.update(_ais(experiment, test_x, eval_ais, batch_size, device, data_dim))
-    if experiment.extra_metrics is not None:
-        out.update(experiment.extra_metrics(test_x.to(device)))
+    if experiment.extra_metrics is not None:  # model-specific: every rank, all rows
+        out.update(experiment.extra_metrics(full_x.to(device)))
     lvm.train()
     return out
+
+
+def _my_rows(x: torch.Tensor) -> torch.Tensor:
+    """This rank's contiguous share of the rows (all of them in a single process)."""
+    collective = current_collective()
+    if collective is None:
+        return x
+    return x[slice(*shard_bounds(x.shape[0], collective.rank, collective.world_size))]
+
+
+def _cat(values: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Per-datapoint values of this rank's batches (none: an empty share)."""
+    return torch.cat(values) if values else like.new_zeros(0)
 
 
 def _with_units(key: str, nats: float, data_dim: int) -> dict[str, float]:
@@ -97,5 +118,5 @@ def _ais(experiment, test_x, num_steps, batch_size, device, data_dim) -> dict[st
         )
         for x in _batches(test_x, batch_size)
     ]
-    nll = -torch.cat(estimates).mean().item()
+    nll = -global_mean(_cat(estimates, test_x)).item()
     return {"test_nll_ais": nll, "test_nll_ais_per_dim": nll / data_dim}

@@ -21,6 +21,7 @@ import torch
 from pyro_lvm.data import DataBundle, load_dataset
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, atomic_save
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.distributed import agree_or_raise, check_data_parallel, launch
 from pyro_lvm.experiments.evaluation import evaluate
 from pyro_lvm.experiments.protocol import PlottableModel, missing
 from pyro_lvm.experiments.recipes import Experiment, get_recipe
@@ -128,8 +129,14 @@ def run_train(
     # every check before anything is written: flags, folder, data, model
     config.validate()
     _check_device(config.device)
-    check_run_dir(out, resume=resume, overwrite=overwrite)
+    collective = launch(config)  # --devices/--num-nodes: one process per device (Fabric)
+    # data parallel: rank 0 alone checks the folder (the others would race its writes)
+    agree_or_raise(
+        collective, lambda: check_run_dir(out, resume=resume, overwrite=overwrite), lead_only=True
+    )
     experiment, data = setup_run(config, data)
+    if collective is not None:
+        agree_or_raise(collective, lambda: check_data_parallel(experiment, config))
     val_x = None
     if config.validation:
         data, val_x = data.holdout(config.validation, seed=config.seed)
@@ -149,8 +156,11 @@ def run_train(
             config.lr_step,
             config.lr_gamma,
         ),
+        collective=collective,
     )
     trainer.metadata = {"config": config.to_dict(), "data": _data_info(data)}
+    if not trainer.is_writer:  # data parallel: the same steps, nothing written
+        return _train_follower(config, experiment, data, trainer, out, resume)
     prepare_run_dir(out, resume=resume, overwrite=overwrite)
     with RunLock(out):
         if not (resume or overwrite):
@@ -158,6 +168,20 @@ def run_train(
         if overwrite and not resume:
             clear_run(out)
         return _train_locked(config, experiment, data, trainer, out, resume, progress, figures)
+
+
+def _train_follower(config, experiment, data, trainer, out, resume) -> dict:
+    """A data-parallel rank other than 0: what :func:`_train_locked` does, in the same
+    order (every collective is matched), without writing, logging or printing."""
+    if resume:
+        trainer.restore(out / CHECKPOINT_NAME)
+        set_learning_rate(experiment.inference, config.lr)
+    if experiment.prepare is not None and trainer.state.step == 0:
+        experiment.prepare(data.train_x.to(config.device))
+    trainer.fit(config.epochs)
+    if experiment.finalize is not None:
+        experiment.finalize(data.train_x.to(config.device))
+    return _metrics(config, experiment, data, trainer)
 
 
 def _train_locked(config, experiment, data, trainer, out, resume, progress, figures) -> dict:
@@ -327,15 +351,16 @@ def _metrics(config, experiment, data, trainer) -> dict:
         "seed": config.seed,
     }
     metrics.update(experiment.inference.metrics())
-    metrics.update(
-        evaluate(
-            experiment,
-            data.test_x,
-            eval_samples=config.eval_samples,
-            eval_ais=config.eval_ais,
-            device=config.device,
+    with trainer.rank_stream(tag=-(1 << 20)):  # data parallel: test rows sharded, gathered
+        metrics.update(
+            evaluate(
+                experiment,
+                data.test_x,
+                eval_samples=config.eval_samples,
+                eval_ais=config.eval_ais,
+                device=config.device,
+            )
         )
-    )
     metrics["eval_seconds"] = time.perf_counter() - t0
     metrics["warnings"] = [w["kind"] for w in trainer.state.warnings]
     metrics["best_epoch"] = trainer.state.best_epoch

@@ -9,6 +9,7 @@ an uninterrupted run would, mid-epoch included.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -31,6 +32,13 @@ from pyro_lvm.experiments.checkpoint import (
 from pyro_lvm.experiments.health import check_epoch
 from pyro_lvm.experiments.recipes.base import Experiment
 from pyro_lvm.infer.diagnostics import DivergenceError
+from pyro_lvm.infer.distributed import (
+    Collective,
+    data_parallel,
+    rank_seed,
+    reduce_sum,
+    shard_bounds,
+)
 
 __all__ = ["Trainer", "TrainerState"]
 
@@ -88,6 +96,17 @@ class Trainer:
         for this many epochs (0: never).
     schedulers : list of torch LR schedulers
         Stepped once per epoch; their state is checkpointed.
+    collective : Collective, optional
+        Data parallel over these ranks (see :mod:`pyro_lvm.infer.distributed`; the CLI
+        passes Lightning Fabric's). ``batch_size`` is then the *global* batch: every rank
+        draws the same permutation and the same dynamic binarization of the union batch
+        and keeps its contiguous share of the rows, so the run takes the single-process
+        steps of the union batches. Inference whose random draws are per datapoint (SVI's
+        guide noise) draws them on each rank from its own stream
+        (:func:`~pyro_lvm.infer.distributed.rank_seed` of seed, step and rank, so resume
+        stays exact); inference with ``data_parallel_rng = "shared"`` (LAE: chain-shaped
+        proposal noise and MH uniforms) draws from the global generator, in the same state
+        on every rank. Only rank 0 writes checkpoints.
     """
 
     def __init__(
@@ -102,6 +121,7 @@ class Trainer:
         validation_x: torch.Tensor | None = None,
         early_stopping: int = 0,
         schedulers: list | None = None,
+        collective: Collective | None = None,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
@@ -115,6 +135,12 @@ class Trainer:
         self.experiment, self.data, self.batch_size = experiment, data, batch_size
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.device = torch.device(device)
+        if collective is not None and collective.world_size <= 1:
+            collective = None
+        self.collective = collective
+        #: whether this process writes checkpoints (rank 0 only)
+        self.is_writer = self.collective is None or self.collective.rank == 0
+        self.seed = seed
         self.log_metrics_every = log_metrics_every
         self.shuffle = torch.Generator().manual_seed(seed)
         self.state = TrainerState()
@@ -156,6 +182,8 @@ class Trainer:
                 f"parameter {bad[0]!r} became non-finite by step {self.state.step}: training "
                 "diverged; lower the learning rate (--lr)"
             )
+        if not self.is_writer:  # data parallel: every rank holds the same state
+            return
         atomic_save(
             {
                 "modules": modules,
@@ -213,11 +241,29 @@ class Trainer:
     def _step(self, idx: torch.Tensor) -> float:
         x = self.data.train_x[idx].to(self.device)
         if self.data.binary_probs:
-            x = binarize(x)
+            x = binarize(x)  # the union batch: the global generator stays in step on all ranks
         inference = self.experiment.inference
-        if self.experiment.pass_index:
-            return inference.step(x, idx.to(self.device))
-        return inference.step(x)
+        with self._shard(len(idx)) as local:
+            x, idx = x[local], idx[local]
+            if self.experiment.pass_index:
+                return inference.step(x, idx.to(self.device))
+            return inference.step(x)
+
+    @contextlib.contextmanager
+    def _shard(self, rows: int):
+        """Data parallel: yields the slice of this rank's rows of a batch of ``rows``,
+        inside the collective and (unless the inference shares its draws) this rank's own
+        random stream; a single process gets every row."""
+        if self.collective is None:
+            yield slice(None)
+            return
+        local = slice(*shard_bounds(rows, self.collective.rank, self.collective.world_size))
+        if getattr(self.experiment.inference, "data_parallel_rng", "per_rank") == "shared":
+            with data_parallel(self.collective):
+                yield local
+        else:
+            with self.rank_stream(tag=self.state.step):
+                yield local
 
     def fit(
         self,
@@ -297,14 +343,40 @@ class Trainer:
         """Loss per datapoint of ``inference.evaluate_loss`` on the validation data."""
         total = 0.0
         inference = self.experiment.inference
-        for x in self.validation_x.split(self.batch_size):
-            x = x.to(self.device)
-            if self.experiment.pass_index:
-                # per-datapoint state (baselines) belongs to training rows only
-                total += inference.evaluate_loss(x, None)
-            else:
-                total += inference.evaluate_loss(x)
+        with self.rank_stream(tag=-1 - self.state.epoch):
+            for x in self._validation_batches():
+                x = x.to(self.device)
+                if self.experiment.pass_index:
+                    # per-datapoint state (baselines) belongs to training rows only
+                    total += inference.evaluate_loss(x, None)
+                else:
+                    total += inference.evaluate_loss(x)
+            # data parallel: every rank summed its share of the rows
+            total = float(reduce_sum(torch.tensor(total, dtype=torch.float64)))
         return total / self.validation_x.shape[0]
+
+    @contextlib.contextmanager
+    def rank_stream(self, tag: int):
+        """Data parallel: run the block inside the collective with this rank's own random
+        stream (the global one stays in step across ranks); nothing in a single process."""
+        if self.collective is None:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with data_parallel(self.collective), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(rank_seed(self.seed, tag, self.collective.rank))
+            yield
+
+    def _validation_batches(self) -> list[torch.Tensor]:
+        """The validation rows in batches; data parallel, this rank's contiguous share in
+        as many batches as every other rank's (the losses are sums, so any split works)."""
+        if self.collective is None:
+            return list(self.validation_x.split(self.batch_size))
+        rank, world = self.collective.rank, self.collective.world_size
+        n = self.validation_x.shape[0]
+        share = self.validation_x[slice(*shard_bounds(n, rank, world))]
+        num_batches = -(-shard_bounds(n, 0, world)[1] // self.batch_size)
+        return [b for b in share.tensor_split(num_batches) if b.shape[0]]
 
     def _track_best(self, record: dict) -> bool:
         loss = record.get("val_loss", record["train_loss"])

@@ -42,6 +42,8 @@ import torch
 from pyro.ops.provenance import detach_provenance
 from torch import nn
 
+from pyro_lvm.infer.distributed import all_gather_cat, current_collective, global_mean
+
 __all__ = [
     "Baseline",
     "BaselineContext",
@@ -148,6 +150,13 @@ class RunningAverageBaseline(Baseline):
     after a few visits it is a blend of the global and the row's own history).
     With ``per_datapoint=False`` only the global average is kept (NVIL's :math:`c`).
 
+    Data parallel (:mod:`pyro_lvm.infer.distributed`): every rank predicts for its own
+    rows, then all ranks apply the *union* batch's update (the rows and indices of every
+    shard are gathered, the global mean is the union mean), so the averages stay
+    identical on every rank and equal to a single process's on the union batch; the
+    prediction for a batch never depends on that batch's signal, so the gradient stays
+    unbiased.
+
     Parameters
     ----------
     num_data : int, optional
@@ -208,7 +217,8 @@ class RunningAverageBaseline(Baseline):
             return
         beta = self.beta
         fallback = self.global_average * self.global_seen  # before this batch
-        batch_mean = target.mean().to(self.global_average)
+        # data parallel: the union batch's mean and rows (every rank applies them all)
+        batch_mean = global_mean(target).to(self.global_average)
         self.global_average.copy_(
             torch.where(
                 self.global_seen, beta * self.global_average + (1 - beta) * batch_mean, batch_mean
@@ -219,6 +229,10 @@ class RunningAverageBaseline(Baseline):
             return
         idx = self._indices(ctx)
         rows = _per_datapoint_mean(target, ctx.data_dim).to(self.average)
+        if current_collective() is not None:
+            idx, rows = all_gather_cat(idx), all_gather_cat(rows)
+            if idx.numel() and int(idx.max()) >= self.average.shape[0]:
+                self._resize(int(idx.max()) + 1)
         # a new row starts from the global average (shrinkage): one noisy visit would
         # make a worse baseline than the global average
         old = torch.where(self.seen[idx], self.average[idx], fallback)
@@ -321,8 +335,8 @@ class SignalNormalization(nn.Module):
         if not self.training:
             return
         centred = centred.to(self.mean)
-        m = centred.mean()
-        v = (centred - m).pow(2).mean()
+        m = global_mean(centred)  # data parallel: moments of the union batch
+        v = global_mean((centred - m).pow(2))
         b = torch.where(self.initialized, torch.tensor(self.beta).to(m), torch.zeros_like(m))
         self.mean.copy_(b * self.mean + (1 - b) * m)
         self.var.copy_(b * self.var + (1 - b) * v)

@@ -11,7 +11,9 @@ differentiate. :class:`OptimizerDriver` owns what they share:
 2. evaluate the loss inside :func:`~pyro_lvm.infer.diagnostics.divergence_guard`;
 3. refuse a non-finite loss *before* any parameter moves
    (:class:`~pyro_lvm.infer.diagnostics.DivergenceError`);
-4. backward, clip the global gradient norm, step;
+4. backward, clip the global gradient norm, step; data parallel (inside
+   :func:`~pyro_lvm.infer.distributed.data_parallel`), the gradients and the loss are
+   summed over ranks before the check, so every rank takes the union batch's step;
 5. ``state_dict`` / ``load_state_dict`` of the optimizer plus the driver's own state.
 
 A driver implements :meth:`OptimizerDriver.objective` (the differentiable objective of a
@@ -30,6 +32,7 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 
 from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
+from pyro_lvm.infer.distributed import all_reduce_gradients, current_collective
 from pyro_lvm.infer.optim import ParamOptimizer
 
 __all__ = ["OptimizerDriver"]
@@ -59,6 +62,12 @@ class OptimizerDriver:
     #: let the ready models skip re-registering parameters the optimizer holds
     #: (:mod:`pyro_lvm._registration`); off for JIT-compiled losses, whose inputs they are
     declare_held = True
+    #: data parallel: random draws (guide noise) are per datapoint, so each rank draws its
+    #: own (see :class:`~pyro_lvm.experiments.trainer.Trainer`)
+    data_parallel_rng = "per_rank"
+    #: data parallel: the loss value is already the union batch's (LAE: its potentials are
+    #: summed over ranks inside the kernel), so only the gradients are summed
+    loss_is_global = False
 
     def __init__(
         self,
@@ -117,8 +126,19 @@ class OptimizerDriver:
         ):
             out = closure()
         loss, backward = out if isinstance(out, tuple) else (out, out.backward)
-        check_loss(loss, self.loss_name)
-        backward()
+        if current_collective() is None:
+            check_loss(loss, self.loss_name)
+            backward()
+        else:
+            # data parallel: backward on this rank's shard, then one collective sums the
+            # gradients and the loss, so every rank checks and steps on the union batch's
+            backward()
+            params = self._optimizer.params(traced)
+            if self.loss_is_global:
+                all_reduce_gradients(params)
+            else:
+                (loss,) = all_reduce_gradients(params, loss.detach())
+            check_loss(loss, self.loss_name)
         self._clip_and_step(traced)
         return loss.detach()
 

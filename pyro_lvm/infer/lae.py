@@ -19,6 +19,13 @@ minibatch :math:`x_1, \dots, x_n` it
 with :math:`\Phi_t` held constant. :math:`\Phi` never gets an optimizer step; the chain
 persists across minibatches.
 
+**Data parallel** (:mod:`pyro_lvm.infer.distributed`): each rank holds a shard of the
+batch; the kernel sums the potential and its gradient over ranks, every rank draws the
+same proposal noise and MH uniform from the global generator (in the same state on every
+rank), so all ranks take the same accept decision and step-size update, and the decoder
+and trunk gradients are summed before the optimizer step: the run is a single process on
+the union batch, up to the order of float additions.
+
 **Temperature.** :math:`V` is the plain minibatch sum (temperature 1), as in the paper;
 the returned loss is therefore a batch-summed :math:`-\log p(x, z)` like
 :class:`~pyro_lvm.infer.svi.ModuleSVI`'s negative ELBO (which lacks the entropy term).
@@ -46,6 +53,7 @@ from pyro.optim import PyroOptim
 from torch import nn
 
 from pyro_lvm.infer.amortized_langevin import AmortizedLangevin
+from pyro_lvm.infer.distributed import reduce_potential
 from pyro_lvm.infer.driver import OptimizerDriver
 
 __all__ = ["LAE"]
@@ -94,6 +102,11 @@ class LAE(OptimizerDriver):
     """
 
     loss_name = "LAE potential"
+    #: data parallel: the chain's random draws are shared by every rank (the global
+    #: generator, in the same state everywhere; see :mod:`pyro_lvm.infer.distributed`);
+    #: the potentials are summed over ranks in the kernel, so the loss is already global
+    data_parallel_rng = "shared"
+    loss_is_global = True
 
     def __init__(
         self,
@@ -110,6 +123,8 @@ class LAE(OptimizerDriver):
             raise ValueError(f"num_steps (T) must be a positive integer, got {num_steps}")
         if kernel is None:
             kernel_options.setdefault("adapt_window", DEFAULT_ADAPT_WINDOW)
+            # data parallel: potential and gradient summed over ranks (identity otherwise)
+            kernel_options.setdefault("reduce_fn", reduce_potential)
             kernel = AmortizedLangevin(model, encoder, **kernel_options)
         elif kernel_options:
             raise ValueError(

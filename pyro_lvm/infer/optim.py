@@ -142,7 +142,10 @@ class ParamOptimizer:
         after admitting the ``traced`` Pyro params it does not hold yet (see the module
         docstring); with a PyroOptim the traced params and the ``extra`` ones."""
         if self.is_pyro:
-            return list(traced) + [p for p in self._register_extra() if p not in traced]
+            # by param store name: an order every process agrees on (data parallel)
+            store = pyro.get_param_store()
+            ordered = sorted(traced, key=lambda p: store.param_name(p) or "")
+            return ordered + [p for p in self._register_extra() if p not in traced]
         self._admit(traced)
         return self.torch_params()
 

@@ -49,7 +49,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from pyro_lvm.infer.distributed import current_collective, reduce_sum
+
 __all__ = ["FeatureCentering"]
+
+
+def _batch_moments(flat: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and unbiased variance of the rows; data parallel, of the union of
+    every rank's rows (sums of the rows and of their squares, one collective), so the
+    running statistics stay identical on every rank."""
+    if current_collective() is None:
+        return flat.mean(0), flat.var(0)
+    n = torch.full_like(flat[0], flat.shape[0])
+    total = reduce_sum(torch.stack([n, flat.sum(0), flat.pow(2).sum(0)]))
+    n, s, q = total
+    mean = s / n
+    return mean, (q - n * mean**2) / (n - 1)
 
 
 class FeatureCentering(nn.Module):
@@ -109,8 +124,7 @@ class FeatureCentering(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         if self.training and h.dim() >= 2 and h.shape[0] > 1:
-            flat = h.detach().reshape(-1, self.num_features)
-            mean, var = flat.mean(0), flat.var(0)
+            mean, var = _batch_moments(h.detach().reshape(-1, self.num_features))
             if int(self.num_batches_tracked) == 0:  # data-dependent initialisation
                 for buf in (self.running_mean, self.pending_mean):
                     buf.copy_(mean)
