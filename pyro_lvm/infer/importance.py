@@ -56,6 +56,28 @@ def _per_datapoint(trace, kind: str, num_particles: int, max_plate_nesting: int)
     return total
 
 
+def _trace_bytes(trace) -> int:
+    """Bytes of the distinct tensors a trace holds: sample values, cached log-densities
+    and the distributions' parameters (found through ``Independent``/``expand`` wrappers)."""
+    seen: dict[int, int] = {}
+
+    def add(t) -> None:
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen[id(t)] = t.numel() * t.element_size()
+
+    for site in trace.nodes.values():
+        if site["type"] != "sample":
+            continue
+        add(site["value"])
+        add(site.get("log_prob"))
+        fn = site["fn"]
+        while fn is not None:
+            for v in vars(fn).values():
+                add(v)
+            fn = getattr(fn, "base_dist", None)
+    return sum(seen.values())
+
+
 def log_importance_weights(
     model: Callable,
     guide: Callable,
@@ -63,6 +85,7 @@ def log_importance_weights(
     num_samples: int = 1,
     max_plate_nesting: int = 1,
     chunk_size: int = 100,
+    chunk_bytes: int | None = None,
     **kwargs,
 ) -> torch.Tensor:
     r"""Log importance weights :math:`\log w_i^{(k)}`, shape ``(num_samples, B)``.
@@ -79,17 +102,29 @@ def log_importance_weights(
         Plates in the model; the data plate is the outermost, at ``dim=-max_plate_nesting``.
     chunk_size : int
         Particles drawn per vectorized pass (bounds memory at ``chunk_size * B`` latents).
+    chunk_bytes : int, optional
+        A memory budget per pass instead: a first pass with one particle measures the
+        bytes its traces hold (site values, log-densities and distribution parameters,
+        e.g. the decoder's ``(B, D)`` output: what stays alive under ``no_grad``), and
+        every later pass draws as many particles as fit ``chunk_bytes`` (at least one,
+        at most ``chunk_size``). Peak memory then stays near the budget whatever the
+        number of datapoints ``B``, where a fixed ``chunk_size`` grows with ``B``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_bytes is not None and chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be a positive number of bytes, got {chunk_bytes}")
     check_finite_data(args, kwargs)
     chunks = []
     remaining = num_samples
     with torch.no_grad(), poutine.block():
+        per_particle = None
         while remaining > 0:
             k = min(chunk_size, remaining)
+            if chunk_bytes is not None:
+                k = 1 if per_particle is None else max(1, min(k, chunk_bytes // per_particle))
             plate = pyro.plate("_importance_particles", k, dim=-(max_plate_nesting + 1))
             guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
@@ -102,6 +137,8 @@ def log_importance_weights(
             log_w = log_p - log_q
             chunks.append(log_w.expand(k, *log_w.shape[1:]))
             remaining -= k
+            if chunk_bytes is not None and per_particle is None:
+                per_particle = max(1, _trace_bytes(guide_trace) + _trace_bytes(model_trace))
     return torch.cat(chunks, dim=0)
 
 
@@ -112,6 +149,7 @@ def iwae_log_likelihood(
     num_samples: int = 1000,
     max_plate_nesting: int = 1,
     chunk_size: int = 100,
+    chunk_bytes: int | None = None,
     **kwargs,
 ) -> torch.Tensor:
     r"""Per-datapoint importance-weighted estimate :math:`\hat L_K(x_i)` of
@@ -127,6 +165,7 @@ def iwae_log_likelihood(
         num_samples=num_samples,
         max_plate_nesting=max_plate_nesting,
         chunk_size=chunk_size,
+        chunk_bytes=chunk_bytes,
         **kwargs,
     )
     return log_w.logsumexp(0) - math.log(num_samples)
