@@ -23,13 +23,11 @@ import json
 import platform
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import pyro
 import torch
-from pyro.infer import JitTrace_ELBO
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -68,17 +66,6 @@ def _no_validation(fn: Callable[[], object]) -> Callable[[], object]:
     return step
 
 
-def _quiet(fn: Callable[[], object]) -> Callable[[], object]:
-    """torch.jit.trace's deprecation and tracer warnings, once per compile, not errors."""
-
-    def step():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return fn()
-
-    return step
-
-
 def case_vae(size, quick):
     d, h, z, b = size
     x = _data(d, b)
@@ -88,14 +75,14 @@ def case_vae(size, quick):
     svi = ModuleSVI(vae.model, vae.guide, _adam(vae.parameters()))
     svi_off = ModuleSVI(vae_off.model, vae_off.guide, _adam(vae_off.parameters()))
     svi_jit = ModuleSVI(
-        vae_jit.model, vae_jit.guide, _adam(vae_jit.parameters()), loss=JitTrace_ELBO()
+        vae_jit.model, vae_jit.guide, _adam(vae_jit.parameters()), jit_compile=True
     )
     opt = _adam(ref.parameters())
     return {
         "torch": lambda: floors.vae_step(ref.encoder, ref.decoder, opt, x),
         "pyro_lvm": lambda: svi.step(x),
         "pyro_lvm (validation off)": _no_validation(lambda: svi_off.step(x)),
-        "pyro_lvm (JitTrace_ELBO)": _quiet(lambda: svi_jit.step(x)),
+        "pyro_lvm (jit_compile)": lambda: svi_jit.step(x),
     }, {}
 
 
@@ -103,12 +90,19 @@ def case_lae(size, quick):
     d, h, z, b = size
     x = _data(d, b)
     lvm = LangevinAutoencoder(d, z, hidden_dim=h)
-    ref = copy.deepcopy(lvm)
+    ref, lvm_jit = copy.deepcopy(lvm), copy.deepcopy(lvm)
     lae = LAE(lvm.model, lvm.encoder, _adam(lvm.parameters()), num_steps=2)
+    lae_jit = LAE(
+        lvm_jit.model, lvm_jit.encoder, _adam(lvm_jit.parameters()), num_steps=2, jit_compile=True
+    )
     chain = ref.encoder[-1].weight
     opt = _adam(p for p in ref.parameters() if p is not chain)
     floor = floors.LAEStep(ref.encoder, ref.decoder, opt, num_steps=2)
-    return {"torch": lambda: floor(x), "pyro_lvm": lambda: lae.step(x)}, {"num_steps": 2}
+    return {
+        "torch": lambda: floor(x),
+        "pyro_lvm": lambda: lae.step(x),
+        "pyro_lvm (jit_compile)": lambda: lae_jit.step(x),
+    }, {"num_steps": 2}
 
 
 def case_iwae(size, quick):

@@ -155,6 +155,20 @@ _TRAIN_FLAGS = [
     (("--flow",), dict(choices=["iaf", "planar"], help=_help("flow kind", "flow")), "model"),
     (("--analytic-kl",), dict(action="store_true", help="TraceMeanField_ELBO"), "model"),
     (
+        ("--no-analytic-kl",),
+        dict(dest="analytic_kl", action="store_false", help="Monte Carlo KL (Trace_ELBO)"),
+        "model",
+    ),
+    (
+        ("--no-jit",),
+        dict(
+            dest="jit_compile",
+            action="store_false",
+            help="run the model eagerly instead of replaying its compiled trace",
+        ),
+        "model",
+    ),
+    (
         ("--model-file",),
         dict(metavar="PATH.py:NAME|MODULE:NAME", help="your model's build function"),
         "model",

@@ -38,6 +38,9 @@ class TrainConfig:
     eval_ais: int = 0
     #: vae: the Gaussian KL term in closed form (TraceMeanField_ELBO) instead of Monte Carlo
     analytic_kl: bool = True
+    #: vae, lae: trace the model once per batch shape and replay it (CompiledFunction);
+    #: the ready models have a fixed structure, so this only removes Pyro's per-step cost
+    jit_compile: bool = True
     device: str = "cpu"
     #: data parallel (Lightning Fabric): processes per node, strategy, nodes; the
     #: accelerator is --device's (--accelerator gpu sets --device cuda)

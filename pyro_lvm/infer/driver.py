@@ -60,7 +60,7 @@ class OptimizerDriver:
     #: reduction over every gradient; drivers that report it in ``metrics`` set this)
     track_grad_norm = False
     #: let the ready models skip re-registering parameters the optimizer holds
-    #: (:mod:`pyro_lvm._registration`); off for JIT-compiled losses, whose inputs they are
+    #: (:mod:`pyro_lvm._registration`); compiled losses find them as graph leaves
     declare_held = True
     #: data parallel: random draws (guide noise) are per datapoint, so each rank draws its
     #: own (see :class:`~pyro_lvm.experiments.trainer.Trainer`)

@@ -44,6 +44,7 @@ Latent Variable Models", NeurIPS, Algorithm 2.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -64,9 +65,17 @@ DEFAULT_ADAPT_WINDOW = 1000
 METRICS_WINDOW = 100
 
 
-def _scalar(value, like: torch.Tensor) -> torch.Tensor:
-    """A float or a (per-chain) tensor as a 0-d tensor beside ``like`` (no host sync)."""
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device).mean()
+def _diagnostics(stats: list[tuple]) -> list[tuple[float, float, float]]:
+    """``(accept_prob, step_size, move)`` floats per transition from ``(accept_prob,
+    step_size, mean squared move)`` given as floats or (per-chain) tensors, with one host
+    sync for all of them, not one per transition."""
+    tensors = [v for row in stats for v in row if isinstance(v, torch.Tensor)]
+    values = iter(torch.stack([t.mean() for t in tensors]).tolist() if tensors else [])
+    out = []
+    for row in stats:
+        a, eta, sq = (next(values) if isinstance(v, torch.Tensor) else float(v) for v in row)
+        out.append((a, eta, math.sqrt(sq)))
+    return out
 
 
 class LAE(OptimizerDriver):
@@ -164,15 +173,19 @@ class LAE(OptimizerDriver):
                 potentials.append(kernel.state.potential)
                 after = kernel.state.position.detach()
                 # how far the chain moved (0 for a rejection), in the kernel's coordinates
-                move = (after - before).square().mean().sqrt()
-                stats.append((info.accept_prob, info.step_size, move))
+                if info.accepted is False:  # one chain, rejected: nothing to compute
+                    move_sq = 0.0
+                else:
+                    move_sq = (after - before).square().mean()
+                stats.append((info.accept_prob, info.step_size, move_sq))
                 before = after
-            # one host sync for the step's diagnostics, not one per transition
-            flat = torch.stack([torch.stack([_scalar(v, move) for v in row]) for row in stats])
-            self._recent.extend(tuple(row) for row in flat.tolist())
+            self._recent.extend(_diagnostics(stats))
             # a state kept over several transitions appears several times: autograd sums
             # its gradient and traverses its graph once
-            return sum(potentials) / self.num_steps
+            total = potentials[0]
+            for potential in potentials[1:]:
+                total = total + potential
+            return total / self.num_steps
         finally:
             kernel.release()
 

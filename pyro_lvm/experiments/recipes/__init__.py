@@ -45,9 +45,9 @@ _LANGEVIN = frozenset("langevin_steps step_size target_accept mh adapt refine_st
 #: the model-specific settings of each recipe (a flag outside them is refused)
 MODEL_FLAGS: dict[str, frozenset[str]] = {
     "ppca": frozenset({"fit"}),
-    "vae": _NETWORK | {"analytic_kl"},
+    "vae": _NETWORK | {"analytic_kl", "jit_compile"},
     "vae-flow": _NETWORK | {"num_flows", "flow"},
-    "lae": _NETWORK | _LANGEVIN | {"test_scale", "precondition", "feature_norm"},
+    "lae": _NETWORK | _LANGEVIN | {"test_scale", "precondition", "feature_norm", "jit_compile"},
     "dlgm": _NETWORK | _LANGEVIN,
     "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
     "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),

@@ -75,5 +75,6 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         adapt_step_size=config.adapt,
         target_accept_prob=config.target_accept,
         precondition=config.precondition,
+        jit_compile=config.jit_compile,
     )
     return langevin_experiment(config, lvm, inference)

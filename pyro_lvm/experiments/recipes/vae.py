@@ -48,5 +48,11 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
     )
     # analytic KL (TraceMeanField_ELBO) has lower variance for the Gaussian guide
     loss = TraceMeanField_ELBO() if config.analytic_kl else Trace_ELBO()
-    svi = ModuleSVI(vae.model, vae.guide, make_optimizer(vae.parameters(), config), loss=loss)
+    svi = ModuleSVI(
+        vae.model,
+        vae.guide,
+        make_optimizer(vae.parameters(), config),
+        loss=loss,
+        jit_compile=config.jit_compile,
+    )
     return Experiment(lvm=vae, inference=svi, modules=vae)

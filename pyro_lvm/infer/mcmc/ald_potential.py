@@ -215,15 +215,23 @@ def potential_fn_gen(
     chain_size: int,
     args: tuple,
     kwargs: dict,
+    log_joint_fn: Callable[[dict, tuple, dict], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """The potential of one batch as a function of the flat position alone: the chain
     part (the first ``chain_size`` entries) gives the local sites through
-    ``local_values``, the rest are the global sites' unconstrained values."""
+    ``local_values``, the rest are the global sites' unconstrained values.
+
+    ``log_joint_fn(u, args, kwargs)`` replaces :func:`log_joint` of ``model`` (e.g. its
+    compiled form, :class:`~pyro_lvm.infer.compile.CompiledFunction`)."""
+    if log_joint_fn is None:
+
+        def log_joint_fn(u, args, kwargs):
+            return log_joint(model, spec, u, args, kwargs)
 
     def potential_fn(position: Tensor) -> Tensor:
-        u = local_values(position[:chain_size])
+        u = local_values(position[:chain_size] if spec.global_names else position)
         if spec.global_names:
             u = {**u, **global_values(spec, position[chain_size:])}
-        return -log_joint(model, spec, u, args, kwargs)
+        return -log_joint_fn(u, args, kwargs)
 
     return potential_fn

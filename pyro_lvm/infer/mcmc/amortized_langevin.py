@@ -44,6 +44,7 @@ Latent Variable Models", NeurIPS.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -53,6 +54,7 @@ from pyro import poutine
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor, nn
 
+from pyro_lvm.infer.compile import CompiledFunction
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.infer.mcmc import ald_potential as ap
 from pyro_lvm.infer.mcmc.adaptation import (
@@ -165,6 +167,12 @@ class AmortizedLangevin(MCMCKernel):
     reduce_fn : callable, optional
         ``reduce_fn(potential, grad) -> (potential, grad)``, local to global values of the
         potential and its gradient w.r.t. the chain position (default: identity).
+    jit_compile : bool
+        Trace the model's log joint once per batch signature with :func:`torch.jit.trace`
+        and replay it (:class:`~pyro_lvm.infer.compile.CompiledFunction`), as Pyro's
+        ``HMC(jit_compile=True)``: removes the effect-handler cost of every potential
+        evaluation (about a third of a digits-size LAE step). Only for models whose
+        structure does not depend on tensor values.
 
     Examples
     --------
@@ -190,6 +198,7 @@ class AmortizedLangevin(MCMCKernel):
         encoder_input: Callable[..., Tensor] | None = None,
         generator: torch.Generator | None = None,
         reduce_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+        jit_compile: bool = False,
     ):
         sites = (latent_site,) if isinstance(latent_site, str) else tuple(latent_site)
         if not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) < len(sites):
@@ -213,6 +222,8 @@ class AmortizedLangevin(MCMCKernel):
         self.target_accept_prob, self.adapt_window = target_accept_prob, adapt_window
         self.precondition, self.encoder_input = precondition, encoder_input
         self.generator, self.reduce_fn = generator, reduce_fn
+        self.jit_compile = bool(jit_compile)
+        self._log_joint: CompiledFunction | None = None  # built with the site spec
         self._init_step_size = None if step_size is None else float(step_size)
         self._head, self.param_names = self._chain_parameters(encoder, params)
         named = dict(encoder.named_parameters())
@@ -318,6 +329,10 @@ class AmortizedLangevin(MCMCKernel):
                     "the kernel's saved values; use one kernel per model structure"
                 )
             self._spec = spec
+            if self.jit_compile:
+                self._log_joint = CompiledFunction(
+                    functools.partial(ap.log_joint, self.model, spec), name="the log joint"
+                )
             if self._globals is None:
                 self._globals = prior
         return self._spec
@@ -391,7 +406,7 @@ class AmortizedLangevin(MCMCKernel):
         )
         size = chain.start.numel()
         potential_fn = ap.potential_fn_gen(
-            self.model, spec, chain.local_values, size, args, kwargs
+            self.model, spec, chain.local_values, size, args, kwargs, self._log_joint
         )
         self._batch = _Batch(args, kwargs, chain, potential_fn)
         if ("shapes", tuple(x.shape)) not in self._verified:
@@ -406,7 +421,8 @@ class AmortizedLangevin(MCMCKernel):
         state = langevin_init(
             position, potential_fn, keep_graph=keep_graph, reduce_fn=self.reduce_fn
         )
-        if not bool(torch.isfinite(state.potential).all() & torch.isfinite(state.grad).all()):
+        # one sum and one sync: finite iff the potential and every gradient entry are
+        if not math.isfinite(float(state.potential.detach().sum() + state.grad.sum())):
             raise DivergenceError(
                 f"the potential at the current encoder weights is {float(state.potential)}; "
                 "the model or encoder produced NaN/inf: lower the learning rate or re-initialise"
@@ -507,6 +523,8 @@ class AmortizedLangevin(MCMCKernel):
         x = self._encoder_input(args, kwargs)
         spec = self._inspect(args, kwargs)
         u = {**self._as_dict(self.encoder(x)), **ap.global_values(spec, self._globals)}
+        if self._log_joint is not None:
+            return -self._log_joint(u, args, kwargs)
         return -ap.log_joint(self.model, spec, u, args, kwargs)
 
     # -- MCMCKernel interface -------------------------------------------------------------

@@ -186,6 +186,8 @@ def chain_map(
         start = torch.cat([p.detach().reshape(-1) for p in chain_params])
 
         def params_of(c: Tensor) -> list[Tensor]:
+            if len(chain_params) == 1:  # the usual case: one view, no slice in the graph
+                return [c.view(chain_params[0].shape)]
             out, i = [], 0
             for p in chain_params:
                 out.append(c[i : i + p.numel()].view_as(p))
@@ -195,8 +197,13 @@ def chain_map(
     if slices is not None:
         bias = head.bias
 
+        width = head.out_features
+        whole = next(iter(slices)) if list(slices.values()) == [(0, width)] else None
+
         def local_values(c: Tensor) -> dict[str, Tensor]:
             y = F.linear(features, params_of(c)[0], bias)
+            if whole is not None:  # one site is the whole output: no slice in the graph
+                return {whole: y}
             return {n: y[..., a:b] for n, (a, b) in slices.items()}
 
         key = ("matmul", tuple(x.shape))

@@ -195,8 +195,9 @@ def potential_and_grad(
     with torch.enable_grad():
         potential = potential_fn(position)
         if potential.requires_grad:
+            total = potential if potential.dim() == 0 else potential.sum()
             (grad,) = torch.autograd.grad(
-                potential.sum(), position, retain_graph=keep_graph, allow_unused=True
+                total, position, retain_graph=keep_graph, allow_unused=True
             )
         else:
             grad = None
@@ -276,13 +277,19 @@ def mala_log_accept_ratio(
 def _log_accept_ratio(
     state: LangevinState, proposal: LangevinState, eta: float | Tensor, event_dim: int
 ) -> Tensor:
+    log_ratio = _raw_log_accept_ratio(state, proposal, eta, event_dim)
+    return finite_log_ratio(log_ratio, _sum_event(proposal.grad, event_dim))
+
+
+def _raw_log_accept_ratio(
+    state: LangevinState, proposal: LangevinState, eta: float | Tensor, event_dim: int
+) -> Tensor:
     eta_b = _pad_event(eta, event_dim)
     x, x_new = state.position, proposal.position
     forward = _sum_event((x_new - x + eta_b * state.grad) ** 2, event_dim)  # -4eta log q(x'|x)
     backward = _sum_event((x - x_new + eta_b * proposal.grad) ** 2, event_dim)
     v, v_new = state.potential.detach(), proposal.potential.detach()
-    log_ratio = v - v_new + (forward - backward) / (4 * eta)
-    return finite_log_ratio(log_ratio, _sum_event(proposal.grad, event_dim))
+    return v - v_new + (forward - backward) / (4 * eta)
 
 
 def langevin_step(
@@ -333,9 +340,14 @@ def langevin_step(
         potential_fn, new_position, keep_graph=keep_graph, reduce_fn=reduce_fn
     )
     proposal = LangevinState(new_position.detach(), new_potential, new_grad)
-    log_ratio = _log_accept_ratio(state, proposal, eta, event_dim)
-    if log_ratio.dim() == 0:
-        log_ratio = float(log_ratio)  # one chain: the transition's one host sync
+    if state.potential.dim() == 0:
+        # one chain: the transition's one host sync; a non-finite gradient makes the
+        # reverse-proposal term non-finite, so testing the ratio alone suffices
+        log_ratio = float(_raw_log_accept_ratio(state, proposal, eta, event_dim))
+        if not math.isfinite(log_ratio):
+            log_ratio = -math.inf
+    else:
+        log_ratio = _log_accept_ratio(state, proposal, eta, event_dim)
     accept_prob, accepted = mh_accept(log_ratio, mh=mh, generator=generator)
     new_state = LangevinState(
         select(accepted, proposal.position, state.position, event_dim),
