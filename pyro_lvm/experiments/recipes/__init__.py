@@ -47,7 +47,7 @@ MODEL_FLAGS: dict[str, frozenset[str]] = {
     "ppca": frozenset({"fit"}),
     "vae": _NETWORK | {"analytic_kl"},
     "vae-flow": _NETWORK | {"num_flows", "flow"},
-    "lae": _NETWORK | _LANGEVIN | {"test_scale", "precondition", "feature_norm"},
+    "lae": _NETWORK | _LANGEVIN | {"test_scale", "precondition", "feature_norm", "jacobian"},
     "dlgm": _NETWORK | _LANGEVIN,
     "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
     "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),
