@@ -218,6 +218,15 @@ _TRAIN_FLAGS = [
         "langevin",
     ),
     (
+        ("--jacobian",),
+        dict(
+            action="store_true",
+            help="correct the trunk's gradient for the chain layer's Jacobian (centred "
+            "features; docs/langevin.md)",
+        ),
+        "langevin",
+    ),
+    (
         ("--estimator",),
         dict(help=_help("reinforce|tracegraph|nvil|vimco|disarm", "estimator")),
         "model",

@@ -78,6 +78,8 @@ class TrainConfig:
     precondition: float | None = None
     #: lae: encoder feature normalization before the chain layer (none|center|standardize)
     feature_norm: str = "center"
+    #: lae: Jacobian correction of the trunk's gradient in the centring layer (opt-in)
+    jacobian: bool = False
     # Bernoulli latents (sbn)
     estimator: str = "nvil"
     num_particles: int = 1

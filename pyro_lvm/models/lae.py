@@ -58,6 +58,11 @@ class LangevinAutoencoder(LatentVariableModel):
         for ``"standardize"``, per-feature scaling) of the features :math:`g(x)`, which
         removes the common mode that dominates :math:`G G^\\top` and dictates the ALD
         step size. Default ``"none"`` (the paper's encoder).
+    jacobian : bool
+        With ``feature_norm`` other than ``"none"``: the centring layer corrects the
+        trunk's gradient for the Jacobian of :math:`\\Phi \\mapsto z`, which otherwise pulls
+        the centred features to zero volume (see
+        :class:`~pyro_lvm.models.centering.FeatureCentering`). Default off.
     decoder, encoder : nn.Module, optional
         Replace the MLPs (the encoder must end in an ``nn.Linear``).
     """
@@ -76,6 +81,7 @@ class LangevinAutoencoder(LatentVariableModel):
         decoder: nn.Module | None = None,
         encoder: nn.Module | None = None,
         feature_norm: str = "none",
+        jacobian: bool = False,
     ):
         if latent_dim <= 0:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
@@ -104,7 +110,9 @@ class LangevinAutoencoder(LatentVariableModel):
             encoder = MLP(data_dim, latent_dim, **net)
             if feature_norm != "none":
                 width = hidden_dim if depth > 0 else data_dim
-                centering = FeatureCentering(width, standardize=feature_norm == "standardize")
+                centering = FeatureCentering(
+                    width, standardize=feature_norm == "standardize", jacobian=jacobian
+                )
                 encoder.insert(len(encoder) - 1, centering)  # the last module stays Linear
                 centering.compensate(encoder[-1])  # updates keep the encoder's function
         self.encoder = encoder

@@ -47,7 +47,9 @@ MODEL_FLAGS: dict[str, frozenset[str]] = {
     "ppca": frozenset({"fit"}),
     "vae": _NETWORK | {"analytic_kl", "jit_compile"},
     "vae-flow": _NETWORK | {"num_flows", "flow"},
-    "lae": _NETWORK | _LANGEVIN | {"test_scale", "precondition", "feature_norm", "jit_compile"},
+    "lae": _NETWORK
+    | _LANGEVIN
+    | {"test_scale", "precondition", "feature_norm", "jacobian", "jit_compile"},
     "dlgm": _NETWORK | _LANGEVIN,
     "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
     "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),

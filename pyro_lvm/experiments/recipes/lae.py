@@ -10,7 +10,10 @@ adapted towards ``--target-accept`` throughout training unless ``--no-adapt``.
 ``--feature-norm center`` centres the encoder features with running means before the
 chain layer (:class:`~pyro_lvm.models.centering.FeatureCentering`): without it the
 features' shared direction dictates a tiny step size (see docs/langevin.md, "Beating the
-VAE"). ``--orthogonal-init`` gives every network the paper's initialisation.
+VAE"). ``--jacobian`` adds the centring layer's Jacobian correction of the trunk's
+gradient (without it the trunk pulls the centred features to zero volume; docs/langevin.md,
+"The trunk descends a log-determinant"). ``--orthogonal-init`` gives every network the
+paper's initialisation.
 
 The chain's potential is the plain minibatch sum (temperature 1, as in the paper). ALD
 needs the encoder's last hidden width (``--hidden-dim``) to be at least the batch size
@@ -49,7 +52,9 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         encoder, nets["decoder"] = conv_networks(config, data_dim, config.latent_dim)
         if feature_norm != "none":  # as the MLP encoder: centring right before the chain layer
             centering = FeatureCentering(
-                config.hidden_dim, standardize=feature_norm == "standardize"
+                config.hidden_dim,
+                standardize=feature_norm == "standardize",
+                jacobian=config.jacobian,
             )
             encoder.insert(len(encoder) - 1, centering)
             centering.compensate(encoder[-1])  # updates keep the encoder's function
@@ -61,6 +66,7 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         **network_options(config),
         test_scale=config.test_scale,
         feature_norm=feature_norm,
+        jacobian=config.jacobian,
         **nets,
     )
     lvm.feature_norm = config.feature_norm
