@@ -36,3 +36,24 @@ def test_gpu_benchmark_runs_on_cpu_and_exits_cleanly_without_cuda(tmp_path):
     assert json.loads((tmp_path / "gpu_quick_cpu.json").read_text())["rows"] == result["rows"]
     if not torch.cuda.is_available():
         assert gpu.main(["--out", str(tmp_path)]) == {"skipped": "no CUDA"}
+
+
+def test_loss_curves_reports_the_worst_rise_over_the_best_earlier_epoch(tmp_path):
+    import loss_curves
+
+    losses = [10.0 - 0.1 * t for t in range(30)]
+    losses[20] = losses[19] + 4.0  # a jump of 4 over the best epoch before it (epoch 20)
+    for seed in (0, 1):
+        run = tmp_path / f"lae-seed{seed}"
+        run.mkdir()
+        epochs = [{"epoch": t + 1, "train_loss": v} for t, v in enumerate(losses)]
+        (run / "history.json").write_text(json.dumps({"epochs": epochs, "steps": []}))
+    out = tmp_path / "curves.png"
+    runs = [str(tmp_path / "lae-seed0"), str(tmp_path / "lae-seed1")]
+    rows = loss_curves.main(
+        ["--out", str(out), "--label", "a", *runs[:1], "--label", "b", *runs[1:]]
+    )
+    assert out.stat().st_size > 0 and set(rows) == {"a/lae-seed0", "b/lae-seed1"}
+    row = rows["a/lae-seed0"]
+    assert abs(row["worst_rise"] - 4.0) < 1e-9 and row["worst_rise_epoch"] == 21
+    assert row["best"] == min(losses) and row["final"] == losses[-1]
