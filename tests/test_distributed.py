@@ -40,6 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "dp_worker.py"
 CASES = ("map", "vae", "nvil", "lae")
 TOL = 1e-9
+# the LAE's projected proposal noise divides by the square roots of the union features'
+# Gram eigenvalues (down to 1e-9 of the largest), which amplifies the float64 rounding
+# differences of the shard-wise sums (up to 1/sqrt(1e-9) ~ 3e4-fold): measured 1.1e-9 in the
+# weights and 2e-9 in the step size after 20 steps; the accept decisions stay equal
+TOL_LAE = 1e-8
 
 
 def _env() -> dict:
@@ -118,13 +123,13 @@ def test_lae_equals_one_process_on_the_union_batch(two_ranks):
     assert _max_diff(rank0["modules"], rank1["modules"]) == 0.0
     single = _single("lae")
     assert rank0["accepted"] == single["accepted"]
-    assert _max_diff(rank0["modules"], single["modules"]) <= TOL
+    assert _max_diff(rank0["modules"], single["modules"]) <= TOL_LAE
     kernel, ref = rank0["inference"]["kernel"], single["inference"]["kernel"]
     assert kernel["t"] == ref["t"] == 20
-    assert kernel["step_size"] == pytest.approx(ref["step_size"], rel=TOL)
+    assert kernel["step_size"] == pytest.approx(ref["step_size"], rel=TOL_LAE)
     for key, value in kernel["adapt"].items():
-        assert float(value) == pytest.approx(float(ref["adapt"][key]), rel=TOL, abs=TOL)
-    assert rank0["losses"] == pytest.approx(single["losses"], rel=TOL)
+        assert float(value) == pytest.approx(float(ref["adapt"][key]), rel=TOL_LAE, abs=TOL_LAE)
+    assert rank0["losses"] == pytest.approx(single["losses"], rel=TOL_LAE)
     assert _moved(rank0, "lae") > 1e-3
 
 

@@ -334,3 +334,48 @@ def test_encoder_shape_mismatch():
     kernel = AmortizedLangevin(model, nn.Linear(D, LATENT + 1))
     with pytest.raises(ValueError, match="encoder outputs shape"):
         kernel.prepare(x.float())
+
+
+def test_projected_noise_is_exact_and_leaves_the_unconstrained_weight_alone(float64):
+    # width 6 > N = 3 datapoints: half the chain weight's directions never reach a latent;
+    # project_noise keeps them fixed while the latents' posterior is still exact
+    x, model, encoder, mean, cov = make_problem(orthonormal=False, width=6)
+    features = encoder[:-1](x)
+    Q = torch.linalg.qr(features.T).Q  # the rows' span
+    null = torch.eye(6, dtype=Q.dtype) - Q @ Q.T
+    phi0 = encoder[-1].weight.detach().clone()
+    drift = {}
+    for project in (False, True):
+        pyro.set_rng_seed(offset_seed(0))
+        kernel = AmortizedLangevin(model, encoder, project_noise=project)
+        kernel.prepare(x)
+        for _ in range(300):
+            kernel.transition(adapt=True)
+        drift[project] = ((encoder[-1].weight.detach() - phi0) @ null).norm()
+        with torch.no_grad():
+            encoder[-1].weight.copy_(phi0)
+    assert drift[True] < 1e-10 < 1e-2 < drift[False]
+    pyro.set_rng_seed(offset_seed(1))
+    kernel = AmortizedLangevin(model, encoder, project_noise=True)
+    mcmc = MCMC(kernel, num_samples=1200, warmup_steps=200, disable_progbar=True)
+    mcmc.run(x)
+    check_posterior(mcmc.get_samples()["z"], mean, cov)
+
+
+def test_projected_noise_refuses_what_it_cannot_project():
+    _, model, encoder, _, _ = make_problem()
+    with pytest.raises(ValueError, match="project_noise needs the chain"):
+        AmortizedLangevin(model, encoder, params=["1.weight"], project_noise=True)
+    with pytest.raises(ValueError, match="project_noise needs the chain"):
+        AmortizedLangevin(model, encoder, precondition=1e-3, project_noise=True)
+
+
+def test_row_space_basis_is_rank_revealing():
+    from pyro_lvm.infer.mcmc.amortized_langevin import row_space_basis
+
+    g = torch.randn(20, 32, generator=torch.Generator().manual_seed(offset_seed(3)))
+    for features, rank in ((g, 20), (g - g.mean(0), 19), (g[:, :8], 8)):
+        Q = row_space_basis(features)
+        assert Q.shape == (features.shape[1], rank)
+        assert torch.allclose(Q.T @ Q, torch.eye(rank), atol=1e-5)
+        assert torch.allclose(features @ Q @ Q.T, features, atol=1e-5)  # spans every row

@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from pyro_lvm.infer.compile import CompiledFunction
 from pyro_lvm.infer.diagnostics import DivergenceError
+from pyro_lvm.infer.distributed import all_gather_cat
 from pyro_lvm.infer.mcmc import ald_potential as ap
 from pyro_lvm.infer.mcmc.adaptation import (
     DualAveragingState,
@@ -86,6 +87,39 @@ from pyro_lvm.infer.mcmc.langevin import (
 __all__ = ["AmortizedLangevin", "RankConditionWarning"]
 
 
+def row_space_basis(features: Tensor, rtol: float = 1e-9) -> Tensor:
+    """An orthonormal basis (columns, ``(H, r)``) of the span of the rows of ``features``.
+
+    Rank-revealing, from the eigendecomposition of the ``n x n`` Gram matrix in double
+    precision: eigenvalues below ``rtol`` times the largest are dropped, so the exact
+    linear dependencies (centred features sum to zero over the batch: rank ``n - 1``)
+    contribute no direction picked by rounding, and the basis is a function of the span
+    alone (the same on every rank of a data-parallel run).
+    """
+    g = features.double()
+    eigenvalues, vectors = torch.linalg.eigh(g @ g.T)
+    keep = eigenvalues > eigenvalues[-1] * rtol
+    return ((g.T @ vectors[:, keep]) / eigenvalues[keep].sqrt()).to(features.dtype)
+
+
+def _on_span(
+    local_values: Callable[[Tensor], dict[str, Tensor]], start: Tensor, basis: Tensor
+) -> Callable[[Tensor], dict[str, Tensor]]:
+    """``local_values`` at the start plus the move projected onto the basis's span.
+
+    Equal to ``local_values`` on the affine subspace the projected chain lives on, and its
+    gradient is the projected gradient, so the drift stays in the subspace too: MALA on
+    the subspace exactly, also along the directions :func:`row_space_basis` drops.
+    """
+    width = basis.shape[0]
+
+    def projected(c: Tensor) -> dict[str, Tensor]:
+        move = (c - start).view(-1, width)
+        return local_values(start + ((move @ basis) @ basis.T).reshape(-1))
+
+    return projected
+
+
 class _Batch(NamedTuple):
     """What one bound batch needs: the model arguments, the chain map, the potential."""
 
@@ -93,6 +127,8 @@ class _Batch(NamedTuple):
     kwargs: dict
     chain: ChainMap
     potential_fn: Callable[[Tensor], Tensor]
+    #: orthonormal basis (columns) of the batch's feature row space, for project_noise
+    noise_basis: Tensor | None = None
 
 
 def _fresh_stats() -> dict[str, Any]:
@@ -151,6 +187,24 @@ class AmortizedLangevin(MCMCKernel):
         centred) and per-datapoint directions barely move. Works for any encoder with
         the default chain state (the features are captured by a hook on the final
         ``nn.Linear``); see ``docs/langevin.md`` for when to turn it on.
+    project_noise : bool
+        Draw the proposal noise of :math:`\Phi` in the row space of the batch's features
+        only: :math:`\xi \mapsto \xi Q Q^\top` with :math:`Q` an orthonormal basis of
+        the span of the rows of :math:`G` (:func:`row_space_basis`, one ``n x n``
+        eigendecomposition per batch; directions with a singular value below
+        :math:`3 \times 10^{-5}` of the largest, float32 rounding level, count as
+        absent; the potential is evaluated at the projected move, so the drift is
+        projected too and the chain is exactly MALA on that subspace). The latents
+        :math:`z_i = \Phi g_i + b` of the batch, the potential's gradient and hence the
+        chain's law on them are exactly unchanged (noise orthogonal to every
+        :math:`g_i` never reaches a :math:`z_i`, and the MALA correction is the same on
+        the subspace); what stops is the free random walk of :math:`\Phi` in the
+        directions the batch does not constrain, which moves the latents of every *other*
+        datapoint and inflates :math:`\lVert\Phi\rVert` over training. Needs the default
+        chain state with every latent a slice of the head's one output. Data parallel,
+        the span is the union batch's (the features are gathered from every rank once
+        per batch). See ``docs/langevin.md`` for the measured effect on LAE
+        training.
     encoder_input : callable, optional
         ``encoder_input(*model_args, **model_kwargs)`` returns the encoder's input; by
         default the model's first positional argument (use it when the data are a
@@ -199,6 +253,7 @@ class AmortizedLangevin(MCMCKernel):
         generator: torch.Generator | None = None,
         reduce_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
         jit_compile: bool = False,
+        project_noise: bool = False,
     ):
         sites = (latent_site,) if isinstance(latent_site, str) else tuple(latent_site)
         if not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) < len(sites):
@@ -232,6 +287,12 @@ class AmortizedLangevin(MCMCKernel):
             raise ValueError(
                 "precondition needs the chain to be the final nn.Linear weight "
                 "(params=None); drop params= or precondition="
+            )
+        self.project_noise = bool(project_noise)
+        if self.project_noise and (self._head is None or precondition is not None):
+            raise ValueError(
+                "project_noise needs the chain to be the final nn.Linear weight (params=None) "
+                "and no precondition= (whose moves already stay in the features' span)"
             )
         self._initial_params: dict[str, Tensor] | None = None
         self._saved: list[Tensor] | None = None  # chain parameters saved by setup
@@ -405,10 +466,16 @@ class AmortizedLangevin(MCMCKernel):
             warned=self._warned,
         )
         size = chain.start.numel()
-        potential_fn = ap.potential_fn_gen(
-            self.model, spec, chain.local_values, size, args, kwargs, self._log_joint
+        basis = self._noise_basis(chain)
+        local_values = (
+            chain.local_values
+            if basis is None
+            else _on_span(chain.local_values, chain.start, basis)
         )
-        self._batch = _Batch(args, kwargs, chain, potential_fn)
+        potential_fn = ap.potential_fn_gen(
+            self.model, spec, local_values, size, args, kwargs, self._log_joint
+        )
+        self._batch = _Batch(args, kwargs, chain, potential_fn, basis)
         if ("shapes", tuple(x.shape)) not in self._verified:
             with torch.no_grad():
                 ap.check_shapes(spec, chain.local_values(chain.start))
@@ -430,6 +497,30 @@ class AmortizedLangevin(MCMCKernel):
         self._state = state
         return state
 
+    def _noise_basis(self, chain: ChainMap) -> Tensor | None:
+        if not self.project_noise:
+            return None
+        if chain.slices is None:
+            raise ValueError(
+                "project_noise needs every latent to be the encoder's final nn.Linear output "
+                "or a column slice of it (one call); drop project_noise="
+            )
+        # data parallel: the union batch's span, identical on every rank (as the noise)
+        features = all_gather_cat(chain.features.detach())
+        if features.shape[0] >= features.shape[1]:  # the rows span the whole feature space
+            return None
+        return row_space_basis(features)
+
+    def _noise(self, position: Tensor) -> Tensor:
+        """The proposal's standard normal draw, projected (see ``project_noise``)."""
+        noise = standard_normal(position, self.generator)
+        basis = self._batch.noise_basis
+        if basis is None:
+            return noise
+        size = self._batch.chain.start.numel()
+        weight = noise[:size].view(-1, basis.shape[0])
+        return torch.cat([((weight @ basis) @ basis.T).reshape(-1), noise[size:]])
+
     def _find_step_size(self) -> float:
         """The initial step size: a search from the current state with one fixed noise
         draw (:func:`~pyro_lvm.infer.mcmc.adaptation.find_step_size`); the chain does not
@@ -437,7 +528,7 @@ class AmortizedLangevin(MCMCKernel):
         state = LangevinState(
             self._state.position, self._state.potential.detach(), self._state.grad
         )
-        noise = standard_normal(state.position, self.generator)
+        noise = self._noise(state.position)
 
         def log_accept(eta: float) -> float:
             position = langevin_proposal(state, eta, noise)
@@ -479,6 +570,7 @@ class AmortizedLangevin(MCMCKernel):
             self._batch.potential_fn,
             self._step_size,
             mh=self.mh,
+            noise=None if self._batch.noise_basis is None else self._noise(self._state.position),
             keep_graph=keep_graph,
             generator=self.generator,
             reduce_fn=self.reduce_fn,
