@@ -222,7 +222,31 @@ _TRAIN_FLAGS = [
         dict(
             action="store_true",
             help="correct the trunk's gradient for the chain layer's Jacobian (centred "
-            "features; docs/langevin.md)",
+            "features; the default; docs/langevin.md)",
+        ),
+        "langevin",
+    ),
+    (
+        ("--no-jacobian",),
+        dict(dest="jacobian", action="store_false", help="no Jacobian correction"),
+        "langevin",
+    ),
+    (
+        ("--project-noise",),
+        dict(
+            action="store_true",
+            help="LAE: draw the chain weight's proposal noise in the batch's feature span "
+            "only (the batch's latents move exactly as without; the default; "
+            "docs/langevin.md)",
+        ),
+        "langevin",
+    ),
+    (
+        ("--no-project-noise",),
+        dict(
+            dest="project_noise",
+            action="store_false",
+            help="isotropic proposal noise on the whole chain weight (the paper's ALD)",
         ),
         "langevin",
     ),

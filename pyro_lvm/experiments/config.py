@@ -11,6 +11,11 @@ from pathlib import Path
 __all__ = ["TrainConfig"]
 
 
+#: fields whose absence from a saved config.json means the former behaviour: a run
+#: written before they existed resumes (and is re-evaluated) as it was trained
+FORMER_DEFAULTS = {"project_noise": False}
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a training run (the CLI's flags, written to ``config.json``).
@@ -78,8 +83,10 @@ class TrainConfig:
     precondition: float | None = None
     #: lae: encoder feature normalization before the chain layer (none|center|standardize)
     feature_norm: str = "center"
-    #: lae: Jacobian correction of the trunk's gradient in the centring layer (opt-in)
-    jacobian: bool = False
+    #: lae: Jacobian correction of the trunk's gradient in the centring layer
+    jacobian: bool = True
+    #: lae: proposal noise of the chain weight only in the batch's feature span
+    project_noise: bool = True
     # Bernoulli latents (sbn)
     estimator: str = "nvil"
     num_particles: int = 1
@@ -185,6 +192,9 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
+        """The saved settings; a field added later with a default that changes the
+        algorithm takes the value the run was trained with (:data:`FORMER_DEFAULTS`)."""
         data = json.loads(Path(path).read_text())
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        return cls(**{**FORMER_DEFAULTS, **fields})

@@ -68,3 +68,22 @@ def test_jacobian_flag_reaches_the_centring_layer_and_changes_only_gradients(arc
             layers[jacobian] = encoder(x)
     torch.testing.assert_close(layers[False], layers[True])  # same function
     assert not torch.allclose(grads[0], grads[1])  # corrected trunk gradient
+
+
+def test_project_noise_flag_reaches_the_kernel():
+    for project in (False, True):
+        config = TrainConfig(model="lae", latent_dim=2, hidden_dim=128, project_noise=project)
+        exp = get_recipe("lae").build(config, 64, make_likelihood("bernoulli"))
+        assert exp.inference.kernel.project_noise is project
+
+
+def test_a_run_saved_before_project_noise_existed_loads_without_it(tmp_path):
+    import json
+
+    path = tmp_path / "config.json"
+    TrainConfig(model="lae").save(path)
+    assert TrainConfig.load(path).project_noise and TrainConfig.load(path).jacobian
+    saved = json.loads(path.read_text())
+    del saved["project_noise"]  # as an earlier version wrote it
+    path.write_text(json.dumps(saved))
+    assert TrainConfig.load(path).project_noise is False

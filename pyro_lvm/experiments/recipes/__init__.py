@@ -49,7 +49,7 @@ MODEL_FLAGS: dict[str, frozenset[str]] = {
     "vae-flow": _NETWORK | {"num_flows", "flow"},
     "lae": _NETWORK
     | _LANGEVIN
-    | {"test_scale", "precondition", "feature_norm", "jacobian", "jit_compile"},
+    | {"test_scale", "precondition", "feature_norm", "jacobian", "project_noise", "jit_compile"},
     "dlgm": _NETWORK | _LANGEVIN,
     "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
     "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),

@@ -10,9 +10,12 @@ adapted towards ``--target-accept`` throughout training unless ``--no-adapt``.
 ``--feature-norm center`` centres the encoder features with running means before the
 chain layer (:class:`~pyro_lvm.models.centering.FeatureCentering`): without it the
 features' shared direction dictates a tiny step size (see docs/langevin.md, "Beating the
-VAE"). ``--jacobian`` adds the centring layer's Jacobian correction of the trunk's
-gradient (without it the trunk pulls the centred features to zero volume; docs/langevin.md,
-"The trunk descends a log-determinant"). ``--orthogonal-init`` gives every network the
+VAE"). By default the centring layer also applies the Jacobian correction of the
+trunk's gradient (``--no-jacobian`` drops it; without it the trunk pulls the centred
+features to zero volume; docs/langevin.md, "The trunk descends a log-determinant"), and
+the chain's proposal noise is projected onto the batch's feature span
+(``--no-project-noise``: the paper's isotropic noise; docs/langevin.md, "Projected
+proposal noise"). ``--orthogonal-init`` gives every network the
 paper's initialisation.
 
 The chain's potential is the plain minibatch sum (temperature 1, as in the paper). ALD
@@ -81,6 +84,7 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         adapt_step_size=config.adapt,
         target_accept_prob=config.target_accept,
         precondition=config.precondition,
+        project_noise=config.project_noise,
         jit_compile=config.jit_compile,
     )
     return langevin_experiment(config, lvm, inference)
