@@ -57,3 +57,14 @@ def test_loss_curves_reports_the_worst_rise_over_the_best_earlier_epoch(tmp_path
     row = rows["a/lae-seed0"]
     assert abs(row["worst_rise"] - 4.0) < 1e-9 and row["worst_rise_epoch"] == 21
     assert row["best"] == min(losses) and row["final"] == losses[-1]
+
+
+def test_eval_time_reports_both_estimators():
+    import eval_time
+
+    results = eval_time.main(
+        ["--iwae-images", "4", "--ais-images", "2", "--num-samples", "5", "--ais-steps", "3"]
+    )
+    assert len(results) == 2
+    for row in results.values():
+        assert row["cpu_s"] > 0 and row["cpu_min_10k"] > 0 and row["images"] in (2, 4)
