@@ -46,6 +46,16 @@ from pyro_lvm.models import VAE, LangevinAutoencoder, SigmoidBeliefNet  # noqa: 
 
 #: (data_dim, hidden_dim, latent_dim, batch): the CLI's digits networks and MNIST size
 SIZES = {"digits": (64, 256, 8, 100), "mnist": (784, 256, 16, 100)}
+#: the scaling sweep (``--sizes scaling``): MNIST size over batch 32-1024 and width
+#: 256-1024; LAE's rank condition needs the width at least the batch, hence 1024 x 1024
+SCALING = {
+    "mnist-b32": (784, 256, 16, 32),
+    "mnist-b256": (784, 256, 16, 256),
+    "mnist-w512": (784, 512, 16, 100),
+    "mnist-w1024": (784, 1024, 16, 100),
+    "mnist-w1024-b1024": (784, 1024, 16, 1024),
+}
+SIZES.update(SCALING)
 CASES = ("vae", "lae", "iwae", "ais", "nvil", "vimco")
 LR = 1e-3
 
@@ -263,12 +273,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny budgets (smoke test)")
     parser.add_argument("--only", nargs="+", choices=CASES, default=list(CASES))
-    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=None)
+    parser.add_argument("--sizes", nargs="+", choices=[*SIZES, "scaling"], default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
-    sizes = args.sizes or (["digits"] if args.quick else list(SIZES))
+    sizes = args.sizes or (["digits"] if args.quick else ["digits", "mnist"])
+    if "scaling" in sizes:
+        sizes = [n for n in sizes if n != "scaling"] + list(SCALING)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -280,6 +292,8 @@ def main(argv=None) -> dict:
     stem = "run_all" + ("_quick" if args.quick else "")
     if list(args.only) != list(CASES):  # a partial run never overwrites the full results
         stem += "_" + "-".join(args.only)
+    if args.sizes and set(sizes) == set(SCALING):
+        stem += "_scaling"
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (out / f"{stem}.md").write_text(table)
