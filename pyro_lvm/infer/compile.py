@@ -55,6 +55,8 @@ import torch.utils._pytree as pytree
 from pyro import poutine
 from torch import Tensor
 
+from pyro_lvm.infer.graph_passes import simplify
+
 __all__ = ["CompileWarning", "CompiledFunction"]
 
 #: compiled graphs kept per function (a few batch shapes: full, last, evaluation)
@@ -81,9 +83,70 @@ def _key_of(value: Any) -> Hashable:
         return ("id", id(value))
 
 
+class _Leaf:
+    """The structure of one leaf in a :func:`_flatten` spec."""
+
+
+_LEAF = _Leaf()
+
+
+def _flatten(value: Any, leaves: list) -> Any:
+    """Plain tuples, lists and dicts flattened into ``leaves``; their structure returned
+    (a fraction of :func:`torch.utils._pytree.tree_flatten`'s cost per call), or
+    ``None`` for any other container pytree knows (namedtuples, OrderedDicts...)."""
+    kind = type(value)
+    if kind is tuple or kind is list:
+        parts = []
+        for v in value:
+            part = _flatten(v, leaves)
+            if part is None:
+                return None
+            parts.append(part)
+        return (kind, tuple(parts))
+    if kind is dict:
+        parts = []
+        for k, v in value.items():
+            part = _flatten(v, leaves)
+            if part is None:
+                return None
+            parts.append((k, part))
+        return (dict, tuple(parts))
+    if not isinstance(value, Tensor) and not pytree.tree_is_leaf(value):
+        return None
+    leaves.append(value)
+    return _LEAF
+
+
+def _unflatten(spec: Any, it) -> Any:
+    if spec is _LEAF:
+        return next(it)
+    kind, parts = spec
+    if kind is dict:
+        return {k: _unflatten(part, it) for k, part in parts}
+    return kind(_unflatten(part, it) for part in parts)
+
+
 def _signature(args: tuple, kwargs: dict) -> tuple[Hashable, list, Any]:
-    flat, spec = pytree.tree_flatten((args, kwargs))
-    return (str(spec), tuple(_key_of(v) for v in flat)), flat, spec
+    """``(key, leaves, spec)`` of a call: the key holds the structure, every tensor's
+    shape, dtype and device and every other leaf's value."""
+    flat: list = []
+    spec = _flatten((args, kwargs), flat)
+    if spec is None:
+        flat, tree = pytree.tree_flatten((args, kwargs))
+        spec = ("pytree", tree)
+        structure: Hashable = ("pytree", str(tree))
+    else:
+        structure = spec
+    return (structure, tuple(_key_of(v) for v in flat)), flat, spec
+
+
+def _rebuild(flat: list, spec: Any, tensors: tuple) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` from a signature's leaves with its tensors replaced."""
+    it = iter(tensors)
+    values = [next(it) if isinstance(v, Tensor) else v for v in flat]
+    if isinstance(spec, tuple) and spec[:1] == ("pytree",):
+        return pytree.tree_unflatten(values, spec[1])
+    return _unflatten(spec, iter(values))
 
 
 def _trainable_leaves(out: Tensor, inputs: list[Tensor]) -> list[Tensor]:
@@ -156,11 +219,6 @@ class CompiledFunction:
         with torch.jit.optimized_execution(False):
             return entry.graph(*tensors, *params, *entry.leaves)
 
-    def _rebuild(self, flat: list, spec: Any, tensors: tuple) -> tuple[tuple, dict]:
-        it = iter(tensors)
-        values = [next(it) if isinstance(v, Tensor) else v for v in flat]
-        return pytree.tree_unflatten(values, spec)
-
     def _compile(self, flat: list, spec: Any) -> _Compiled:
         # the tracing inputs: detached, so the graph walk stops at them
         example = tuple(
@@ -169,7 +227,7 @@ class CompiledFunction:
         grad_inputs = [t for t in example if t.requires_grad]
 
         def call(*tensors):
-            args, kwargs = self._rebuild(flat, spec, tensors)
+            args, kwargs = _rebuild(flat, spec, tensors)
             return self.fn(*args, **kwargs)
 
         with torch.random.fork_rng(devices=_devices(example)):
@@ -198,10 +256,14 @@ class CompiledFunction:
                 with warnings.catch_warnings(), pyro.validation_enabled(False):
                     warnings.simplefilter("ignore")  # TracerWarnings, deprecation notes
                     torch.set_rng_state(rng)
-                    graph = torch.jit.trace(traced, inputs, check_trace=False)
-                torch.set_rng_state(rng)
-                with torch.jit.optimized_execution(False), torch.enable_grad():
-                    got = graph(*inputs)
+                    traced_graph = torch.jit.trace(traced, inputs, check_trace=False)
+                # the simplified graph first; the traced one if simplifying changed a value
+                for graph in (_simplified(traced_graph, self.name), traced_graph):
+                    torch.set_rng_state(rng)
+                    with torch.jit.optimized_execution(False), torch.enable_grad():
+                        got = graph(*inputs)
+                    if _close(got, expected):
+                        break
             except Exception as err:  # noqa: BLE001 - any tracing failure falls back
                 first = str(err).strip().splitlines()[0] if str(err).strip() else ""
                 return self._eager(f"tracing failed ({type(err).__name__}: {first[:160]})")
@@ -221,6 +283,16 @@ class CompiledFunction:
             stacklevel=4,
         )
         return _Compiled(None, (), ())
+
+
+def _simplified(function: Any, name: str) -> Any:
+    """``function`` with its graph simplified for its signature (:mod:`graph_passes`),
+    or ``function`` itself where a pass fails."""
+    try:
+        graph = simplify(function.graph)
+        return torch._C._create_function_from_graph(name.replace(" ", "_"), graph)
+    except Exception:  # noqa: BLE001 - an optimization only: the traced graph is exact
+        return function
 
 
 def _devices(tensors: tuple[Tensor, ...]) -> list[int]:
