@@ -207,8 +207,9 @@ def potential_and_grad(
     if reduce_fn is not None:
         local = potential.detach()
         total, grad = reduce_fn(local, grad)
-        # the value is the global potential, the graph (if kept) the local one
-        potential = potential + (total - local) if keep_graph else total
+        if total is not local:  # one process: the local potential is the global one
+            # the value is the global potential, the graph (if kept) the local one
+            potential = potential + (total - local) if keep_graph else total
     return (potential if keep_graph else potential.detach()), grad
 
 
