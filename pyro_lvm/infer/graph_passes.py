@@ -23,7 +23,10 @@ is replayed on (the compiled graph is keyed on every input's shape, dtype and de
    where the result has the same dtype and shape as the operand and no in-place
    operation writes into it. IEEE arithmetic makes each of these exact, NaN and
    infinity included (``-0.0 + 0`` is ``+0.0``: a sign of zero, never a value).
-4. Dead code elimination.
+4. **Negations hoisted** out of sums: ``sum(-x)`` is ``-sum(x)`` and ``a + (-b)`` is
+   ``a - b``, so the negation ``torch.distributions`` applies to every element of a
+   log-density lands on the reduced value (exact: IEEE rounding is sign-symmetric).
+5. Dead code elimination.
 
 The caller checks the simplified graph against the eager value, as for the traced one.
 
@@ -255,6 +258,56 @@ def _unpack_broadcast(unpack: torch._C.Node) -> None:
             o.replaceAllUsesWith(a)
 
 
+def _floating(value: torch._C.Value) -> bool:
+    dtype = _dtype(value)
+    return dtype is not None and dtype.is_floating_point
+
+
+def _single_neg(value: torch._C.Value) -> torch._C.Value | None:
+    """``x`` if ``value`` is ``neg(x)`` of a floating tensor used once, else ``None``."""
+    node = value.node()
+    if node.kind() != "aten::neg" or len(value.uses()) != 1 or not _floating(value):
+        return None
+    return node.input()
+
+
+def _hoist_negations(graph: torch._C.Graph) -> None:
+    """``sum(-x)`` becomes ``-sum(x)`` and ``a + (-b)`` becomes ``a - b``: a negation
+    moves from a full tensor to the reduced one (``torch.distributions`` negates every
+    element of a log-density before Pyro sums it). Exact: IEEE rounding is symmetric
+    under negation, and ``a - b`` is defined as ``a + (-b)``."""
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph.nodes()):
+            kind = node.kind()
+            if kind == "aten::sum":
+                inner = _single_neg(node.inputsAt(0))
+                if inner is None:
+                    continue
+                node.replaceInput(0, inner)
+                neg = graph.create("aten::neg", [node.output()])
+                neg.insertAfter(node)
+                neg.output().setType(node.output().type())
+                node.output().replaceAllUsesAfterNodeWith(neg, neg.output())
+                changed = True
+            elif kind == "aten::add" and node.inputsSize() == 3 and _is_all(node.inputsAt(2), 1):
+                a, b = node.inputsAt(0), node.inputsAt(1)
+                if not (_floating(a) and _floating(b)):
+                    continue
+                for left, right in ((a, b), (b, a)):
+                    inner = _single_neg(right)
+                    if inner is None:
+                        continue
+                    sub = graph.create("aten::sub", [left, inner, node.inputsAt(2)])
+                    sub.insertBefore(node)
+                    sub.output().setType(node.output().type())
+                    node.output().replaceAllUsesWith(sub.output())
+                    node.destroy()
+                    changed = True
+                    break
+
+
 def simplify(graph: torch._C.Graph) -> torch._C.Graph:
     """A simplified copy of a traced ``graph`` (see the module docstring)."""
     graph = graph.copy()
@@ -264,5 +317,6 @@ def simplify(graph: torch._C.Graph) -> torch._C.Graph:
     torch._C._jit_pass_dce(graph)
     torch._C._jit_pass_constant_propagation(graph)
     _remove_identities(graph)
+    _hoist_negations(graph)
     torch._C._jit_pass_dce(graph)
     return graph

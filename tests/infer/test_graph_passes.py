@@ -130,3 +130,21 @@ def test_module_parameters_stay_inputs():
         net.weight.mul_(2.0)  # an optimizer step: the replay reads the new weights
     assert not torch.allclose(compiled(x), first)
     assert torch.allclose(compiled(x), net(x).square().sum())
+
+
+def test_negations_move_to_the_reduced_value():
+    def f(x, y):
+        rows = (-x).sum(-1)  # torch.distributions negates every element, Pyro sums
+        return y.square().sum() + (-rows.sum())
+
+    compiled = CompiledFunction(f)
+    x = torch.randn(6, 4, requires_grad=True)
+    y = torch.randn(3, requires_grad=True)
+    got = compiled(x, y)
+    graph = _graph(compiled)
+    negs = [n for n in graph.nodes() if n.kind() == "aten::neg"]
+    assert all(n.output().type().sizes() == [] for n in negs)  # none on a full tensor
+    eager = f(x, y)
+    assert torch.equal(got, eager)  # exact: negation commutes with rounding
+    for a, b in zip(torch.autograd.grad(got, (x, y)), torch.autograd.grad(eager, (x, y))):
+        assert torch.equal(a, b)
