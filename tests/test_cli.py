@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -117,3 +119,18 @@ def test_bad_input_is_one_line(argv, match, capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert code != 0
     assert match in err and len(err.splitlines()) == 1, err
+
+
+def test_python_dash_m_runs_the_cli():
+    done = subprocess.run(
+        [sys.executable, "-m", "pyro_lvm", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: pyro-lvm" in done.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "pyro_lvm", "train", "nosuchmodel"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "nosuchmodel" in bad.stderr
