@@ -178,11 +178,7 @@ def _same_type(a: torch._C.Value, b: torch._C.Value) -> bool:
 
 
 def _written_in_place(value: torch._C.Value) -> bool:
-    for use in value.uses():
-        kind = use.user.kind()
-        if kind.endswith("_") and not kind.endswith("__"):
-            return True
-    return False
+    return any(_is_in_place(use.user.kind()) for use in value.uses())
 
 
 def _identity_operand(node: torch._C.Node) -> torch._C.Value | None:
@@ -226,7 +222,18 @@ def _shrink_uniform_constants(graph: torch._C.Graph, node: torch._C.Node) -> Non
         node.replaceInput(i, scalar)
 
 
+def _has_in_place(graph: torch._C.Graph) -> bool:
+    return any(_is_in_place(node.kind()) for node in graph.nodes())
+
+
+def _is_in_place(kind: str) -> bool:
+    return kind.endswith("_") and not kind.endswith("__")
+
+
 def _remove_identities(graph: torch._C.Graph) -> None:
+    # an arithmetic identity returns a new tensor: with any in-place write in the graph
+    # (perhaps through a view of it) the copy may matter, so only views are removed then
+    arithmetic = not _has_in_place(graph)
     for node in list(graph.nodes()):
         if node.kind() == "prim::ListUnpack":
             _unpack_broadcast(node)
@@ -234,6 +241,8 @@ def _remove_identities(graph: torch._C.Graph) -> None:
         if node.kind() in ELEMENTWISE and node.inputsSize() >= 2:
             _shrink_uniform_constants(graph, node)
         if node.outputsSize() != 1:
+            continue
+        if not arithmetic and node.kind() in ELEMENTWISE:
             continue
         operand = _identity_operand(node)
         out = node.output()

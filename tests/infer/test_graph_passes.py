@@ -67,11 +67,17 @@ def test_in_place_writes_keep_their_copy():
         y.add_(1.0)
         return y.sum() + x.sum()
 
-    compiled = CompiledFunction(f)
-    x = torch.randn(4, 3)
-    before = x.clone()
-    assert torch.allclose(compiled(x), f(x))
-    assert torch.equal(x, before)
+    def through_a_view(x):
+        y = x * 1.0
+        y.view(-1).add_(1.0)  # written through a view of y, not y itself
+        return y.sum() + x.sum()
+
+    for fn in (f, through_a_view):
+        compiled = CompiledFunction(fn)
+        x = torch.randn(4, 3)
+        before = x.clone()
+        assert torch.allclose(compiled(x), fn(x))
+        assert torch.equal(x, before)
 
 
 def test_identities_only_where_shape_and_dtype_are_unchanged():
