@@ -20,6 +20,15 @@ networks of latent variable models that bookkeeping is a fixed cost per call (ab
   handlers (:class:`pyro.infer.SVI`'s and pyro_lvm's drivers' parameter capture) see them
   as they would in eager mode. Tensor arguments that carry a graph (the ALD latents,
   functions of the chain position and the encoder features) stay connected.
+* **Simplified for the signature.** The traced graph still holds Pyro's per-call
+  arithmetic: size reads, the plate scale :math:`N/n = 1` multiplied in, a standard
+  normal prior's zeros and ones broadcast and logged. :func:`~pyro_lvm.infer.graph_passes.simplify`
+  removes it with exact rewrites valid for the signature (sizes folded where no
+  data-dependent operation reaches them, constant propagation, identities such as
+  ``x * 1``, negations hoisted out of sums): the digits-size LAE log joint goes from 64
+  traced ``aten`` operations to 15, its step from 1.31x to 1.17x the hand-written one
+  (VAE: 1.16x to 1.06x). Should the simplified graph disagree with the eager value, the
+  plain traced one is used.
 * **Eager-speed backward.** Replays run with the graph executor's optimizations off
   (:func:`torch.jit.optimized_execution`): the profiling executor's differentiable
   graphs made the backward pass slower than eager autograd on CPU for these networks
