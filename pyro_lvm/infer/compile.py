@@ -22,13 +22,17 @@ networks of latent variable models that bookkeeping is a fixed cost per call (ab
   functions of the chain position and the encoder features) stay connected.
 * **Simplified for the signature.** The traced graph still holds Pyro's per-call
   arithmetic: size reads, the plate scale :math:`N/n = 1` multiplied in, a standard
-  normal prior's zeros and ones broadcast and logged. :func:`~pyro_lvm.infer.graph_passes.simplify`
-  removes it with exact rewrites valid for the signature (sizes folded where no
-  data-dependent operation reaches them, constant propagation, identities such as
-  ``x * 1``, negations hoisted out of sums): the digits-size LAE log joint goes from 64
-  traced ``aten`` operations to 15, its step from 1.31x to 1.17x the hand-written one
-  (VAE: 1.16x to 1.06x). Should the simplified graph disagree with the eager value, the
-  plain traced one is used.
+  normal prior's zeros and ones broadcast and logged, every site summed per data point
+  and then over the plate, the negations of every log-density.
+  :func:`~pyro_lvm.infer.graph_passes.simplify` removes it with rewrites valid for the
+  signature (sizes folded where no data-dependent operation reaches them, constant
+  propagation, identities such as ``x * 1``, negations moved to reduced values where
+  they cancel, full sums folded into what they reduce): the digits-size LAE potential
+  goes from 64 traced ``aten`` operations to 11, the hand-written graph's
+  ``sum(z^2) / 2 + const + BCE(logits, x, "sum")`` after the decoder. All rewrites
+  are exact but two, which add a sum's terms in another order (float rounding, as any
+  other reduction kernel would). Should the simplified graph disagree with the eager
+  value, the plain traced one is used.
 * **Eager-speed backward.** Replays run with the graph executor's optimizations off
   (:func:`torch.jit.optimized_execution`): the profiling executor's differentiable
   graphs made the backward pass slower than eager autograd on CPU for these networks

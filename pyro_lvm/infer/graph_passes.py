@@ -9,8 +9,8 @@ logged, ``x - 0``, ``x / 1``, a reshape or an expand to the shape a tensor alrea
 ``0 + log_p``. Each costs a dispatch forward and an autograd node backward; for the
 digits-size LAE log joint they were a quarter of its forward-and-backward time.
 
-:func:`simplify` removes them with rewrites that are exact for the signature the graph
-is replayed on (the compiled graph is keyed on every input's shape, dtype and device):
+:func:`simplify` removes them with rewrites valid for the signature the graph is
+replayed on (the compiled graph is keyed on every input's shape, dtype and device):
 
 1. **Sizes become constants** where they are a function of the input shapes alone:
    ``aten::size``, ``aten::numel`` and ``aten::dim`` of a tensor whose shape no
@@ -23,10 +23,26 @@ is replayed on (the compiled graph is keyed on every input's shape, dtype and de
    where the result has the same dtype and shape as the operand and no in-place
    operation writes into it. IEEE arithmetic makes each of these exact, NaN and
    infinity included (``-0.0 + 0`` is ``+0.0``: a sign of zero, never a value).
-4. **Negations hoisted** out of sums: ``sum(-x)`` is ``-sum(x)`` and ``a + (-b)`` is
-   ``a - b``, so the negation ``torch.distributions`` applies to every element of a
-   log-density lands on the reduced value (exact: IEEE rounding is sign-symmetric).
-5. Dead code elimination.
+4. **Negations move to the reduced value or cancel**: ``sum(-x) = -sum(x)``,
+   ``(-x) * c = -(x * c)`` and ``(-x) / c = -(x / c)`` (``c`` no larger than ``x``),
+   ``a + (-b) = a - b``, ``a - (-b) = a + b``, ``(-a) - b = -(a + b)``,
+   ``-(a - b) = b - a``, ``-(-x) = x``. ``torch.distributions`` negates every element
+   of a log-density and a potential negates the log joint, so the negations cancel.
+   Exact: IEEE rounding is symmetric under negation.
+5. **Full sums fold into what they reduce** (operands used once only):
+   ``sum(sum(x, dims)) = sum(x)``, ``sum(x + c) = sum(x) + n c`` for a constant number
+   ``c`` (Pyro sums each site per data point, then over the plate; a log-density's
+   normalising constant is added to every element), ``sum(x * 2^k) = sum(x) * 2^k``
+   (the Normal's ``/ 2``: exact, barring overflow), and the sum of an elementwise
+   ``binary_cross_entropy_with_logits`` becomes its own ``reduction="sum"`` (the same
+   kernel and summation). The first two add the same terms in another order: the
+   value changes by float rounding, as with any other reduction kernel; the others are
+   exact. For the digits-size LAE potential this leaves the hand-written graph:
+   ``sum(z^2) / 2 + const + BCE(logits, x, "sum")`` after the decoder.
+6. Dead code elimination.
+
+Rules 4 and 5 read operands where the rewritten node stands, so they are skipped in a
+graph with any in-place operation.
 
 The caller checks the simplified graph against the eager value, as for the traced one.
 
@@ -37,6 +53,8 @@ TorchScript's ``ConstantPropagation`` and ``EliminateDeadCode`` passes
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -280,41 +298,181 @@ def _single_neg(value: torch._C.Value) -> torch._C.Value | None:
     return node.input()
 
 
-def _hoist_negations(graph: torch._C.Graph) -> None:
-    """``sum(-x)`` becomes ``-sum(x)`` and ``a + (-b)`` becomes ``a - b``: a negation
-    moves from a full tensor to the reduced one (``torch.distributions`` negates every
-    element of a log-density before Pyro sums it). Exact: IEEE rounding is symmetric
-    under negation, and ``a - b`` is defined as ``a + (-b)``."""
-    changed = True
-    while changed:
-        changed = False
-        for node in list(graph.nodes()):
-            kind = node.kind()
-            if kind == "aten::sum":
-                inner = _single_neg(node.inputsAt(0))
-                if inner is None:
+def _is_none(value: torch._C.Value) -> bool:
+    return value.type().kind() == "NoneType"
+
+
+def _full_sum_operand(node: torch._C.Node) -> torch._C.Value | None:
+    """``x`` if ``node`` is ``sum(x)`` over every element (no dtype), else ``None``."""
+    if node.kind() != "aten::sum" or node.inputsSize() != 2 or not _is_none(node.inputsAt(1)):
+        return None
+    return node.inputsAt(0)
+
+
+def _partial_sum_operand(node: torch._C.Node) -> torch._C.Value | None:
+    """``x`` if ``node`` is ``sum(x, dims)`` (no keepdim, no dtype), else ``None``."""
+    if node.kind() != "aten::sum" or node.inputsSize() != 4:
+        return None
+    if _constant(node.inputsAt(2)) is not False or not _is_none(node.inputsAt(3)):
+        return None
+    return node.inputsAt(0)
+
+
+def _scalar_constant(value: torch._C.Value) -> float | None:
+    """The number a constant number or one-element constant tensor holds (finite)."""
+    c = _constant(value)
+    if isinstance(c, torch.Tensor):
+        c = float(c) if c.numel() == 1 else None
+    if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+        return None
+    return float(c)
+
+
+def _power_of_two(c: float | None) -> bool:
+    return c is not None and c != 0 and math.frexp(abs(c))[0] == 0.5
+
+
+def _emit(graph, before: torch._C.Node, kind: str, inputs: list, like: torch._C.Value):
+    """Insert ``kind(*inputs)`` before ``before``, typed as ``like``; its output."""
+    node = graph.create(kind, inputs)
+    node.insertBefore(before)
+    node.output().setType(like.type())
+    return node.output()
+
+
+def _number(graph, before: torch._C.Node, value) -> torch._C.Value:
+    with graph.insert_point_guard(before):
+        return graph.insertConstant(value)
+
+
+def _unit_alpha(node: torch._C.Node) -> bool:
+    return node.inputsSize() == 3 and _is_all(node.inputsAt(2), 1)
+
+
+def _negation_rewrite(graph: torch._C.Graph, node: torch._C.Node) -> bool:
+    """Move one negation towards the output (or cancel it); exact (see the docstring)."""
+    kind, out = node.kind(), node.output() if node.outputsSize() == 1 else None
+    if out is None or not _floating(out):
+        return False
+    if kind == "aten::sum":  # sum(-x) = -sum(x)
+        inner = _single_neg(node.inputsAt(0))
+        if inner is None:
+            return False
+        node.replaceInput(0, inner)
+        neg = graph.create("aten::neg", [out])
+        neg.insertAfter(node)
+        neg.output().setType(out.type())
+        out.replaceAllUsesAfterNodeWith(neg, neg.output())
+        return True
+    if kind == "aten::neg":
+        inner = node.input().node()
+        if inner.kind() == "aten::neg":  # -(-x) = x
+            out.replaceAllUsesWith(inner.input())
+            return True
+        if inner.kind() == "aten::sub" and _unit_alpha(inner) and len(node.input().uses()) == 1:
+            a, b, one = inner.inputsAt(0), inner.inputsAt(1), inner.inputsAt(2)
+            if _floating(a) and _floating(b):  # -(a - b) = b - a
+                out.replaceAllUsesWith(_emit(graph, node, "aten::sub", [b, a, one], out))
+                return True
+        return False
+    if kind in ("aten::mul", "aten::div") and node.inputsSize() == 2:
+        # (-x) * c = -(x * c), (-x) / c = -(x / c): where x has the result's shape (the
+        # negation does not grow) and c is a floating tensor or a constant number
+        for i in (0, 1) if kind == "aten::mul" else (0,):
+            x, c = _single_neg(node.inputsAt(i)), node.inputsAt(1 - i)
+            if x is None or not _same_type(out, x):
+                continue
+            if not (_floating(c) or _scalar_constant(c) is not None):
+                continue
+            product = _emit(graph, node, kind, [x, c], out)  # x first: mul commutes
+            out.replaceAllUsesWith(_emit(graph, node, "aten::neg", [product], out))
+            return True
+        return False
+    if kind in ("aten::add", "aten::sub") and _unit_alpha(node):
+        a, b, one = node.inputsAt(0), node.inputsAt(1), node.inputsAt(2)
+        if not (_floating(a) and _floating(b)):
+            return False
+        if kind == "aten::sub":
+            inner = _single_neg(b)
+            if inner is not None:  # a - (-b) = a + b
+                out.replaceAllUsesWith(_emit(graph, node, "aten::add", [a, inner, one], out))
+                return True
+            inner = _single_neg(a)
+            if inner is not None and _same_type(out, inner):  # (-a) - b = -(a + b)
+                total = _emit(graph, node, "aten::add", [inner, b, one], out)
+                out.replaceAllUsesWith(_emit(graph, node, "aten::neg", [total], out))
+                return True
+            return False
+        for left, right in ((a, b), (b, a)):  # a + (-b) = a - b, (-a) + b = b - a
+            inner = _single_neg(right)
+            if inner is not None:
+                difference = _emit(graph, node, "aten::sub", [left, inner, one], out)
+                out.replaceAllUsesWith(difference)
+                return True
+    return False
+
+
+#: ``torch.nn.functional``'s reduction codes (``at::Reduction``)
+REDUCTION_NONE, REDUCTION_SUM = 0, 2
+
+
+def _sum_rewrite(graph: torch._C.Graph, node: torch._C.Node) -> bool:
+    """Fold a full sum into what it reduces (see the docstring, item 5)."""
+    source = _full_sum_operand(node)
+    if source is None or len(source.uses()) != 1 or not _floating(source):
+        return False
+    out, inner = node.output(), source.node()
+    kind = inner.kind()
+    if _partial_sum_operand(inner) is not None:  # sum(sum(x, dims)) = sum(x)
+        node.replaceInput(0, inner.inputsAt(0))
+        return True
+    if kind == "aten::binary_cross_entropy_with_logits" and inner.inputsSize() == 5:
+        if _constant(inner.inputsAt(4)) != REDUCTION_NONE:
+            return False
+        reduction = _number(graph, node, REDUCTION_SUM)
+        inputs = [*list(inner.inputs())[:4], reduction]
+        out.replaceAllUsesWith(_emit(graph, node, kind, inputs, out))
+        return True
+    if kind in ELEMENTWISE and inner.inputsSize() >= 2:
+        operands = list(inner.inputs())[:2]
+        for i in (0, 1) if kind in ("aten::add", "aten::mul") else (0,):
+            x, c = operands[i], _scalar_constant(operands[1 - i])
+            if c is None or not _same_type(source, x):
+                continue
+            if kind in ("aten::mul", "aten::div"):
+                if inner.inputsSize() != 2 or not _power_of_two(c):
                     continue
-                node.replaceInput(0, inner)
-                neg = graph.create("aten::neg", [node.output()])
-                neg.insertAfter(node)
-                neg.output().setType(node.output().type())
-                node.output().replaceAllUsesAfterNodeWith(neg, neg.output())
-                changed = True
-            elif kind == "aten::add" and node.inputsSize() == 3 and _is_all(node.inputsAt(2), 1):
-                a, b = node.inputsAt(0), node.inputsAt(1)
-                if not (_floating(a) and _floating(b)):
-                    continue
-                for left, right in ((a, b), (b, a)):
-                    inner = _single_neg(right)
-                    if inner is None:
-                        continue
-                    sub = graph.create("aten::sub", [left, inner, node.inputsAt(2)])
-                    sub.insertBefore(node)
-                    sub.output().setType(node.output().type())
-                    node.output().replaceAllUsesWith(sub.output())
-                    node.destroy()
-                    changed = True
-                    break
+                # sum(x * 2^k) = sum(x) * 2^k: scaling by a power of two is exact
+                total = _emit(graph, node, "aten::sum", [x, node.inputsAt(1)], out)
+                scaled = [total, _number(graph, node, c)]
+                out.replaceAllUsesWith(_emit(graph, node, kind, scaled, out))
+                return True
+            if not _unit_alpha(inner):
+                continue
+            # sum(x + c) = sum(x) + n c: the same additions, in another order
+            numel = 1
+            for s in _sizes(source):
+                numel *= s
+            total = _emit(graph, node, "aten::sum", [x, node.inputsAt(1)], out)
+            shift = [total, _number(graph, node, c * numel), inner.inputsAt(2)]
+            out.replaceAllUsesWith(_emit(graph, node, kind, shift, out))
+            return True
+    return False
+
+
+def _rewrite_reductions(graph: torch._C.Graph) -> None:
+    """Apply :func:`_negation_rewrite` and :func:`_sum_rewrite` until none applies, one
+    rewrite at a time (each pass removes the dead nodes, so use counts stay true).
+
+    Negations only move towards the output or cancel and sums only move towards the
+    inputs, so the rewrites run out; the bound on their number is a guard."""
+    for _ in range(10 * sum(1 for _ in graph.nodes()) + 10):
+        for node in graph.nodes():
+            if _negation_rewrite(graph, node) or _sum_rewrite(graph, node):
+                torch._C._jit_pass_dce(graph)
+                break
+        else:
+            return
 
 
 def simplify(graph: torch._C.Graph) -> torch._C.Graph:
@@ -326,6 +484,7 @@ def simplify(graph: torch._C.Graph) -> torch._C.Graph:
     torch._C._jit_pass_dce(graph)
     torch._C._jit_pass_constant_propagation(graph)
     _remove_identities(graph)
-    _hoist_negations(graph)
+    if not _has_in_place(graph):
+        _rewrite_reductions(graph)
     torch._C._jit_pass_dce(graph)
     return graph

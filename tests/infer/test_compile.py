@@ -181,7 +181,7 @@ def test_amortized_langevin_compiled_with_positive_and_global_sites():
         values.append((state.potential, state.grad, kernel.potential(x)))
     for a, b in zip(*values):
         assert torch.allclose(a, b, atol=1e-5)
-    assert kernels[1]._log_joint.num_compiled == 1  # one signature, with or without grad
+    assert kernels[1]._potential.num_compiled == 1  # one signature, with or without grad
 
 
 def test_module_svi_score_function_guide_runs_eagerly_with_a_warning():

@@ -38,6 +38,7 @@ __all__ = [
     "unconstrain",
     "global_values",
     "log_joint",
+    "potential",
     "potential_fn_gen",
 ]
 
@@ -196,6 +197,13 @@ def log_joint(model: Callable, spec: SiteSpec, u: dict[str, Tensor], args, kwarg
     return value
 
 
+def potential(model: Callable, spec: SiteSpec, u: dict[str, Tensor], args, kwargs) -> Tensor:
+    """The potential :math:`V = -\\log p(x, z = T(u)) - \\log|\\det \\partial T / \\partial u|`
+    (:func:`log_joint` negated: compiled whole, the negation cancels the one
+    ``torch.distributions`` applies inside every log-density)."""
+    return -log_joint(model, spec, u, args, kwargs)
+
+
 def check_shapes(spec: SiteSpec, u: dict[str, Tensor]) -> None:
     """One-line error if the encoder's outputs do not have the sites' shapes."""
     for name in spec.local_names:
@@ -215,23 +223,23 @@ def potential_fn_gen(
     chain_size: int,
     args: tuple,
     kwargs: dict,
-    log_joint_fn: Callable[[dict, tuple, dict], Tensor] | None = None,
+    potential_of: Callable[[dict, tuple, dict], Tensor] | None = None,
 ) -> Callable[[Tensor], Tensor]:
     """The potential of one batch as a function of the flat position alone: the chain
     part (the first ``chain_size`` entries) gives the local sites through
     ``local_values``, the rest are the global sites' unconstrained values.
 
-    ``log_joint_fn(u, args, kwargs)`` replaces :func:`log_joint` of ``model`` (e.g. its
+    ``potential_of(u, args, kwargs)`` replaces :func:`potential` of ``model`` (e.g. its
     compiled form, :class:`~pyro_lvm.infer.compile.CompiledFunction`)."""
-    if log_joint_fn is None:
+    if potential_of is None:
 
-        def log_joint_fn(u, args, kwargs):
-            return log_joint(model, spec, u, args, kwargs)
+        def potential_of(u, args, kwargs):
+            return potential(model, spec, u, args, kwargs)
 
     def potential_fn(position: Tensor) -> Tensor:
         u = local_values(position[:chain_size] if spec.global_names else position)
         if spec.global_names:
             u = {**u, **global_values(spec, position[chain_size:])}
-        return -log_joint_fn(u, args, kwargs)
+        return potential_of(u, args, kwargs)
 
     return potential_fn

@@ -278,7 +278,7 @@ class AmortizedLangevin(MCMCKernel):
         self.precondition, self.encoder_input = precondition, encoder_input
         self.generator, self.reduce_fn = generator, reduce_fn
         self.jit_compile = bool(jit_compile)
-        self._log_joint: CompiledFunction | None = None  # built with the site spec
+        self._potential: CompiledFunction | None = None  # built with the site spec
         self._init_step_size = None if step_size is None else float(step_size)
         self._head, self.param_names = self._chain_parameters(encoder, params)
         named = dict(encoder.named_parameters())
@@ -391,8 +391,8 @@ class AmortizedLangevin(MCMCKernel):
                 )
             self._spec = spec
             if self.jit_compile:
-                self._log_joint = CompiledFunction(
-                    functools.partial(ap.log_joint, self.model, spec), name="the log joint"
+                self._potential = CompiledFunction(
+                    functools.partial(ap.potential, self.model, spec), name="the potential"
                 )
             if self._globals is None:
                 self._globals = prior
@@ -473,7 +473,7 @@ class AmortizedLangevin(MCMCKernel):
             else _on_span(chain.local_values, chain.start, basis)
         )
         potential_fn = ap.potential_fn_gen(
-            self.model, spec, local_values, size, args, kwargs, self._log_joint
+            self.model, spec, local_values, size, args, kwargs, self._potential
         )
         self._batch = _Batch(args, kwargs, chain, potential_fn, basis)
         if ("shapes", tuple(x.shape)) not in self._verified:
@@ -615,9 +615,9 @@ class AmortizedLangevin(MCMCKernel):
         x = self._encoder_input(args, kwargs)
         spec = self._inspect(args, kwargs)
         u = {**self._as_dict(self.encoder(x)), **ap.global_values(spec, self._globals)}
-        if self._log_joint is not None:
-            return -self._log_joint(u, args, kwargs)
-        return -ap.log_joint(self.model, spec, u, args, kwargs)
+        if self._potential is not None:
+            return self._potential(u, args, kwargs)
+        return ap.potential(self.model, spec, u, args, kwargs)
 
     # -- MCMCKernel interface -------------------------------------------------------------
     def setup(self, warmup_steps: int, *args, **kwargs) -> None:
