@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 
@@ -22,7 +23,9 @@ class DivergenceError(FloatingPointError):
 
 def check_loss(loss: torch.Tensor, what: str = "loss") -> None:
     """Raise :class:`DivergenceError` (one line, with a fix) if ``loss`` is not finite."""
-    if not torch.isfinite(loss).all():
+    # a scalar loss (the usual case): one read, no device ops
+    finite = math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss).all())
+    if not finite:
         raise DivergenceError(
             f"the {what} became {float(loss.detach().sum())}: training diverged; lower the "
             "learning rate (--lr) or restart from the last checkpoint"

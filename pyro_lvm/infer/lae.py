@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from pyro.optim import PyroOptim
 from torch import nn
+from torch.nn import functional as F
 
 from pyro_lvm.infer.amortized_langevin import AmortizedLangevin
 from pyro_lvm.infer.distributed import reduce_potential
@@ -70,7 +71,8 @@ def _diagnostics(stats: list[tuple]) -> list[tuple[float, float, float]]:
     step_size, mean squared move)`` given as floats or (per-chain) tensors, with one host
     sync for all of them, not one per transition."""
     tensors = [v for row in stats for v in row if isinstance(v, torch.Tensor)]
-    values = iter(torch.stack([t.mean() for t in tensors]).tolist() if tensors else [])
+    means = [t if t.dim() == 0 else t.mean() for t in tensors]
+    values = iter(torch.stack(means).tolist() if tensors else [])
     out = []
     for row in stats:
         a, eta, sq = (next(values) if isinstance(v, torch.Tensor) else float(v) for v in row)
@@ -176,7 +178,7 @@ class LAE(OptimizerDriver):
                 if info.accepted is False:  # one chain, rejected: nothing to compute
                     move_sq = 0.0
                 else:
-                    move_sq = (after - before).square().mean()
+                    move_sq = F.mse_loss(after, before)  # one op: mean((after - before)^2)
                 stats.append((info.accept_prob, info.step_size, move_sq))
                 before = after
             self._recent.extend(_diagnostics(stats))

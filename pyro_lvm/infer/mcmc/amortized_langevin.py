@@ -405,8 +405,10 @@ class AmortizedLangevin(MCMCKernel):
             return
         chain = self._batch.chain
         size = chain.start.numel()
+        position = self._state.position
+        chain_part = position if size == position.numel() else position[:size]
         with torch.no_grad():
-            for p, value in zip(self.chain_params, chain.params_of(self._state.position[:size])):
+            for p, value in zip(self.chain_params, chain.params_of(chain_part)):
                 p.copy_(value)
         if self._spec is not None and self._spec.global_names:
             self._globals = self._state.position[size:].detach()
@@ -489,7 +491,10 @@ class AmortizedLangevin(MCMCKernel):
             position, potential_fn, keep_graph=keep_graph, reduce_fn=self.reduce_fn
         )
         # one sum and one sync: finite iff the potential and every gradient entry are
-        if not math.isfinite(float(state.potential.detach().sum() + state.grad.sum())):
+        potential = state.potential.detach()
+        if potential.dim():
+            potential = potential.sum()
+        if not math.isfinite(float(state.grad.sum() + potential)):
             raise DivergenceError(
                 f"the potential at the current encoder weights is {float(state.potential)}; "
                 "the model or encoder produced NaN/inf: lower the learning rate or re-initialise"
