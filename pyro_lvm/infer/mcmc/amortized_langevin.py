@@ -303,6 +303,7 @@ class AmortizedLangevin(MCMCKernel):
         self._default_save = sorted(sites)
         self.save_params = sorted(sites)
         self._verified: set = set()  # batch shapes whose chain map was checked
+        self._layouts: dict = {}  # batch shape -> head slices of a Sequential encoder
         self._warned = [False]
         self._reset()
 
@@ -336,6 +337,7 @@ class AmortizedLangevin(MCMCKernel):
         self._globals: Tensor | None = None  # global sites, flat unconstrained
         self._batch: _Batch | None = None
         self._state: LangevinState | None = None
+        self._written = True  # the encoder (and _globals) hold the state's position
         self._adapt: DualAveragingState | None = None
         self._step_size: float | None = self._init_step_size
         self._stats = _fresh_stats()
@@ -401,7 +403,7 @@ class AmortizedLangevin(MCMCKernel):
     def _sync(self) -> None:
         """Write the chain's current state back: chain parameters into the encoder,
         global values into the kernel."""
-        if self._state is None or self._batch is None:
+        if self._state is None or self._batch is None or self._written:
             return
         chain = self._batch.chain
         size = chain.start.numel()
@@ -412,6 +414,7 @@ class AmortizedLangevin(MCMCKernel):
                 p.copy_(value)
         if self._spec is not None and self._spec.global_names:
             self._globals = self._state.position[size:].detach()
+        self._written = True
 
     # -- the potential --------------------------------------------------------------------
     def _local_values(self, position: Tensor) -> dict[str, Tensor]:
@@ -466,6 +469,7 @@ class AmortizedLangevin(MCMCKernel):
             precondition=self.precondition,
             verified=self._verified,
             warned=self._warned,
+            layouts=self._layouts,
         )
         size = chain.start.numel()
         basis = self._noise_basis(chain)
@@ -500,6 +504,7 @@ class AmortizedLangevin(MCMCKernel):
                 "the model or encoder produced NaN/inf: lower the learning rate or re-initialise"
             )
         self._state = state
+        self._written = True  # the state was read from the encoder and _globals
         return state
 
     def _noise_basis(self, chain: ChainMap) -> Tensor | None:
@@ -580,6 +585,7 @@ class AmortizedLangevin(MCMCKernel):
             generator=self.generator,
             reduce_fn=self.reduce_fn,
         )
+        self._written = False
         self._sync()  # the encoder holds the chain's current state (LAE reads it)
         self._t += 1
         if adapt and self._adapt is not None:

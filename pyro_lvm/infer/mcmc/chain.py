@@ -11,7 +11,10 @@ value the encoder returns is the head's output or a column slice of it (``y[:, a
 checked by storage identity and once per batch shape by value), a proposal costs one
 matmul :math:`G\Phi^\top + b`; otherwise the encoder is re-run with the proposed
 parameters (``torch.func.functional_call``), after checking once per batch shape that its
-output is affine in them (:func:`check_affine`).
+output is affine in them (:func:`check_affine`). An ``nn.Sequential`` encoder ending in the
+head, with no forward hooks (:func:`sequential_trunk`), is ``head(trunk(x))`` by
+construction: once a batch shape has been checked, later batches of that shape run the
+trunk alone (no head matmul, no hook).
 
 **Preconditioning** (``precondition=`` :math:`\lambda`, any encoder with the default chain
 state): per batch :math:`\Phi = \Phi_0 + U A` with
@@ -28,12 +31,14 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_hooks
 
 __all__ = [
     "RankConditionWarning",
     "ChainMap",
     "final_linear",
     "run_capturing",
+    "sequential_trunk",
     "head_slices",
     "chain_map",
     "check_affine",
@@ -108,6 +113,32 @@ def run_capturing(
     return out, features, y, len(captured)
 
 
+def sequential_trunk(encoder: nn.Module, head: nn.Linear) -> list[nn.Module] | None:
+    """The modules before ``head`` when ``encoder(x)`` is exactly ``head(trunk(x))``: an
+    ``nn.Sequential`` (or a subclass keeping its ``forward`` and call) ending in ``head``
+    (used once), with no forward hooks on it, on the head or registered globally; else
+    ``None``."""
+    kind = type(encoder)
+    if not isinstance(encoder, nn.Sequential) or kind.forward is not nn.Sequential.forward:
+        return None
+    if kind.__call__ is not nn.Module.__call__ or kind._call_impl is not nn.Module._call_impl:
+        return None
+    if (
+        type(head).__call__ is not nn.Module.__call__
+        or type(head)._call_impl is not nn.Module._call_impl
+    ):
+        return None
+    if not len(encoder) or encoder[-1] is not head:
+        return None
+    trunk = list(encoder)[:-1]
+    if any(m is head for m in trunk):
+        return None
+    hooked = (encoder._forward_hooks, encoder._forward_pre_hooks)
+    hooked += (head._forward_hooks, head._forward_pre_hooks)
+    hooked += (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks)
+    return None if any(hooked) else trunk
+
+
 def head_slices(values: dict[str, Tensor], y: Tensor) -> dict[str, tuple[int, int]] | None:
     """``{site: (a, b)}`` if each value is ``y`` or ``y[..., a:b]`` (same storage), else None."""
     if y.dim() != 2 or not y.is_contiguous():
@@ -158,21 +189,37 @@ def chain_map(
     precondition: float | None = None,
     verified: set | None = None,
     warned: list[bool] | None = None,
+    layouts: dict | None = None,
 ) -> ChainMap:
     """Build the :class:`ChainMap` of one batch ``x`` (see the module docstring).
 
     ``head`` is the final ``nn.Linear`` when the chain is its weight (the default), else
     ``None``. ``verified`` caches the batch shapes whose one-matmul path was checked;
     ``warned`` (a one-element list) makes the rank warning fire once per kernel.
+    ``layouts`` caches, per batch shape, the checked slices of an encoder that is
+    ``head(trunk(x))`` (:func:`sequential_trunk`): later batches of that shape run the
+    trunk alone, without the head's matmul and the capture hook.
     """
     warned = [False] if warned is None else warned
     features = slices = None
+    trunk = cached = None
+    if head is not None and layouts is not None:
+        trunk = sequential_trunk(encoder, head)
+        cached = None if trunk is None else layouts.get(tuple(x.shape))
     if head is not None:
         with torch.set_grad_enabled(keep_graph):
-            out, features, y, calls = run_capturing(encoder, head, x)
+            if cached is not None:
+                features = x
+                for module in trunk:
+                    features = module(features)
+            else:
+                out, features, y, calls = run_capturing(encoder, head, x)
         _check_rank(features.shape[-1], x.shape[0], warned)
-        values = as_dict(out)
-        slices = head_slices(values, y) if calls == 1 else None
+        if cached is not None:
+            slices = cached
+        else:
+            values = as_dict(out)
+            slices = head_slices(values, y) if calls == 1 else None
     elif (final := final_linear(encoder)) is not None:
         _check_rank(final[1].in_features, x.shape[0], warned)
     if precondition is not None:
@@ -213,6 +260,8 @@ def chain_map(
             if not same:  # the encoder does something after the head: re-run it instead
                 slices = None
             verified.add(key)
+        if trunk is not None and cached is None and slices is not None and key in verified:
+            layouts[tuple(x.shape)] = slices
     if slices is None:
 
         def local_values(c: Tensor) -> dict[str, Tensor]:
