@@ -30,19 +30,25 @@ replayed on (the compiled graph is keyed on every input's shape, dtype and devic
    of a log-density and a potential negates the log joint, so the negations cancel.
    Exact: IEEE rounding is symmetric under negation.
 5. **Full sums fold into what they reduce** (operands used once only):
-   ``sum(sum(x, dims)) = sum(x)``, ``sum(x + c) = sum(x) + n c`` for a constant number
+   ``sum(sum(x, dims)) = sum(x)``; ``sum(x + c) = sum(x) + n c`` for a constant number
    ``c`` (Pyro sums each site per data point, then over the plate; a log-density's
-   normalising constant is added to every element), ``sum(x * 2^k) = sum(x) * 2^k``
-   (the Normal's ``/ 2``: exact, barring overflow), and the sum of an elementwise
-   ``binary_cross_entropy_with_logits`` becomes its own ``reduction="sum"`` (the same
-   kernel and summation). The first two add the same terms in another order: the
-   value changes by float rounding, as with any other reduction kernel; the others are
-   exact. For the digits-size LAE potential this leaves the hand-written graph:
-   ``sum(z^2) / 2 + const + BCE(logits, x, "sum")`` after the decoder.
-6. Dead code elimination.
+   normalising constant is added to every element), only where ``n`` is fixed by the
+   signature and every term ``x_i + c`` has the sign of ``c`` (``x`` is a square, an
+   ``exp``... scaled, negated, summed; see ``_sign``), so no cancellation makes the
+   reordered sum less accurate than the original; ``sum(x * 2^k) = sum(x) * 2^k`` (the
+   Normal's ``/ 2``); and the sum of an elementwise ``binary_cross_entropy_with_logits``
+   becomes its own ``reduction="sum"`` (the same kernel and summation). The first two
+   add the same terms in another order: the value changes by float rounding, as with
+   any other reduction kernel, and where partial sums overflow the result may differ
+   (``inf - inf`` in one order, finite in another); the power-of-two scaling is exact
+   but for overflow and subnormal underflow. For the digits-size LAE potential this
+   leaves the hand-written graph: ``sum(z^2) / 2 + const + BCE(logits, x, "sum")`` after
+   the decoder.
+6. Dead code elimination; an output the identities reduced to an input is cloned, as
+   eager would return a new tensor.
 
 Rules 4 and 5 read operands where the rewritten node stands, so they are skipped in a
-graph with any in-place operation.
+graph with any write into a tensor (an in-place ``op_`` or an ``out=`` overload).
 
 The caller checks the simplified graph against the eager value, as for the traced one.
 
@@ -196,7 +202,7 @@ def _same_type(a: torch._C.Value, b: torch._C.Value) -> bool:
 
 
 def _written_in_place(value: torch._C.Value) -> bool:
-    return any(_is_in_place(use.user.kind()) for use in value.uses())
+    return any(_mutates(use.user) for use in value.uses())
 
 
 def _identity_operand(node: torch._C.Node) -> torch._C.Value | None:
@@ -241,11 +247,19 @@ def _shrink_uniform_constants(graph: torch._C.Graph, node: torch._C.Node) -> Non
 
 
 def _has_in_place(graph: torch._C.Graph) -> bool:
-    return any(_is_in_place(node.kind()) for node in graph.nodes())
+    return any(_mutates(node) for node in graph.nodes())
 
 
-def _is_in_place(kind: str) -> bool:
-    return kind.endswith("_") and not kind.endswith("__")
+def _mutates(node: torch._C.Node) -> bool:
+    """Whether ``node`` writes into a tensor: an in-place ``op_`` or an ``out=`` overload
+    (a schema argument marked ``(a!)``)."""
+    kind = node.kind()
+    if kind.endswith("_") and not kind.endswith("__"):
+        return True
+    try:
+        return "!" in node.schema()
+    except RuntimeError:  # pragma: no cover - nodes without a schema
+        return False
 
 
 def _remove_identities(graph: torch._C.Graph) -> None:
@@ -330,6 +344,32 @@ def _scalar_constant(value: torch._C.Value) -> float | None:
 
 def _power_of_two(c: float | None) -> bool:
     return c is not None and c != 0 and math.frexp(abs(c))[0] == 0.5
+
+
+#: elementwise operations whose result is never negative
+NONNEGATIVE = frozenset(
+    {"aten::abs", "aten::exp", "aten::relu", "aten::sigmoid", "aten::softplus", "aten::sqrt"}
+)
+
+
+def _sign(value: torch._C.Value) -> int:
+    """+1 if every element of ``value`` is >= 0, -1 if every one is <= 0, else 0
+    (unknown), from how it is computed."""
+    node = value.node()
+    kind, inputs = node.kind(), list(node.inputs())
+    if kind in NONNEGATIVE:
+        return 1
+    if kind == "aten::pow" and len(inputs) == 2:
+        k = _constant(inputs[1])
+        return 1 if isinstance(k, (int, float)) and k == int(k) and int(k) % 2 == 0 else 0
+    if kind == "aten::neg":
+        return -_sign(inputs[0])
+    if kind == "aten::sum":
+        return _sign(inputs[0])
+    if kind in ("aten::mul", "aten::div") and len(inputs) == 2:
+        c = _scalar_constant(inputs[1])
+        return 0 if not c else _sign(inputs[0]) * (1 if c > 0 else -1)
+    return 0
 
 
 def _emit(graph, before: torch._C.Node, kind: str, inputs: list, like: torch._C.Value):
@@ -447,8 +487,11 @@ def _sum_rewrite(graph: torch._C.Graph, node: torch._C.Node) -> bool:
                 scaled = [total, _number(graph, node, c)]
                 out.replaceAllUsesWith(_emit(graph, node, kind, scaled, out))
                 return True
-            if not _unit_alpha(inner):
-                continue
+            shift = c if kind == "aten::add" else -c
+            if not _unit_alpha(inner) or source.debugName() in _dynamic_values(graph):
+                continue  # n is the traced size: only for shapes fixed by the signature
+            if _sign(x) * shift < 0 or (_sign(x) == 0 and shift != 0):
+                continue  # terms of either sign: sum(x) + n c could cancel catastrophically
             # sum(x + c) = sum(x) + n c: the same additions, in another order
             numel = 1
             for s in _sizes(source):
@@ -487,4 +530,21 @@ def simplify(graph: torch._C.Graph) -> torch._C.Graph:
     if not _has_in_place(graph):
         _rewrite_reductions(graph)
     torch._C._jit_pass_dce(graph)
+    _fresh_outputs(graph)
     return graph
+
+
+def _fresh_outputs(graph: torch._C.Graph) -> None:
+    """An output that identities reduced to an input (``-(-x)``, ``x * 1``) is cloned, as
+    eager returns a new tensor: writing into the result must not write into the input."""
+    ret = graph.return_node()
+    for i, value in enumerate(list(ret.inputs())):
+        tensor = isinstance(value.type(), torch._C.TensorType)
+        if value.node().kind() != "prim::Param" or not tensor:
+            continue
+        with graph.insert_point_guard(ret):
+            none = graph.insertConstant(None)
+        clone = graph.create("aten::clone", [value, none])
+        clone.insertBefore(ret)
+        clone.output().setType(value.type())
+        ret.replaceInput(i, clone.output())

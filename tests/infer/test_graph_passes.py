@@ -286,3 +286,44 @@ def test_training_matches_the_unsimplified_graph_to_float_rounding(monkeypatch):
     # the rewrites are exact but for the order of a sum's additions: every loss, step
     # after step, agrees to float32 rounding (a wrong constant or term would not)
     assert torch.allclose(torch.tensor(simplified), torch.tensor(plain), rtol=2e-6, atol=0)
+
+
+def test_second_calls_with_other_values_match_eager():
+    """Cases the compile-time check cannot see (it runs on the first call's values)."""
+
+    def masked_shift(a):  # the masked size is data dependent: n in sum(x + c) is not fixed
+        return (a[a > 0].abs() + 1.0).sum()
+
+    def written_by_out(a):  # an out= write is a write: nothing is read past it
+        x = a.clone()
+        y = -x
+        torch.abs(a, out=x)
+        return y.sum() + x.sum()
+
+    def cancelling_shift(x):  # terms of both signs: sum(x) - n c would cancel
+        return (x - 1000.0).sum()
+
+    cases = [
+        (masked_shift, torch.tensor([1.0, -1.0, 2.0, -3.0]), torch.tensor([1.0, 2.0, 3.0, 4.0])),
+        (written_by_out, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([-1.0, 2.0, -3.0])),
+        (
+            cancelling_shift,
+            torch.randn(100_000, generator=torch.Generator().manual_seed(0)),
+            1000 + 0.01 * torch.randn(100_000, generator=torch.Generator().manual_seed(1)),
+        ),
+    ]
+    for fn, first, second in cases:
+        compiled = CompiledFunction(fn)
+        assert torch.equal(compiled(first), fn(first)), fn.__name__
+        # eager sums the shifted terms; so must the compiled graph (rtol: float32 sums)
+        assert torch.allclose(compiled(second), fn(second), rtol=1e-4, atol=1e-5), fn.__name__
+
+
+def test_an_output_reduced_to_an_input_is_a_new_tensor():
+    compiled = CompiledFunction(lambda x: torch.neg(torch.neg(x)))
+    x = torch.randn(3, requires_grad=True)
+    assert compiled(x) is not x
+    x2 = torch.randn(3)
+    before = x2.clone()
+    compiled(x2).mul_(0)  # writing into the result leaves the input alone, as in eager
+    assert torch.equal(x2, before)
