@@ -109,8 +109,18 @@ class LAEStep:
 
     def __call__(self, x: torch.Tensor) -> float:
         self.optim.zero_grad(set_to_none=True)
+        features, state = self.prepare(x)
+        w, potentials = self.transitions(features, x, state)
+        return self.finish(w, potentials)
+
+    def prepare(self, x: torch.Tensor):
+        """The trunk features and the state ``(w, V, grad V)`` at the head's weight."""
         features = self.trunk(x)
-        w, v, g = self._evaluate(self.head.weight.detach().clone(), features, x)
+        return features, self._evaluate(self.head.weight.detach().clone(), features, x)
+
+    def transitions(self, features, x, state):
+        """``num_steps`` MALA transitions; the final weight and the potentials (graphs kept)."""
+        w, v, g = state
         potentials = []
         for _ in range(self.num_steps):
             eta = self.step_size
@@ -125,6 +135,10 @@ class LAEStep:
                 w, v, g = w_new, v_new, g_new
             potentials.append(v)
             self._adapt(math.exp(min(log_a, 0.0)))
+        return w, potentials
+
+    def finish(self, w, potentials) -> float:
+        """Write the chain back, backpropagate the mean potential, step; the loss."""
         with torch.no_grad():
             self.head.weight.copy_(w)
         loss = sum(potentials) / self.num_steps

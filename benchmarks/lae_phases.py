@@ -18,7 +18,6 @@ import argparse
 import collections
 import copy
 import json
-import math
 import pathlib
 import sys
 import time
@@ -48,34 +47,14 @@ def timed(name: str, fn, *, per_variant: bool = False):
 
 def floor_step(step: floors.LAEStep, x: torch.Tensor) -> float:
     """:meth:`floors.LAEStep.__call__` with its phases timed."""
-    clock = time.thread_time_ns
     step.optim.zero_grad(set_to_none=True)
-    t0 = clock()
-    features = step.trunk(x)
-    w, v, g = step._evaluate(step.head.weight.detach().clone(), features, x)
-    t1 = clock()
-    potentials = []
-    for _ in range(step.num_steps):
-        eta = step.step_size
-        w_new = w - eta * g + math.sqrt(2 * eta) * torch.randn_like(w)
-        w_new, v_new, g_new = step._evaluate(w_new, features, x)
-        forward = (w_new - w + eta * g).square().sum()
-        backward = (w - w_new + eta * g_new).square().sum()
-        log_a = float(v.detach() - v_new.detach() + (forward - backward) / (4 * eta))
-        log_a = log_a if math.isfinite(log_a) else -math.inf
-        if math.log(step.rng.random() + 1e-300) < log_a:
-            w, v, g = w_new, v_new, g_new
-        potentials.append(v)
-        step._adapt(math.exp(min(log_a, 0.0)))
-    with torch.no_grad():
-        step.head.weight.copy_(w)
-    loss = sum(potentials) / step.num_steps
-    t2 = clock()
-    loss.backward()
-    step.optim.step()
+    t0 = time.thread_time_ns()
+    features, state = step.prepare(x)
+    t1 = time.thread_time_ns()
+    w, potentials = step.transitions(features, x, state)
     TIMES["torch prepare"] += t1 - t0
-    TIMES["torch transitions"] += t2 - t1
-    return float(loss.detach())
+    TIMES["torch transitions"] += time.thread_time_ns() - t1
+    return step.finish(w, potentials)
 
 
 def main(steps: int) -> dict[str, float]:
