@@ -361,7 +361,8 @@ def _sign(value: torch._C.Value) -> int:
         return 1
     if kind == "aten::pow" and len(inputs) == 2:
         k = _constant(inputs[1])
-        return 1 if isinstance(k, (int, float)) and k == int(k) and int(k) % 2 == 0 else 0
+        even = isinstance(k, (int, float)) and math.isfinite(k) and k == int(k) and k % 2 == 0
+        return 1 if even else 0
     if kind == "aten::neg":
         return -_sign(inputs[0])
     if kind == "aten::sum":
@@ -493,12 +494,10 @@ def _sum_rewrite(graph: torch._C.Graph, node: torch._C.Node) -> bool:
             if _sign(x) * shift < 0 or (_sign(x) == 0 and shift != 0):
                 continue  # terms of either sign: sum(x) + n c could cancel catastrophically
             # sum(x + c) = sum(x) + n c: the same additions, in another order
-            numel = 1
-            for s in _sizes(source):
-                numel *= s
+            numel = math.prod(_sizes(source))
             total = _emit(graph, node, "aten::sum", [x, node.inputsAt(1)], out)
-            shift = [total, _number(graph, node, c * numel), inner.inputsAt(2)]
-            out.replaceAllUsesWith(_emit(graph, node, kind, shift, out))
+            shifted = [total, _number(graph, node, c * numel), inner.inputsAt(2)]
+            out.replaceAllUsesWith(_emit(graph, node, kind, shifted, out))
             return True
     return False
 

@@ -52,7 +52,6 @@ from typing import Any
 import torch
 from pyro.optim import PyroOptim
 from torch import nn
-from torch.nn import functional as F
 
 from pyro_lvm.infer.amortized_langevin import AmortizedLangevin
 from pyro_lvm.infer.distributed import reduce_potential
@@ -178,7 +177,7 @@ class LAE(OptimizerDriver):
                 if info.accepted is False:  # one chain, rejected: nothing to compute
                     move_sq = 0.0
                 else:
-                    move_sq = F.mse_loss(after, before)  # one op: mean((after - before)^2)
+                    move_sq = (after - before).square().mean()
                 stats.append((info.accept_prob, info.step_size, move_sq))
                 before = after
             self._recent.extend(_diagnostics(stats))
