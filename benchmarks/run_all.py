@@ -81,18 +81,20 @@ def case_vae(size, quick):
     x = _data(d, b)
     vae = VAE(d, z, hidden_dim=h)
     vae_off, vae_jit, ref = copy.deepcopy(vae), copy.deepcopy(vae), copy.deepcopy(vae)
-    vae_jit.pyro_name = "VAE_jit"  # its own param store names
+    vae_fx = copy.deepcopy(vae)
     svi = ModuleSVI(vae.model, vae.guide, _adam(vae.parameters()))
     svi_off = ModuleSVI(vae_off.model, vae_off.guide, _adam(vae_off.parameters()))
     svi_jit = ModuleSVI(
         vae_jit.model, vae_jit.guide, _adam(vae_jit.parameters()), jit_compile=True
     )
+    svi_fx = ModuleSVI(vae_fx.model, vae_fx.guide, _adam(vae_fx.parameters()), jit_compile="fx")
     opt = _adam(ref.parameters())
     return {
         "torch": lambda: floors.vae_step(ref.encoder, ref.decoder, opt, x),
         "pyro_lvm": lambda: svi.step(x),
         "pyro_lvm (validation off)": _no_validation(lambda: svi_off.step(x)),
         "pyro_lvm (jit_compile)": lambda: svi_jit.step(x),
+        "pyro_lvm (jit_compile='fx')": lambda: svi_fx.step(x),
     }, {}
 
 
@@ -100,10 +102,13 @@ def case_lae(size, quick):
     d, h, z, b = size
     x = _data(d, b)
     lvm = LangevinAutoencoder(d, z, hidden_dim=h)
-    ref, lvm_jit = copy.deepcopy(lvm), copy.deepcopy(lvm)
+    ref, lvm_jit, lvm_fx = copy.deepcopy(lvm), copy.deepcopy(lvm), copy.deepcopy(lvm)
     lae = LAE(lvm.model, lvm.encoder, _adam(lvm.parameters()), num_steps=2)
     lae_jit = LAE(
         lvm_jit.model, lvm_jit.encoder, _adam(lvm_jit.parameters()), num_steps=2, jit_compile=True
+    )
+    lae_fx = LAE(
+        lvm_fx.model, lvm_fx.encoder, _adam(lvm_fx.parameters()), num_steps=2, jit_compile="fx"
     )
     chain = ref.encoder[-1].weight
     opt = _adam(p for p in ref.parameters() if p is not chain)
@@ -112,6 +117,7 @@ def case_lae(size, quick):
         "torch": lambda: floor(x),
         "pyro_lvm": lambda: lae.step(x),
         "pyro_lvm (jit_compile)": lambda: lae_jit.step(x),
+        "pyro_lvm (jit_compile='fx')": lambda: lae_fx.step(x),
     }, {"num_steps": 2}
 
 

@@ -102,7 +102,9 @@ def _read_config(run: Path) -> TrainConfig:
 def _tensorboard(out: Path):
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            # some tensorboard versions import distutils / pkg_resources, which raise a
+            # DeprecationWarning on import: not the user's concern
+            warnings.simplefilter("ignore", DeprecationWarning)
             from torch.utils.tensorboard import SummaryWriter
 
             return SummaryWriter(str(out / "tensorboard"))

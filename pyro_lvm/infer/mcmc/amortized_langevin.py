@@ -54,7 +54,7 @@ from pyro import poutine
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor, nn
 
-from pyro_lvm.infer.compile import CompiledFunction
+from pyro_lvm.infer.compile import CompiledFunction, compile_backend
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.infer.distributed import all_gather_cat
 from pyro_lvm.infer.mcmc import ald_potential as ap
@@ -221,12 +221,15 @@ class AmortizedLangevin(MCMCKernel):
     reduce_fn : callable, optional
         ``reduce_fn(potential, grad) -> (potential, grad)``, local to global values of the
         potential and its gradient w.r.t. the chain position (default: identity).
-    jit_compile : bool
-        Trace the model's log joint once per batch signature with :func:`torch.jit.trace`
-        and replay it (:class:`~pyro_lvm.infer.compile.CompiledFunction`), as Pyro's
-        ``HMC(jit_compile=True)``: removes the effect-handler cost of every potential
-        evaluation (about a third of a digits-size LAE step). Only for models whose
-        structure does not depend on tensor values.
+    jit_compile : bool or str
+        Compile the potential once per batch signature, as Pyro's ``HMC(jit_compile=True)``
+        (a string names the backend: ``"inductor"``, the default, or ``"fx"``)
+        (:class:`~pyro_lvm.infer.compile.CompiledFunction`: captured with ``torch.fx``,
+        compiled by Inductor, guarded): removes the effect-handler cost of every potential
+        evaluation, and the drift's gradient no longer walks the decoder backward. A model
+        the compiled path cannot replay exactly (a branch on a tensor's value, a Python
+        value that keeps changing) runs eagerly, with one
+        :class:`~pyro_lvm.infer.compile.CompileWarning` saying why.
 
     Examples
     --------
@@ -252,7 +255,7 @@ class AmortizedLangevin(MCMCKernel):
         encoder_input: Callable[..., Tensor] | None = None,
         generator: torch.Generator | None = None,
         reduce_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-        jit_compile: bool = False,
+        jit_compile: bool | str = False,
         project_noise: bool = False,
     ):
         sites = (latent_site,) if isinstance(latent_site, str) else tuple(latent_site)
@@ -277,7 +280,8 @@ class AmortizedLangevin(MCMCKernel):
         self.target_accept_prob, self.adapt_window = target_accept_prob, adapt_window
         self.precondition, self.encoder_input = precondition, encoder_input
         self.generator, self.reduce_fn = generator, reduce_fn
-        self.jit_compile = bool(jit_compile)
+        self._backend = compile_backend(jit_compile)
+        self.jit_compile = self._backend is not None
         self._potential: CompiledFunction | None = None  # built with the site spec
         self._init_step_size = None if step_size is None else float(step_size)
         self._head, self.param_names = self._chain_parameters(encoder, params)
@@ -394,7 +398,10 @@ class AmortizedLangevin(MCMCKernel):
             self._spec = spec
             if self.jit_compile:
                 self._potential = CompiledFunction(
-                    functools.partial(ap.potential, self.model, spec), name="the potential"
+                    functools.partial(ap.potential, self.model, spec),
+                    name="the potential",
+                    state={"model": self.model, "spec": spec},
+                    backend=self._backend,
                 )
             if self._globals is None:
                 self._globals = prior
