@@ -38,9 +38,11 @@ import pyro
 import torch
 import torch._inductor
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_lvm.infer.compile_guards import is_user_file
 
@@ -87,6 +89,44 @@ class _WatchReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+class _WatchWrites(TorchDispatchMode):
+    """Raise :class:`CaptureError` before an in-place update of a tensor that existed
+    before the capture (a buffer, a parameter): the capture call must not repeat what the
+    eager call did, and a graph could not replay it exactly. Tensors are told apart by
+    storage: those the capture allocated may be updated (a random fill, an accumulation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in _written_values(func, args, kwargs):
+            if value.numel() and value.untyped_storage().data_ptr() not in self.storages:
+                raise CaptureError(
+                    f"it updates a tensor it reads in place ({func}{_user_frame()}), which a "
+                    "replay would not repeat exactly: update buffers outside the model"
+                )
+        out = func(*args, **kwargs)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, Tensor):
+                self.storages.add(t.untyped_storage().data_ptr())
+        return out
+
+
+def _written_values(func, args: tuple, kwargs: dict) -> list[Tensor]:
+    """The tensors an ``aten`` call writes to (in place or ``out=``)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None or not schema.is_mutable:
+        return []
+    out = []
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            out.extend(v for v in pytree.tree_leaves(value) if isinstance(v, Tensor))
+    return out
+
+
 def trainable_leaves(out: Tensor, inputs: Sequence[Tensor]) -> list[Tensor]:
     """The leaf tensors requiring grad that ``out`` depends on other than through
     ``inputs`` (the walk stops at them: what produced them is the caller's graph)."""
@@ -124,20 +164,6 @@ def _written(node: fx.Node) -> list[fx.Node]:
             if isinstance(value, fx.Node):
                 out.append(value)
     return out
-
-
-def _aliases_of_inputs(graph: fx.Graph) -> set[fx.Node]:
-    """The placeholders and every view of one (the tensors an in-place update of which
-    would change an input)."""
-    found = {n for n in graph.nodes if n.op == "placeholder"}
-    for node in graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None:
-            continue
-        returns_alias = any(r.alias_info is not None for r in schema.returns)
-        if returns_alias and any(a in found for a in node.all_input_nodes):
-            found.add(node)
-    return found
 
 
 def _with_updates(graph: fx.Graph, nodes: set[fx.Node]) -> set[fx.Node]:
@@ -285,12 +311,13 @@ def _trace(fn, examples, num_args, grad_args, grad_enabled) -> fx.GraphModule:
 
     def joint(*inputs):
         args = inputs[:num_args]
-        with _WatchReads():
+        with _WatchReads(), _WatchWrites():
             value = fn(*args)
-        targets = [args[i] for i in grad_args] + list(inputs[num_args:-1])
-        if not targets:
-            return (value,)
-        grads = torch.autograd.grad(value, targets, grad_outputs=inputs[-1], allow_unused=True)
+            targets = [args[i] for i in grad_args] + list(inputs[num_args:-1])
+            if not targets:
+                return (value,)
+            seed = inputs[-1]
+            grads = torch.autograd.grad(value, targets, grad_outputs=seed, allow_unused=True)
         return (value, *grads)
 
     try:
@@ -329,19 +356,11 @@ def _lift_constants(gm: fx.GraphModule, placeholders: list[fx.Node], lift) -> li
 
 
 def _refuse_unreplayable(graph: fx.Graph) -> None:
-    inputs = _aliases_of_inputs(graph)
     for node in graph.nodes:
-        if node.op != "call_function":
-            continue
-        if _dynamic_shape_op(node):
+        if node.op == "call_function" and _dynamic_shape_op(node):
             raise CaptureError(
                 f"its output shapes depend on the data ({node.target}), which a graph "
                 "captured for one input would fix"
-            )
-        if any(w in inputs for w in _written(node)):
-            raise CaptureError(
-                f"it updates a tensor it reads in place ({node.target}), which a replay "
-                "would not repeat exactly: update buffers outside the model"
             )
 
 

@@ -197,7 +197,7 @@ class _Walk:
             self._object(value, path, v, label)
 
     def _dict(self, value: dict, path: str, v: str, label: str, skip=()) -> None:
-        self.fail_if(f"{v}.keys() != {self.const(set(value))}", label)
+        self.fail_if(f"{v}.keys() != {self.const(set(value))}", f"{label}'s keys")
         for k, item in value.items():
             if k not in skip:
                 key = repr(k) if isinstance(k, str) else self.const(k)
@@ -206,6 +206,7 @@ class _Walk:
 
     def _module(self, module: nn.Module, path: str, v: str, label: str) -> None:
         d = self.bind(f"{v}.__dict__")
+        self.fail_if(f"{d}.keys() != {self.const(set(module.__dict__))}", f"{label}'s attributes")
         if any(module.__dict__.get(hooks) for hooks in _MODULE_HOOKS):
             raise _TooMuchState(f"{label} has forward hooks, which a replay would not call")
         hooks = " or ".join(f"{d}.get({h!r})" for h in _MODULE_HOOKS)
@@ -313,6 +314,8 @@ class StateGuard:
         walk = _Walk()
         try:
             for i, (label, root) in enumerate(roots.items()):
+                if isinstance(root, nn.Module):
+                    label = type(root).__name__
                 walk.visit(root, f"R[{i}]", f"R[{i}]", label)
         except _TooMuchState as err:
             raise ValueError(str(err)) from None
