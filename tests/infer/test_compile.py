@@ -109,9 +109,7 @@ class DropoutVAE(UserVAE):
 
     def __init__(self):
         super().__init__()
-        self.decoder = nn.Sequential(
-            nn.Linear(Z, H), nn.Tanh(), nn.Dropout(0.3), nn.Linear(H, D)
-        )
+        self.decoder = nn.Sequential(nn.Linear(Z, H), nn.Tanh(), nn.Dropout(0.3), nn.Linear(H, D))
 
 
 class AugmentedVAE(UserVAE):
