@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import floors  # noqa: E402
 from harness import interleave, load_average  # noqa: E402
 
+from pyro_lvm.experiments.config import TrainConfig  # noqa: E402
+from pyro_lvm.experiments.lifecycle import build_experiment  # noqa: E402
 from pyro_lvm.infer import (  # noqa: E402
     LAE,
     VIMCO,
@@ -56,7 +58,7 @@ SCALING = {
     "mnist-w1024-b1024": (784, 1024, 16, 1024),
 }
 SIZES.update(SCALING)
-CASES = ("vae", "lae", "iwae", "ais", "nvil", "vimco")
+CASES = ("vae", "lae", "iwae", "ais", "nvil", "vimco", "cli")
 LR = 1e-3
 
 
@@ -188,6 +190,43 @@ def case_vimco(size, quick):
     }, {"network": f"{x.shape[1]}-200 linear SBN", "num_particles": k}
 
 
+def _cli_inference(model: str, data_dim: int, size, jit) -> object:
+    """The inference object ``pyro-lvm train MODEL`` builds (the CLI's defaults: the VAE
+    with the analytic KL, LAE with centred features, the Jacobian correction and
+    projected noise), at this size's networks."""
+    _, h, z, b = size
+    config = TrainConfig(model=model, hidden_dim=h, latent_dim=z, batch_size=b, jit_compile=jit)
+    validation = pyro.poutine.util.is_validation_enabled()
+    try:
+        return build_experiment(config, data_dim).inference
+    finally:  # the CLI turns Pyro's validation off (it checks the data once): restore it
+        pyro.enable_validation(validation)
+
+
+def case_cli(size, quick):
+    """The CLI's VAE and LAE steps, eager and compiled, against each other and against the
+    hand-written floors (ratios to the CLI's compiled VAE step)."""
+    d, h, z, b = size
+    x = _data(d, b)
+    vae = VAE(d, z, hidden_dim=h)
+    lvm = LangevinAutoencoder(d, z, hidden_dim=h)
+    vae_opt = _adam(vae.parameters())
+    chain = lvm.encoder[-1].weight
+    floor_lae = floors.LAEStep(
+        lvm.encoder, lvm.decoder, _adam(p for p in lvm.parameters() if p is not chain)
+    )
+    steps = {
+        "torch VAE": lambda: floors.vae_step(vae.encoder, vae.decoder, vae_opt, x),
+        "torch LAE (T=2, no centring)": lambda: floor_lae(x),
+    }
+    for jit in (True, False):
+        label = "compiled" if jit else "eager"
+        for model in ("vae", "lae"):
+            inference = _cli_inference(model, d, size, jit)
+            steps[f"CLI {model.upper()} ({label})"] = lambda i=inference: i.step(x)
+    return steps, {"baseline": "CLI VAE (compiled)"}
+
+
 BUILDERS = {
     "vae": case_vae,
     "lae": case_lae,
@@ -195,9 +234,17 @@ BUILDERS = {
     "ais": case_ais,
     "nvil": case_nvil,
     "vimco": case_vimco,
+    "cli": case_cli,
 }
 #: (steps, repeats) per case in a full run: evaluation "steps" are whole evaluations
-BUDGET = {"vae": (40, 7), "lae": (30, 7), "iwae": (5, 5), "ais": (2, 5), "nvil": (30, 7)}
+BUDGET = {
+    "vae": (40, 7),
+    "lae": (30, 7),
+    "iwae": (5, 5),
+    "ais": (2, 5),
+    "nvil": (30, 7),
+    "cli": (20, 7),
+}
 BUDGET["vimco"] = BUDGET["nvil"]
 
 
@@ -212,8 +259,9 @@ def run(cases, sizes, quick: bool, seed: int = 0) -> dict:
             size = SIZES[size_name]
             variants, extra = BUILDERS[name](size, quick)
             steps, repeats = (2, 2) if quick else BUDGET[name]
+            baseline = extra.pop("baseline", "torch")
             result = interleave(
-                variants, baseline="torch", steps=steps, repeats=repeats, warmup=1 if quick else 3
+                variants, baseline=baseline, steps=steps, repeats=repeats, warmup=1 if quick else 3
             )
             d, h, z, b = size
             rows.append(
@@ -225,6 +273,7 @@ def run(cases, sizes, quick: bool, seed: int = 0) -> dict:
                     "steps": steps,
                     "repeats": repeats,
                     "options": extra,
+                    "baseline": baseline,
                     **result,
                 }
             )
@@ -259,11 +308,13 @@ def markdown(results: dict) -> str:
         + (" (quick run: not for quoting)" if meta["quick"] else "")
         + ".",
         "",
-        "| case | size | variant | CPU ms/step | ratio to torch (CPU) | ratio (wall) |",
+        "| case | size | variant | CPU ms/step | ratio (CPU) | ratio (wall) |",
         "|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         size = f"{row['size']} {row['network']}, B={row['batch']}"
+        if row.get("baseline", "torch") != "torch":
+            size += f" (ratios to {row['baseline']})"
         for name, timing in row["variants"].items():
             ratio = row["ratios"].get(name)
             cpu_ratio = _fmt(ratio["cpu"]) if ratio else "1"

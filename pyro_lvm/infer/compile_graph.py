@@ -36,11 +36,9 @@ from typing import Any
 
 import pyro
 import torch
-import torch._inductor
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -299,6 +297,8 @@ class _Compiled:
         # the numbers eager mode draws (Inductor's own generator would differ)
         options = {"fallback_random": True}
         if self.backend == "inductor":
+            import torch._inductor  # imported when first needed: importing it takes seconds
+
             # Inductor straight on the captured graph, as torch.compile calls its backend:
             # no second capture by TorchDynamo, whose guards on the graph's inputs (ours
             # check them already) cost tens of microseconds per call
@@ -319,6 +319,8 @@ def _trace(fn, examples, num_args, grad_args, grad_enabled) -> fx.GraphModule:
             seed = inputs[-1]
             grads = torch.autograd.grad(value, targets, grad_outputs=seed, allow_unused=True)
         return (value, *grads)
+
+    from torch.fx.experimental.proxy_tensor import make_fx  # slow to import: when needed
 
     try:
         with torch.enable_grad() if grad_enabled else torch.no_grad():

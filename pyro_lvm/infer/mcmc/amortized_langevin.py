@@ -88,13 +88,13 @@ __all__ = ["AmortizedLangevin", "RankConditionWarning"]
 
 
 def row_space_basis(features: Tensor, rtol: float = 1e-9) -> Tensor:
-    """An orthonormal basis (columns, ``(H, r)``) of the span of the rows of ``features``.
+    r"""An orthonormal basis (columns, ``(H, r)``) of the span of the rows of ``features``.
 
-    Rank-revealing, from the eigendecomposition of the ``n x n`` Gram matrix in double
-    precision: eigenvalues below ``rtol`` times the largest are dropped, so the exact
-    linear dependencies (centred features sum to zero over the batch: rank ``n - 1``)
-    contribute no direction picked by rounding, and the basis is a function of the span
-    alone (the same on every rank of a data-parallel run).
+    Rank-revealing, from the ``n x n`` Gram matrix :math:`G G^\top` in double precision:
+    eigenvalues below ``rtol`` times the largest count as zero, so the exact linear
+    dependencies (centred features sum to zero over the batch: rank ``n - 1``) contribute
+    no direction picked by rounding, and the basis is a function of the span alone (the
+    same on every rank of a data-parallel run).
     """
     g = features.double()
     eigenvalues, vectors = torch.linalg.eigh(g @ g.T)
@@ -102,20 +102,52 @@ def row_space_basis(features: Tensor, rtol: float = 1e-9) -> Tensor:
     return ((g.T @ vectors[:, keep]) / eigenvalues[keep].sqrt()).to(features.dtype)
 
 
+def row_space_projector(
+    features: Tensor, rtol: float = 1e-9
+) -> tuple[Callable[[Tensor], Tensor], int]:
+    r"""``project(m) = m Q Q^T`` for ``Q = row_space_basis(features, rtol)`` (rows of ``m``
+    projected onto the span of the rows of ``features``), and the rank of that span.
+
+    In the usual full-row-rank case it skips the eigendecomposition: a Cholesky
+    factorisation of :math:`G G^\top - \delta I` with :math:`\delta` = ``rtol`` times the
+    trace (at least ``rtol`` times the largest eigenvalue) succeeds only if no eigenvalue
+    falls below the rank cut, which certifies full rank; the projector is then
+    :math:`m \mapsto m G^\top (G G^\top)^{-1} G`, with a Cholesky factor of
+    :math:`G G^\top` (double precision). Otherwise, :func:`row_space_basis`.
+    """
+    g = features.double()
+    gram = g @ g.T
+    shift = rtol * gram.diagonal().sum()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    if not torch.linalg.cholesky_ex(gram - shift * eye).info:
+        factor, info = torch.linalg.cholesky_ex(gram)
+        if not info:
+
+            def project(m: Tensor) -> Tensor:
+                coef = torch.cholesky_solve((m.double() @ g.T).T, factor)
+                return (coef.T @ g).to(m.dtype)
+
+            return project, gram.shape[0]
+    basis = row_space_basis(features, rtol)
+    return (lambda m: (m @ basis) @ basis.T), basis.shape[1]
+
+
 def _on_span(
-    local_values: Callable[[Tensor], dict[str, Tensor]], start: Tensor, basis: Tensor
+    local_values: Callable[[Tensor], dict[str, Tensor]],
+    start: Tensor,
+    project: Callable[[Tensor], Tensor],
+    width: int,
 ) -> Callable[[Tensor], dict[str, Tensor]]:
-    """``local_values`` at the start plus the move projected onto the basis's span.
+    """``local_values`` at the start plus the move projected onto the features' span.
 
     Equal to ``local_values`` on the affine subspace the projected chain lives on, and its
     gradient is the projected gradient, so the drift stays in the subspace too: MALA on
     the subspace exactly, also along the directions :func:`row_space_basis` drops.
     """
-    width = basis.shape[0]
 
     def projected(c: Tensor) -> dict[str, Tensor]:
         move = (c - start).view(-1, width)
-        return local_values(start + ((move @ basis) @ basis.T).reshape(-1))
+        return local_values(start + project(move).reshape(-1))
 
     return projected
 
@@ -127,8 +159,8 @@ class _Batch(NamedTuple):
     kwargs: dict
     chain: ChainMap
     potential_fn: Callable[[Tensor], Tensor]
-    #: orthonormal basis (columns) of the batch's feature row space, for project_noise
-    noise_basis: Tensor | None = None
+    #: the projection of a weight's rows onto the batch's feature span, for project_noise
+    noise_projection: Callable[[Tensor], Tensor] | None = None
 
 
 def _fresh_stats() -> dict[str, Any]:
@@ -190,8 +222,9 @@ class AmortizedLangevin(MCMCKernel):
     project_noise : bool
         Draw the proposal noise of :math:`\Phi` in the row space of the batch's features
         only: :math:`\xi \mapsto \xi Q Q^\top` with :math:`Q` an orthonormal basis of
-        the span of the rows of :math:`G` (:func:`row_space_basis`, one ``n x n``
-        eigendecomposition per batch; directions with a singular value below
+        the span of the rows of :math:`G` (:func:`row_space_projector`, two ``n x n``
+        Cholesky factorisations per batch when :math:`G` has full row rank, else an
+        eigendecomposition; directions with a singular value below
         :math:`3 \times 10^{-5}` of the largest, float32 rounding level, count as
         absent; the potential is evaluated at the projected move, so the drift is
         projected too and the chain is exactly MALA on that subspace). The latents
@@ -479,16 +512,18 @@ class AmortizedLangevin(MCMCKernel):
             layouts=self._layouts,
         )
         size = chain.start.numel()
-        basis = self._noise_basis(chain)
+        project, spans_all = self._noise_projection(chain)
+        # the gradient G^T dV/dz lies in the span of the rows of G already: when the
+        # projection keeps all of it, projecting the move changes nothing but rounding
         local_values = (
             chain.local_values
-            if basis is None
-            else _on_span(chain.local_values, chain.start, basis)
+            if project is None or spans_all
+            else _on_span(chain.local_values, chain.start, project, chain.features.shape[1])
         )
         potential_fn = ap.potential_fn_gen(
             self.model, spec, local_values, size, args, kwargs, self._potential
         )
-        self._batch = _Batch(args, kwargs, chain, potential_fn, basis)
+        self._batch = _Batch(args, kwargs, chain, potential_fn, project)
         if ("shapes", tuple(x.shape)) not in self._verified:
             with torch.no_grad():
                 ap.check_shapes(spec, chain.local_values(chain.start))
@@ -514,9 +549,11 @@ class AmortizedLangevin(MCMCKernel):
         self._written = True  # the state was read from the encoder and _globals
         return state
 
-    def _noise_basis(self, chain: ChainMap) -> Tensor | None:
+    def _noise_projection(self, chain: ChainMap) -> tuple[Callable | None, bool]:
+        """The projection onto the batch's feature span (``None``: none) and whether it
+        keeps every row's direction (full row rank: no direction dropped)."""
         if not self.project_noise:
-            return None
+            return None, True
         if chain.slices is None:
             raise ValueError(
                 "project_noise needs every latent to be the encoder's final nn.Linear output "
@@ -525,18 +562,20 @@ class AmortizedLangevin(MCMCKernel):
         # data parallel: the union batch's span, identical on every rank (as the noise)
         features = all_gather_cat(chain.features.detach())
         if features.shape[0] >= features.shape[1]:  # the rows span the whole feature space
-            return None
-        return row_space_basis(features)
+            return None, True
+        project, rank = row_space_projector(features)
+        return project, rank == features.shape[0]
 
     def _noise(self, position: Tensor) -> Tensor:
         """The proposal's standard normal draw, projected (see ``project_noise``)."""
         noise = standard_normal(position, self.generator)
-        basis = self._batch.noise_basis
-        if basis is None:
+        project = self._batch.noise_projection
+        if project is None:
             return noise
-        size = self._batch.chain.start.numel()
-        weight = noise[:size].view(-1, basis.shape[0])
-        return torch.cat([((weight @ basis) @ basis.T).reshape(-1), noise[size:]])
+        chain = self._batch.chain
+        size = chain.start.numel()
+        weight = project(noise[:size].view(-1, chain.features.shape[1])).reshape(-1)
+        return weight if size == noise.numel() else torch.cat([weight, noise[size:]])
 
     def _find_step_size(self) -> float:
         """The initial step size: a search from the current state with one fixed noise
@@ -587,7 +626,9 @@ class AmortizedLangevin(MCMCKernel):
             self._batch.potential_fn,
             self._step_size,
             mh=self.mh,
-            noise=None if self._batch.noise_basis is None else self._noise(self._state.position),
+            noise=None
+            if self._batch.noise_projection is None
+            else self._noise(self._state.position),
             keep_graph=keep_graph,
             generator=self.generator,
             reduce_fn=self.reduce_fn,
