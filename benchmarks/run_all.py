@@ -219,7 +219,7 @@ def case_cli(size, quick):
         "torch VAE": lambda: floors.vae_step(vae.encoder, vae.decoder, vae_opt, x),
         "torch LAE (T=2, no centring)": lambda: floor_lae(x),
     }
-    for jit in (True, False):
+    for jit in ("inductor", False):
         label = "compiled" if jit else "eager"
         for model in ("vae", "lae"):
             inference = _cli_inference(model, d, size, jit)

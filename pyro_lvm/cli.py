@@ -24,7 +24,7 @@ import torch
 from pyro_lvm import __version__
 from pyro_lvm.data import DATASETS
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
-from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.config import COMPILE_MIN_STEPS, TrainConfig
 from pyro_lvm.experiments.distributed import is_global_zero
 from pyro_lvm.experiments.lifecycle import (  # noqa: F401  (public names kept here too)
     RunError,
@@ -164,7 +164,8 @@ _TRAIN_FLAGS = [
         dict(
             dest="jit_compile",
             action="store_false",
-            help="run the model eagerly instead of replaying its compiled trace",
+            help="run the model eagerly (default: compiled with Inductor for runs of "
+            f"{COMPILE_MIN_STEPS:,} steps or more)",
         ),
         "model",
     ),

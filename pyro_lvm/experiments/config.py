@@ -8,7 +8,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "COMPILE_MIN_STEPS"]
+
+#: the fewest planned training steps for which ``jit_compile=True`` (the CLI's default)
+#: compiles with Inductor; shorter runs are eager. Compiling a run's three signatures (full
+#: batch, short last batch, evaluation) takes 10-15 s with Inductor's on-disk cache and
+#: about a minute without it, on a 2-core machine, and saves 1-3 ms per digits-size step
+#: (``benchmarks/compile_time.py``, ``docs/benchmarks.md``): it pays off after 3,000-60,000
+#: steps. The README's 750-step digits job stays eager.
+COMPILE_MIN_STEPS = 20_000
 
 
 #: fields whose absence from a saved config.json means the former behaviour: a run
@@ -43,9 +51,10 @@ class TrainConfig:
     eval_ais: int = 0
     #: vae: the Gaussian KL term in closed form (TraceMeanField_ELBO) instead of Monte Carlo
     analytic_kl: bool = True
-    #: vae, lae: trace the model once per batch shape and replay it (CompiledFunction);
-    #: the ready models have a fixed structure, so this only removes Pyro's per-step cost
-    jit_compile: bool = True
+    #: vae, lae: compile the loss or potential (pyro_lvm.infer.compile). True: with Inductor
+    #: for runs of at least COMPILE_MIN_STEPS planned steps, eagerly for shorter ones;
+    #: "inductor" or "fx": always that backend; False (--no-jit): eagerly
+    jit_compile: bool | str = True
     device: str = "cpu"
     #: data parallel (Lightning Fabric): processes per node, strategy, nodes; the
     #: accelerator is --device's (--accelerator gpu sets --device cuda)
@@ -179,10 +188,28 @@ class TrainConfig:
                 self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
                 f"--device must be cpu or cuda, got {self.device!r}",
             ),
+            (
+                self.jit_compile in (True, False, "inductor", "fx"),
+                f"jit_compile must be true, false, inductor or fx, got {self.jit_compile!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def compile_backend(self, num_train: int | None = None) -> bool | str:
+        """What the recipes pass as ``jit_compile=`` for a run over ``num_train`` rows:
+        ``jit_compile=True`` becomes ``"inductor"`` when the run plans at least
+        :data:`COMPILE_MIN_STEPS` steps and ``False`` (eager) otherwise, or when the run's
+        length is unknown (``num_train=None``: a model rebuilt to evaluate); other values
+        are kept. The one place the CLI's compile default is decided
+        (:func:`~pyro_lvm.experiments.lifecycle.setup_run` resolves it for a run)."""
+        if self.jit_compile is not True:
+            return self.jit_compile
+        if num_train is None:
+            return False
+        steps = self.epochs * math.ceil(num_train / self.batch_size)
+        return "inductor" if steps >= COMPILE_MIN_STEPS else False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

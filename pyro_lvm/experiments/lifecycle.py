@@ -7,6 +7,7 @@ failure a user can fix is a one-line :class:`RunError`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -68,7 +69,9 @@ def setup_run(
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.download)
     data = data.for_likelihood(LIKELIHOODS[config.likelihood])
-    return build_experiment(config, data.data_dim), data
+    # the run's length decides whether compiling pays off (TrainConfig.compile_backend)
+    built = dataclasses.replace(config, jit_compile=config.compile_backend(data.num_train))
+    return build_experiment(built, data.data_dim), data
 
 
 def build_experiment(config: TrainConfig, data_dim: int) -> Experiment:

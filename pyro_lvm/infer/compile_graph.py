@@ -30,6 +30,7 @@ they would in eager mode), or by reference.
 from __future__ import annotations
 
 import math
+import operator
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -295,14 +296,20 @@ class _Compiled:
     def _compile(self, examples: list[Tensor]) -> Callable:
         # fallback_random: random draws made by aten's kernels from the global generator,
         # the numbers eager mode draws (Inductor's own generator would differ)
-        options = {"fallback_random": True}
         if self.backend == "inductor":
             import torch._inductor  # imported when first needed: importing it takes seconds
 
-            # Inductor straight on the captured graph, as torch.compile calls its backend:
-            # no second capture by TorchDynamo, whose guards on the graph's inputs (ours
-            # check them already) cost tens of microseconds per call
-            return torch._inductor.compile(self.gm, examples, options)
+            if hasattr(torch._inductor, "standalone_compile"):
+                # Inductor's precompilation API straight on the captured graph: no second
+                # capture by TorchDynamo, whose guards on the graph's inputs (ours check
+                # them already) cost tens of microseconds per call; its compiled kernels
+                # are cached on disk like torch.compile's
+                with torch._inductor.config.patch(fallback_random=True):
+                    return torch._inductor.standalone_compile(
+                        self.gm, examples, dynamic_shapes="from_example_inputs"
+                    )
+            options = {"fallback_random": True}
+            return torch.compile(self.gm.forward, fullgraph=True, dynamic=False, options=options)
         return torch.compile(self.gm.forward, backend=self.backend, fullgraph=True, dynamic=False)
 
 
@@ -422,6 +429,14 @@ def capture(
         forward = _subgraph(graph, keep, inputs, forward_outs)
         layout["backward_inputs"] = ()
         return Replay(_Compiled(forward, backend), None, layout), getters
+    # an operation with several outputs stays whole in the forward graph: the backward
+    # graph reads its outputs (getitem), never the tuple
+    keep |= {
+        u
+        for n in keep
+        for u in n.users
+        if u.op == "call_function" and u.target is operator.getitem
+    }
     backward_nodes = _with_updates(graph, _ancestors(leaf_outs) | keep) - keep
     # what the backward graph reads from the forward one: values its operations use, and
     # leaf gradients the forward graph computes already
@@ -434,6 +449,8 @@ def capture(
         n for n in graph.nodes if n in keep and n.op == "call_function" and read_by_backward(n)
     ]
     read_inputs = [i for i, p in enumerate(inputs) if read_by_backward(p)]
+    if any(not isinstance(n.meta.get("val"), Tensor) for n in saved):
+        raise CaptureError("the split graphs would pass a non-tensor value (a compiler bug)")
     forward = _subgraph(graph, keep, inputs, [*forward_outs, *saved])
     backward = _backward_graph(
         graph,

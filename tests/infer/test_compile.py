@@ -394,6 +394,49 @@ def test_user_vae_compiles_once_per_shape_and_takes_the_eager_steps():
         assert torch.allclose(a, b, atol=1e-5)
 
 
+class ConvVAE(UserVAE):
+    """A convolutional decoder: operations with several outputs in the backward graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Sequential(
+            nn.Linear(Z, 3 * (D + 2)), nn.Unflatten(-1, (3, D + 2)), nn.Conv1d(3, 1, 3)
+        )
+
+    def logits(self, z, x):
+        return self.decoder(z).squeeze(-2)
+
+
+def test_conv_vae_compiles_and_takes_the_eager_steps():
+    pair = _svi_pair(ConvVAE)
+    losses, messages = _steps(pair, _batches())
+    _assert_same(losses)
+    assert not messages and pair[3]._compiled.num_compiled == 2
+
+
+def test_conv_potential_with_latent_gradients_compiles():
+    """ALD's potential of a convolutional decoder: the latents' gradient needs the
+    convolution's backward in the forward graph, and the weights' gradient one of its
+    outputs in the backward graph (an operation with several outputs, split)."""
+    m = ConvVAE()
+    x = _data(5)
+    spec = ap.inspect_model(m.model, ["z"], (x,), {})[0]
+
+    def potential(z, x):
+        return ap.potential(m.model, spec, {"z": z}, (x,), {})
+
+    compiled = CompiledFunction(potential, backend="fx")
+    z = torch.randn(5, Z, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        compiled(z, x)  # captured
+        got = compiled(z, x)
+    eager = potential(z, x)
+    params = [z, *m.decoder.parameters()]
+    for a, b in zip(torch.autograd.grad(got, params), torch.autograd.grad(eager, params)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 class _ParamModel(nn.Module):
     """A module decoder and a constrained pyro.param, the plate size from the data."""
 
