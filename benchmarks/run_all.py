@@ -70,6 +70,12 @@ def _adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(list(params), lr=LR)
 
 
+def _compiled(quick: bool) -> str:
+    """The compiled variants' backend: Inductor; a quick run (a smoke test) replays the
+    captured graphs without compiling them."""
+    return "fx" if quick else "inductor"
+
+
 def _no_validation(fn: Callable[[], object]) -> Callable[[], object]:
     def step():
         with pyro.validation_enabled(False):
@@ -87,7 +93,7 @@ def case_vae(size, quick):
     svi = ModuleSVI(vae.model, vae.guide, _adam(vae.parameters()))
     svi_off = ModuleSVI(vae_off.model, vae_off.guide, _adam(vae_off.parameters()))
     svi_jit = ModuleSVI(
-        vae_jit.model, vae_jit.guide, _adam(vae_jit.parameters()), jit_compile=True
+        vae_jit.model, vae_jit.guide, _adam(vae_jit.parameters()), jit_compile=_compiled(quick)
     )
     svi_fx = ModuleSVI(vae_fx.model, vae_fx.guide, _adam(vae_fx.parameters()), jit_compile="fx")
     opt = _adam(ref.parameters())
@@ -107,7 +113,11 @@ def case_lae(size, quick):
     ref, lvm_jit, lvm_fx = copy.deepcopy(lvm), copy.deepcopy(lvm), copy.deepcopy(lvm)
     lae = LAE(lvm.model, lvm.encoder, _adam(lvm.parameters()), num_steps=2)
     lae_jit = LAE(
-        lvm_jit.model, lvm_jit.encoder, _adam(lvm_jit.parameters()), num_steps=2, jit_compile=True
+        lvm_jit.model,
+        lvm_jit.encoder,
+        _adam(lvm_jit.parameters()),
+        num_steps=2,
+        jit_compile=_compiled(quick),
     )
     lae_fx = LAE(
         lvm_fx.model, lvm_fx.encoder, _adam(lvm_fx.parameters()), num_steps=2, jit_compile="fx"
@@ -216,10 +226,10 @@ def case_cli(size, quick):
         lvm.encoder, lvm.decoder, _adam(p for p in lvm.parameters() if p is not chain)
     )
     steps = {
-        "torch VAE": lambda: floors.vae_step(vae.encoder, vae.decoder, vae_opt, x),
+        "torch": lambda: floors.vae_step(vae.encoder, vae.decoder, vae_opt, x),
         "torch LAE (T=2, no centring)": lambda: floor_lae(x),
     }
-    for jit in ("inductor", False):
+    for jit in (_compiled(quick), False):
         label = "compiled" if jit else "eager"
         for model in ("vae", "lae"):
             inference = _cli_inference(model, d, size, jit)
