@@ -25,7 +25,7 @@ from pyro_lvm import __version__
 from pyro_lvm.data import DATASETS
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.experiments.distributed import is_global_zero
+from pyro_lvm.experiments.fabric import is_global_zero
 from pyro_lvm.experiments.lifecycle import (  # noqa: F401  (public names kept here too)
     RunError,
     _read_config,

@@ -36,9 +36,9 @@ from seeding import offset_seed  # noqa: E402
 from pyro_lvm.data import DataBundle  # noqa: E402
 from pyro_lvm.experiments.config import TrainConfig  # noqa: E402
 from pyro_lvm.experiments.lifecycle import build_experiment  # noqa: E402
+from pyro_lvm.experiments.recipes import Experiment  # noqa: E402
 from pyro_lvm.experiments.trainer import Trainer  # noqa: E402
 from pyro_lvm.infer import ModuleSVI  # noqa: E402
-from pyro_lvm.recipes import Experiment  # noqa: E402
 
 STEPS = int(__import__("os").environ.get("DP_STEPS", 10))
 BATCH = 20
@@ -144,7 +144,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from pyro_lvm.experiments.distributed import launch
+    from pyro_lvm.experiments.fabric import launch
 
     config = TrainConfig(devices=args.devices, batch_size=BATCH)
     collective = launch(config)

@@ -166,7 +166,7 @@ def compare(
 
 
 def _check(models: list[str], seeds: list[int], model_settings: Mapping) -> None:
-    from pyro_lvm.recipes import RECIPES
+    from pyro_lvm.experiments.recipes import RECIPES
 
     if not models or not seeds:
         raise RunError("compare needs at least one model (--models) and one seed (--seeds)")

@@ -10,7 +10,7 @@ Per datapoint, in nats, averaged over the test split:
 - ``test_recon_mse``: squared error of the reconstruction at the encoder's point summary;
 - ``test_nll_ais``: annealed importance sampling (Wu et al. 2017) when requested.
 
-Data parallel (inside :func:`~pyro_lvm.infer.distributed.data_parallel`) each rank
+Data parallel (inside :func:`~pyro_lvm.collective.data_parallel`) each rank
 evaluates its contiguous share of the test rows and the per-datapoint means are taken over
 the union (sums and counts all-reduced): the same numbers as one process, up to the
 Monte Carlo draws, in ``1/world_size`` of the time.
@@ -22,8 +22,8 @@ import math
 
 import torch
 
+from pyro_lvm.collective import current_collective, global_mean, shard_bounds
 from pyro_lvm.experiments.recipes.base import Experiment
-from pyro_lvm.infer.distributed import current_collective, global_mean, shard_bounds
 from pyro_lvm.infer.importance import log_importance_weights
 
 __all__ = ["evaluate"]

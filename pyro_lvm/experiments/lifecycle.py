@@ -21,8 +21,8 @@ import torch
 from pyro_lvm.data import DataBundle, load_dataset
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, atomic_save
 from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.experiments.distributed import agree_or_raise, check_data_parallel, launch
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.fabric import agree_or_raise, check_data_parallel, launch
 from pyro_lvm.experiments.protocol import PlottableModel, missing
 from pyro_lvm.experiments.recipes import Experiment, get_recipe
 from pyro_lvm.experiments.rundir import (

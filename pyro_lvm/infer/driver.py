@@ -12,7 +12,7 @@ differentiate. :class:`OptimizerDriver` owns what they share:
 3. refuse a non-finite loss *before* any parameter moves
    (:class:`~pyro_lvm.infer.diagnostics.DivergenceError`);
 4. backward, clip the global gradient norm, step; data parallel (inside
-   :func:`~pyro_lvm.infer.distributed.data_parallel`), the gradients and the loss are
+   :func:`~pyro_lvm.collective.data_parallel`), the gradients and the loss are
    summed over ranks before the check, so every rank takes the union batch's step;
 5. ``state_dict`` / ``load_state_dict`` of the optimizer plus the driver's own state.
 
@@ -31,8 +31,8 @@ import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
 
+from pyro_lvm.collective import all_reduce_gradients, current_collective
 from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
-from pyro_lvm.infer.distributed import all_reduce_gradients, current_collective
 from pyro_lvm.infer.optim import ParamOptimizer
 
 __all__ = ["OptimizerDriver"]

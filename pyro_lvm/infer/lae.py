@@ -5,7 +5,7 @@ minibatch :math:`x_1, \dots, x_n` it
 
 1. computes the encoder trunk features :math:`g(x_i; \psi)` once,
 2. runs :math:`T` MALA transitions of the chain :math:`\Phi` (the weight of the encoder's
-   final linear layer; see :class:`~pyro_lvm.infer.amortized_langevin.AmortizedLangevin`),
+   final linear layer; see :class:`~pyro_lvm.infer.mcmc.amortized_langevin.AmortizedLangevin`),
    the step size adapting towards the target acceptance throughout training,
 3. takes one optimizer step on every other parameter (decoder :math:`\theta`, likelihood
    scale, encoder trunk :math:`\psi` and the final layer's bias) on the mean potential at
@@ -19,7 +19,7 @@ minibatch :math:`x_1, \dots, x_n` it
 with :math:`\Phi_t` held constant. :math:`\Phi` never gets an optimizer step; the chain
 persists across minibatches.
 
-**Data parallel** (:mod:`pyro_lvm.infer.distributed`): each rank holds a shard of the
+**Data parallel** (:mod:`pyro_lvm.collective`): each rank holds a shard of the
 batch; the kernel sums the potential and its gradient over ranks, every rank draws the
 same proposal noise and MH uniform from the global generator (in the same state on every
 rank), so all ranks take the same accept decision and step-size update, and the decoder
@@ -53,9 +53,9 @@ import torch
 from pyro.optim import PyroOptim
 from torch import nn
 
-from pyro_lvm.infer.amortized_langevin import AmortizedLangevin
-from pyro_lvm.infer.distributed import reduce_potential
+from pyro_lvm.collective import reduce_potential
 from pyro_lvm.infer.driver import OptimizerDriver
+from pyro_lvm.infer.mcmc.amortized_langevin import AmortizedLangevin
 
 __all__ = ["LAE"]
 
@@ -104,7 +104,7 @@ class LAE(OptimizerDriver):
     clip_norm : float, optional
         Clip the global gradient norm of the optimizer's parameters.
     **kernel_options
-        Passed to :class:`~pyro_lvm.infer.amortized_langevin.AmortizedLangevin`
+        Passed to :class:`~pyro_lvm.infer.mcmc.amortized_langevin.AmortizedLangevin`
         (``latent_site``, ``step_size``, ``mh``, ``adapt_step_size``,
         ``target_accept_prob``, ``params``, ``adapt_window``; the latter defaults to
         1000 here so the step size keeps tracking the target acceptance while the
@@ -113,7 +113,7 @@ class LAE(OptimizerDriver):
 
     loss_name = "LAE potential"
     #: data parallel: the chain's random draws are shared by every rank (the global
-    #: generator, in the same state everywhere; see :mod:`pyro_lvm.infer.distributed`);
+    #: generator, in the same state everywhere; see :mod:`pyro_lvm.collective`);
     #: the potentials are summed over ranks in the kernel, so the loss is already global
     data_parallel_rng = "shared"
     loss_is_global = True

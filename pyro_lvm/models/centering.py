@@ -75,7 +75,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyro_lvm.infer.distributed import current_collective, reduce_sum
+from pyro_lvm.collective import current_collective, reduce_sum
 
 __all__ = ["FeatureCentering"]
 

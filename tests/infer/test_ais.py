@@ -245,8 +245,8 @@ def test_annealed_potential_gradient_is_exact(float64):
     # one decoder backward per evaluation: the potential's gradient is assembled from the
     # prior's and the likelihood's, and must equal autograd of the potential itself
     from pyro_lvm.infer.ais import annealed_potential
-    from pyro_lvm.infer.langevin import potential_and_grad
     from pyro_lvm.infer.latents import find_latents, log_densities
+    from pyro_lvm.infer.mcmc import potential_and_grad
 
     torch.manual_seed(offset_seed(0))
     vae = VAE(6, 3, hidden_dim=8, depth=2, likelihood=GaussianLikelihood())

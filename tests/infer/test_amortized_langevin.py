@@ -20,7 +20,7 @@ from seeding import offset_seed
 from torch import nn
 
 from pyro_lvm.infer import AmortizedLangevin, RankConditionWarning
-from pyro_lvm.infer.langevin import dual_averaging_init
+from pyro_lvm.infer.mcmc import dual_averaging_init
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ encoder outputs *are* the posterior samples (Taniguchi et al. 2022):
     V(\Phi) = -\sum_{i=1}^n \log p\bigl(x_i, z_i = \Phi g(x_i) + b\bigr),
 
 with the features :math:`g(x_i)` (the encoder trunk) and the bias :math:`b` held fixed.
-Each transition is a MALA step on :math:`\Phi` (see :mod:`pyro_lvm.infer.langevin`) with
+Each transition is a MALA step on :math:`\Phi` (see :mod:`pyro_lvm.infer.mcmc.langevin`) with
 one accept/reject decision for the whole batch. If the feature matrix :math:`G` (rows
 :math:`g(x_i)^\top`) has full row rank :math:`n` (so the trunk must be at least as wide
 as the batch), the induced dynamics of :math:`(z_1, \dots, z_n)` is Langevin dynamics
@@ -54,9 +54,9 @@ from pyro import poutine
 from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor, nn
 
+from pyro_lvm.collective import all_gather_cat
 from pyro_lvm.infer.compile import CompiledFunction
 from pyro_lvm.infer.diagnostics import DivergenceError
-from pyro_lvm.infer.distributed import all_gather_cat
 from pyro_lvm.infer.mcmc import ald_potential as ap
 from pyro_lvm.infer.mcmc.adaptation import (
     DualAveragingState,
