@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # seeding, as under py
 from seeding import offset_seed  # noqa: E402
 
 from pyro_lvm.data import DataBundle  # noqa: E402
+from pyro_lvm.experiments.build import build_experiment  # noqa: E402
 from pyro_lvm.experiments.config import TrainConfig  # noqa: E402
-from pyro_lvm.experiments.lifecycle import build_experiment  # noqa: E402
 from pyro_lvm.experiments.recipes import Experiment  # noqa: E402
 from pyro_lvm.experiments.trainer import Trainer  # noqa: E402
 from pyro_lvm.infer import ModuleSVI  # noqa: E402

@@ -2,8 +2,8 @@ import pytest
 import torch
 from seeding import offset_seed
 
-from pyro_lvm.cli import setup_run
 from pyro_lvm.data import DataBundle
+from pyro_lvm.experiments.build import setup_run
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer import DivergenceError

@@ -35,9 +35,11 @@ import torch
 
 from pyro_lvm.data import DataBundle, load_dataset
 from pyro_lvm.data.bundle import prepare_for_likelihood
+from pyro_lvm.experiments.build import RunError
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME
+from pyro_lvm.experiments.compare_figure import plot_comparison
 from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.experiments.lifecycle import RunError, run_evaluate, run_train
+from pyro_lvm.experiments.lifecycle import run_evaluate, run_train
 from pyro_lvm.experiments.rundir import write_json
 
 __all__ = [
@@ -159,9 +161,7 @@ def compare(
         notify(CompareEvent("done", model, seed, index, total, Path(config.out), metrics))
         write_json(out / "compare.json", results)  # partial results survive an interrupt
     write_markdown(out / "compare.md", results, settings)
-    from pyro_lvm.experiments.compare_figure import plot_comparison
-
-    plot_comparison(results, out / "compare.png")
+    plot_comparison(results, summarize(results, COMPARE_KEYS), out / "compare.png")
     return results
 
 
