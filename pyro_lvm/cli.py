@@ -162,20 +162,20 @@ _TRAIN_FLAGS = [
         "model",
     ),
     (
-        ("--langevin-steps",),
-        dict(type=int, help=_help("transitions T per batch", "langevin_steps")),
+        ("--num-steps",),
+        dict(type=int, help=_help("transitions T per batch", "num_steps")),
         "langevin",
     ),
     (("--step-size",), dict(type=float, help="initial step size (default: searched)"), "langevin"),
     (
-        ("--target-accept",),
-        dict(type=float, help=_help("target acceptance", "target_accept")),
+        ("--target-accept-prob",),
+        dict(type=float, help=_help("target acceptance", "target_accept_prob")),
         "langevin",
     ),
     (("--no-mh",), dict(dest="mh", action="store_false", help="unadjusted Langevin"), "langevin"),
     (
-        ("--no-adapt",),
-        dict(dest="adapt", action="store_false", help="fixed step size"),
+        ("--no-adapt-step-size",),
+        dict(dest="adapt_step_size", action="store_false", help="fixed step size"),
         "langevin",
     ),
     (

@@ -86,7 +86,7 @@ def _experiment(case: str, data: DataBundle) -> Experiment:
     elif case == "nvil":
         config = TrainConfig(model="sbn", estimator="nvil", **settings)
     elif case == "lae":
-        config = TrainConfig(model="lae", langevin_steps=2, **settings)
+        config = TrainConfig(model="lae", num_steps=2, **settings)
     else:
         raise ValueError(f"unknown case {case!r}")
     return build_experiment(config, data.data_dim)

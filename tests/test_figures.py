@@ -83,7 +83,7 @@ def test_latent_scatter_gives_each_label_its_own_colour():
 
 def test_sampler_trace_draws_the_target_acceptance():
     steps = [{"step": i, "accept_rate": 0.5, "step_size": 0.1, "move": 0.2} for i in range(5)]
-    fig = F.sampler_trace(steps, target_accept=0.574)
+    fig = F.sampler_trace(steps, target_accept_prob=0.574)
     assert len(fig.axes) == 3
     targets = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("target")]
     assert targets and targets[0].get_ydata()[0] == pytest.approx(0.574)

@@ -118,7 +118,7 @@ def compare(
         ``compare.md``, ``compare.png`` and the cached feature classifier.
     model_settings : mapping, optional
         ``{model: {field: value}}``: settings of one model only (e.g. LAE's
-        ``langevin_steps``), recorded in its runs' ``config.json``; use sparingly, the
+        ``num_steps``), recorded in its runs' ``config.json``; use sparingly, the
         point of a comparison is the shared budget.
     sample_quality : bool
         Measure ``sample_frechet`` (labelled datasets only).

@@ -14,7 +14,7 @@ catch what stays finite and is still useless, and report it as a warning (and un
     the "posterior samples" are the encoder's initial outputs.
 ``no_acceptance``
     The Metropolis acceptance rate averaged over an epoch is below ``MIN_ACCEPT_RATE``
-    (e.g. ``--no-adapt`` with too large a ``--step-size``): every proposal was rejected.
+    (e.g. ``--no-adapt-step-size`` with too large a ``--step-size``): every proposal was rejected.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def check_epoch(record: dict, first_loss: float | None) -> list[HealthIssue]:
             HealthIssue(
                 "no_acceptance",
                 f"epoch {epoch}: acceptance rate {accept:.2g}: every Langevin proposal was "
-                "rejected; lower --step-size or drop --no-adapt",
+                "rejected; lower --step-size or drop --no-adapt-step-size",
             )
         )
     return issues

@@ -74,7 +74,7 @@ class DLGM(OptimizerDriver):
     mh : bool
         Metropolis-Hastings correction (default off, as in Hoffman's code).
     adapt_step_size : bool
-        Adapt one global step size by dual averaging (bounded memory ``adapt_memory``
+        Adapt one global step size by dual averaging (bounded memory ``adapt_window``
         steps) so the MALA acceptance probability tracks ``target_accept_prob``.
     guide_params : iterable of Tensor, optional
         The encoder's parameters (trained on the ELBO). Default: the optimizer's parameters
@@ -94,7 +94,7 @@ class DLGM(OptimizerDriver):
         mh: bool = False,
         adapt_step_size: bool = False,
         target_accept_prob: float = 0.574,
-        adapt_memory: int = 100,
+        adapt_window: int = 100,
         latent_site: str | Sequence[str] | None = None,
         guide_params: Iterable[torch.Tensor] | None = None,
         max_plate_nesting: int = 1,
@@ -109,10 +109,11 @@ class DLGM(OptimizerDriver):
         super().__init__(optim, clip_norm)
         self.model, self.guide = model, guide
         self.num_steps, self.mh = num_steps, mh
-        self.target_accept_prob, self.adapt_memory = target_accept_prob, adapt_memory
+        self.target_accept_prob, self.adapt_window = target_accept_prob, adapt_window
+        self.adapt_step_size = adapt_step_size
         self.latent_site, self.max_plate_nesting = latent_site, max_plate_nesting
         self.step_size = float(step_size)
-        self.adapt: DualAveragingState | None = (
+        self._adapt: DualAveragingState | None = (
             dual_averaging_init(step_size) if adapt_step_size else None
         )
         self._guide_params = list(guide_params) if guide_params is not None else None
@@ -200,9 +201,9 @@ class DLGM(OptimizerDriver):
                 )
                 accept_prob = info.log_accept_ratio.clamp(max=0.0).exp().mean()
                 accept.append(float(accept_prob))
-                if self.adapt is not None:
-                    self.adapt, eta = dual_averaging_step(
-                        self.adapt, accept_prob, self.target_accept_prob, max_t=self.adapt_memory
+                if self._adapt is not None:
+                    self._adapt, eta = dual_averaging_step(
+                        self._adapt, accept_prob, self.target_accept_prob, max_t=self.adapt_window
                     )
                     eta = float(eta)
             # the kept graph of the last proposal serves every chain that accepted it; a
@@ -234,14 +235,14 @@ class DLGM(OptimizerDriver):
     def _extra_state(self) -> dict:
         return {
             "step_size": self.step_size,
-            "adapt": None if self.adapt is None else self.adapt._asdict(),
+            "adapt": None if self._adapt is None else self._adapt._asdict(),
             "last": dict(self._last),
         }
 
     def _load_extra_state(self, state: dict) -> None:
         self.step_size = float(state["step_size"])
         adapt = state.get("adapt")
-        self.adapt = None if adapt is None else DualAveragingState(**adapt)
+        self._adapt = None if adapt is None else DualAveragingState(**adapt)
         self._last = dict(state.get("last", self._last))
 
     def metrics(self) -> dict[str, float]:

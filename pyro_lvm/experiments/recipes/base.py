@@ -135,7 +135,10 @@ def langevin_experiment(config, lvm: LatentVariableModel, inference: Inference) 
     eval_guide = lvm.guide
     if config.refine_steps > 0:
         eval_guide = LangevinProposalGuide(
-            lvm.model, lvm.encode, config.refine_steps, target_accept_prob=config.target_accept
+            lvm.model,
+            lvm.encode,
+            config.refine_steps,
+            target_accept_prob=config.target_accept_prob,
         )
     return Experiment(
         lvm=lvm,
@@ -145,6 +148,8 @@ def langevin_experiment(config, lvm: LatentVariableModel, inference: Inference) 
         info={
             "eval_proposal": "refined" if config.refine_steps > 0 else "encoder",
             # the acceptance the step size adapts towards (none without MH or adaptation)
-            "target_accept": config.target_accept if config.mh and config.adapt else None,
+            "target_accept_prob": config.target_accept_prob
+            if config.mh and config.adapt_step_size
+            else None,
         },
     )

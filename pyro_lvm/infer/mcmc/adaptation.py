@@ -128,8 +128,7 @@ def dual_averaging_update(
         for a *fixed* target distribution and becomes ever slower to react (its step
         shrinks like :math:`t^{-1/2}`); a cap keeps it a fixed-gain tracker with a memory
         of about ``max_t`` steps, for targets that keep changing (a decoder in training).
-        The samplers call this knob ``adapt_window`` (ALD, LAE), ``adapt_memory`` (DLGM,
-        AIS).
+        The samplers call this knob ``adapt_window``.
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target acceptance must be in (0, 1), got {target}")
