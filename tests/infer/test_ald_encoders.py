@@ -11,7 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from ald_problem import D, LATENT, N, check_posterior, make_problem
+from ald_problem import LATENT, D, N, check_posterior, make_problem
 from pyro import poutine
 from pyro.infer import MCMC
 from seeding import offset_seed
