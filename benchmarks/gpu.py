@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pyro_lvm.experiments.build import build_experiment  # noqa: E402
 from pyro_lvm.experiments.config import TrainConfig  # noqa: E402
-from pyro_lvm.experiments.lifecycle import build_experiment  # noqa: E402
 from pyro_lvm.infer.importance import log_importance_weights  # noqa: E402
 
 DATA_DIM = 784

@@ -23,29 +23,17 @@ import torch
 
 from pyro_lvm import __version__
 from pyro_lvm.data import DATASETS
+from pyro_lvm.experiments.build import RunError
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 from pyro_lvm.experiments.config import COMPILE_MIN_STEPS, TrainConfig
-from pyro_lvm.experiments.distributed import is_global_zero
-from pyro_lvm.experiments.lifecycle import (  # noqa: F401  (public names kept here too)
-    RunError,
-    _read_config,
-    build_experiment,
-    run_evaluate,
-    run_sample,
-    run_train,
-    sample_paths,
-    setup_run,
-)
+from pyro_lvm.experiments.fabric import is_global_zero
+from pyro_lvm.experiments.lifecycle import read_config, run_evaluate, run_sample, run_train
 from pyro_lvm.experiments.recipes import RECIPES, model_flags
 from pyro_lvm.infer.diagnostics import DivergenceError
 
-__all__ = ["main", "build_parser", "run_train", "run_evaluate", "run_sample", "setup_run"]
+__all__ = ["main", "build_parser"]
 
 DEFAULT_LIKELIHOOD = {"ppca": "gaussian"}
-
-
-#: bad input from the command line (printed as one line, exit status 2)
-CLIError = RunError
 
 
 #: settings a resumed run may change (the rest define the run and must match it)
@@ -175,20 +163,20 @@ _TRAIN_FLAGS = [
         "model",
     ),
     (
-        ("--langevin-steps",),
-        dict(type=int, help=_help("transitions T per batch", "langevin_steps")),
+        ("--num-steps",),
+        dict(type=int, help=_help("transitions T per batch", "num_steps")),
         "langevin",
     ),
     (("--step-size",), dict(type=float, help="initial step size (default: searched)"), "langevin"),
     (
-        ("--target-accept",),
-        dict(type=float, help=_help("target acceptance", "target_accept")),
+        ("--target-accept-prob",),
+        dict(type=float, help=_help("target acceptance", "target_accept_prob")),
         "langevin",
     ),
     (("--no-mh",), dict(dest="mh", action="store_false", help="unadjusted Langevin"), "langevin"),
     (
-        ("--no-adapt",),
-        dict(dest="adapt", action="store_false", help="fixed step size"),
+        ("--no-adapt-step-size",),
+        dict(dest="adapt_step_size", action="store_false", help="fixed step size"),
         "langevin",
     ),
     (
@@ -383,7 +371,7 @@ def _given(args) -> dict:
     if accelerator is not None:
         device = "cuda" if accelerator == "gpu" else "cpu"
         if given.get("device", device).split(":")[0] != device:
-            raise CLIError(
+            raise RunError(
                 f"--accelerator {accelerator} contradicts --device {given['device']}; pass one"
             )
         given["device"] = given.get("device", device)
@@ -394,7 +382,7 @@ def _config_from_args(args) -> TrainConfig:
     resume = getattr(args, "resume", None)
     if resume is not None:
         if getattr(args, "config", None) is not None:
-            raise CLIError("--config with --resume: a resumed run keeps its own config.json")
+            raise RunError("--config with --resume: a resumed run keeps its own config.json")
         return _resumed_config(args, Path(resume))
     fields = _config_file(args.config, args.model) if getattr(args, "config", None) else {}
     fields.update(_given(args))
@@ -413,17 +401,17 @@ def _config_file(path: str, model: str) -> dict:
     try:
         data = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise CLIError(f"--config {path}: no such file") from None
+        raise RunError(f"--config {path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CLIError(f"--config {path} is not valid JSON ({err})") from None
+        raise RunError(f"--config {path} is not valid JSON ({err})") from None
     if not isinstance(data, dict):
-        raise CLIError(f"--config {path} must hold a JSON object of settings")
+        raise RunError(f"--config {path} must hold a JSON object of settings")
     known = TrainConfig.__dataclass_fields__
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise CLIError(f"--config {path} has unknown settings: {', '.join(unknown)}")
+        raise RunError(f"--config {path} has unknown settings: {', '.join(unknown)}")
     if data.get("model", model) != model:
-        raise CLIError(f"--config {path} is for model {data['model']!r}, not {model!r}")
+        raise RunError(f"--config {path} is for model {data['model']!r}, not {model!r}")
     allowed = model_flags(model)
     fields = {}
     for key, value in data.items():
@@ -431,7 +419,7 @@ def _config_file(path: str, model: str) -> dict:
             continue
         if allowed is not None and key not in allowed and key != "out":
             if value != getattr(_DEFAULTS, key):
-                raise CLIError(
+                raise RunError(
                     f"--config {path}: {key}={value!r} does not apply to {model}; remove it"
                 )
             continue
@@ -445,27 +433,27 @@ def _resumed_config(args, run: Path) -> TrainConfig:
     if not (run / "config.json").is_file() or not (
         (run / CHECKPOINT_NAME).is_file() or (run / PREVIOUS_NAME).is_file()
     ):
-        raise CLIError(
+        raise RunError(
             f"--resume {run} is not a pyro-lvm run (needs config.json and "
             f"{CHECKPOINT_NAME}); pass the --out folder of an earlier run"
         )
-    config = _read_config(run)
+    config = read_config(run)
     if config.model != args.model:
-        raise CLIError(f"--resume {run} is a {config.model!r} run, not {args.model!r}")
+        raise RunError(f"--resume {run} is a {config.model!r} run, not {args.model!r}")
     recorded = load_checkpoint(run / CHECKPOINT_NAME).get("metadata", {}).get("config")
     if recorded is not None:  # config.json may have been edited since the checkpoint
         for key, value in recorded.items():
             if key in RESUMABLE or key == "out" or not hasattr(config, key):
                 continue
             if getattr(config, key) != value:
-                raise CLIError(
+                raise RunError(
                     f"{run}/config.json says {key}={getattr(config, key)!r} but the checkpoint "
                     f"was trained with {value!r}; restore config.json (a resumed run can "
                     f"only change {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})"
                 )
     out = getattr(args, "out", None)
     if out is not None and Path(out).resolve() != run.resolve():
-        raise CLIError(
+        raise RunError(
             f"--out {out} with --resume {run}: a resumed run continues in its own folder; "
             "drop --out (or copy the run folder first)"
         )
@@ -474,7 +462,7 @@ def _resumed_config(args, run: Path) -> TrainConfig:
             setattr(config, key, value)
         elif getattr(config, key) != value:
             flag = "--" + key.replace("_", "-")
-            raise CLIError(
+            raise RunError(
                 f"{flag} {value} differs from the resumed run's {getattr(config, key)!r}: "
                 "model, data and architecture are fixed for a run; start a new run with "
                 f"another --out (a resume may change "
@@ -509,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             threads = 1 if trains else _run_threads(args.run_dir)
         if threads is not None:
             if threads <= 0:
-                raise CLIError(f"--threads must be positive, got {threads}")
+                raise RunError(f"--threads must be positive, got {threads}")
             torch.set_num_threads(threads)
         if args.command == "train":
             config = _config_from_args(args)
@@ -532,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path = run_sample(args.run_dir, args.num, args.seed, args.model_file)
             print(f"wrote {path}")
-    except (CLIError, ValueError, FileNotFoundError, DivergenceError, OSError) as err:
+    except (RunError, ValueError, FileNotFoundError, DivergenceError, OSError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
         print(f"pyro-lvm: error: {message}", file=sys.stderr)
         return 2
@@ -553,6 +541,7 @@ def _print_summary(metrics: dict, out) -> None:
         "test_nelbo",
         "test_nll",
         "test_nll_per_dim",
+        "test_nll_fixed",
         "test_nll_ais",
         "accept_rate",
         "step_size",

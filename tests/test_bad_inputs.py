@@ -237,10 +237,10 @@ CASES = [
     ),
     ("eval-ais-negative", CLEAR, lambda c: T(c, "--eval-ais", "-1"), "--eval-ais must be >= 0"),
     (
-        "langevin-steps-0",
+        "num-steps-0",
         CLEAR,
-        lambda c: T(c, "--langevin-steps", "0", model="lae"),
-        "--langevin-steps must be positive",
+        lambda c: T(c, "--num-steps", "0", model="lae"),
+        "--num-steps must be positive",
     ),
     (
         "step-size-inf",
@@ -255,9 +255,9 @@ CASES = [
         "--step-size must be",
     ),
     (
-        "target-accept-1.5",
+        "target-accept-prob-1.5",
         CLEAR,
-        lambda c: T(c, "--target-accept", "1.5", model="lae"),
+        lambda c: T(c, "--target-accept-prob", "1.5", model="lae"),
         "in (0, 1)",
     ),
     (

@@ -15,7 +15,7 @@ TINY = dict(epochs=1, hidden_dim=32, depth=1, latent_dim=2, batch_size=32, eval_
 def test_compare_writes_every_row_and_seed_then_resumes_without_retraining(tmp_path):
     models, seeds = ["vae", "lae"], [offset_seed(0), offset_seed(1)]
     settings = TrainConfig(likelihood="logistic", eval_ais=2, **TINY)
-    events, own = [], {"lae": {"langevin_steps": 3}}
+    events, own = [], {"lae": {"num_steps": 3}}
     results = compare(
         models, seeds, settings, tmp_path, model_settings=own, callback=events.append
     )
@@ -34,7 +34,7 @@ def test_compare_writes_every_row_and_seed_then_resumes_without_retraining(tmp_p
     steps = {
         m: json.loads((tmp_path / f"{m}-seed{seeds[0]}/config.json").read_text()) for m in models
     }
-    assert steps["lae"]["langevin_steps"] == 3 and steps["vae"]["langevin_steps"] == 2
+    assert steps["lae"]["num_steps"] == 3 and steps["vae"]["num_steps"] == 2
     assert len(list(tmp_path.glob("frechet_classifier-digits-logistic-*.pt"))) == 1
 
     checkpoints = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*-seed*/checkpoint.pt")}

@@ -26,14 +26,14 @@ import pytest
 import torch
 from seeding import offset_seed
 
-from pyro_lvm.infer.baselines import BaselineContext, RunningAverageBaseline, SignalNormalization
-from pyro_lvm.infer.distributed import (
+from pyro_lvm.collective import (
     all_gather_cat,
     all_reduce_gradients,
     data_parallel,
     global_mean,
     shard_bounds,
 )
+from pyro_lvm.infer.baselines import BaselineContext, RunningAverageBaseline, SignalNormalization
 from pyro_lvm.models.centering import FeatureCentering
 
 ROOT = Path(__file__).resolve().parents[1]

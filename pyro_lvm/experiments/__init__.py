@@ -12,9 +12,12 @@ Data flows one way: data -> models -> inference -> experiments -> CLI. The CLI
 ``health``         finite-but-hopeless training detection
 ``schedules``      learning-rate schedules for any driver
 ``evaluation``     one evaluator for every model
+``build``          config -> :class:`Experiment` (shared by training and loading)
 ``lifecycle``      train / evaluate / sample a run (what the CLI calls)
 ``runs``           :func:`load_run`
 ``figures``        the figures of a run (no backend change on import)
 ``recipes``        the registry: model name -> ``build(config)`` -> :class:`Experiment`
+``compare``        ``pyro-lvm compare`` (``compare_figure``: its plot)
+``fabric``         the Lightning Fabric launcher for data-parallel runs
 =================  ==============================================================
 """

@@ -35,9 +35,11 @@ import torch
 
 from pyro_lvm.data import DataBundle, load_dataset
 from pyro_lvm.data.bundle import prepare_for_likelihood
+from pyro_lvm.experiments.build import RunError
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME
+from pyro_lvm.experiments.compare_figure import plot_comparison
 from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.experiments.lifecycle import RunError, run_evaluate, run_train
+from pyro_lvm.experiments.lifecycle import run_evaluate, run_train
 from pyro_lvm.experiments.rundir import write_json
 
 __all__ = [
@@ -55,6 +57,7 @@ DEFAULT_MODELS = ("vae", "vae-flow", "dlgm", "lae")
 COMPARE_KEYS = (
     "test_nelbo_per_dim",
     "test_nll",
+    "test_nll_fixed",
     "test_nll_ais",
     "test_nll_ais_per_dim",
     "sample_frechet",
@@ -116,7 +119,7 @@ def compare(
         ``compare.md``, ``compare.png`` and the cached feature classifier.
     model_settings : mapping, optional
         ``{model: {field: value}}``: settings of one model only (e.g. LAE's
-        ``langevin_steps``), recorded in its runs' ``config.json``; use sparingly, the
+        ``num_steps``), recorded in its runs' ``config.json``; use sparingly, the
         point of a comparison is the shared budget.
     sample_quality : bool
         Measure ``sample_frechet`` (labelled datasets only).
@@ -159,14 +162,12 @@ def compare(
         notify(CompareEvent("done", model, seed, index, total, Path(config.out), metrics))
         write_json(out / "compare.json", results)  # partial results survive an interrupt
     write_markdown(out / "compare.md", results, settings)
-    from pyro_lvm.experiments.compare_figure import plot_comparison
-
-    plot_comparison(results, out / "compare.png")
+    plot_comparison(results, summarize(results, COMPARE_KEYS), out / "compare.png")
     return results
 
 
 def _check(models: list[str], seeds: list[int], model_settings: Mapping) -> None:
-    from pyro_lvm.recipes import RECIPES
+    from pyro_lvm.experiments.recipes import RECIPES
 
     if not models or not seeds:
         raise RunError("compare needs at least one model (--models) and one seed (--seeds)")

@@ -23,6 +23,13 @@ COMPILE_MIN_STEPS = 20_000
 #: written before they existed resumes (and is re-evaluated) as it was trained
 FORMER_DEFAULTS = {"project_noise": False}
 
+#: settings renamed since a run may have been saved: old config.json key -> field
+RENAMED = {
+    "langevin_steps": "num_steps",
+    "target_accept": "target_accept_prob",
+    "adapt": "adapt_step_size",
+}
+
 
 @dataclass
 class TrainConfig:
@@ -81,13 +88,15 @@ class TrainConfig:
     num_flows: int = 2
     flow: str = "iaf"
     # Langevin (lae, dlgm)
-    langevin_steps: int = 2
+    num_steps: int = 2
     step_size: float | None = None
-    target_accept: float = 0.574
+    target_accept_prob: float = 0.574
     mh: bool = True
-    adapt: bool = True
+    adapt_step_size: bool = True
     test_scale: float = 0.05
-    refine_steps: int = 0
+    #: lae, dlgm: MALA steps from the encoder that fit the proposal of test_nll (0: the
+    #: encoder's fixed proposal, whose numbers are also reported under ``*_fixed`` keys)
+    refine_steps: int = 20
     #: LAE feature preconditioning damping (None: plain ALD on the last-layer weight)
     precondition: float | None = None
     #: lae: encoder feature normalization before the chain layer (none|center|standardize)
@@ -107,7 +116,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a one-line ``ValueError`` for impossible settings."""
-        finite = ("lr", "step_size", "target_accept", "test_scale", "precondition")
+        finite = ("lr", "step_size", "target_accept_prob", "test_scale", "precondition")
         for name in (*finite, "lr_gamma", "clip_norm"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -122,16 +131,16 @@ class TrainConfig:
             (self.eval_samples > 0, f"--eval-samples must be positive, got {self.eval_samples}"),
             (self.eval_ais >= 0, f"--eval-ais must be >= 0, got {self.eval_ais}"),
             (
-                self.langevin_steps > 0,
-                f"--langevin-steps must be positive, got {self.langevin_steps}",
+                self.num_steps > 0,
+                f"--num-steps must be positive, got {self.num_steps}",
             ),
             (
                 self.step_size is None or self.step_size > 0,
                 f"--step-size must be positive, got {self.step_size}",
             ),
             (
-                0 < self.target_accept < 1,
-                f"--target-accept must be in (0, 1), got {self.target_accept}",
+                0 < self.target_accept_prob < 1,
+                f"--target-accept-prob must be in (0, 1), got {self.target_accept_prob}",
             ),
             (self.test_scale > 0, f"--test-scale must be positive, got {self.test_scale}"),
             (self.arch in ("mlp", "conv"), f"--arch must be mlp or conv, got {self.arch!r}"),
@@ -222,6 +231,7 @@ class TrainConfig:
         """The saved settings; a field added later with a default that changes the
         algorithm takes the value the run was trained with (:data:`FORMER_DEFAULTS`)."""
         data = json.loads(Path(path).read_text())
+        data = {RENAMED.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in data.items() if k in known}
         return cls(**{**FORMER_DEFAULTS, **fields})

@@ -7,7 +7,6 @@ failure a user can fix is a one-line :class:`RunError`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import signal
@@ -17,15 +16,15 @@ import warnings
 from pathlib import Path
 
 import pyro
-import torch
 
 from pyro_lvm.data import DataBundle, load_dataset
+from pyro_lvm.experiments.build import RunError, check_device, setup_run
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, atomic_save
 from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.experiments.distributed import agree_or_raise, check_data_parallel, launch
 from pyro_lvm.experiments.evaluation import evaluate
+from pyro_lvm.experiments.fabric import agree_or_raise, check_data_parallel, launch
 from pyro_lvm.experiments.protocol import PlottableModel, missing
-from pyro_lvm.experiments.recipes import Experiment, get_recipe
+from pyro_lvm.experiments.recipes import Experiment
 from pyro_lvm.experiments.rundir import (
     RunLock,
     check_run_dir,
@@ -35,64 +34,16 @@ from pyro_lvm.experiments.rundir import (
     prepare_run_dir,
     write_json,
 )
+from pyro_lvm.experiments.runs import load_run
 from pyro_lvm.experiments.schedules import make_schedulers, set_learning_rate
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer.diagnostics import DivergenceError
-from pyro_lvm.models.likelihoods import LIKELIHOODS, make_likelihood
+from pyro_lvm.models.likelihoods import LIKELIHOODS
 
-__all__ = [
-    "RunError",
-    "build_experiment",
-    "run_evaluate",
-    "run_sample",
-    "run_train",
-    "sample_paths",
-    "setup_run",
-]
+__all__ = ["read_config", "run_evaluate", "run_sample", "run_train", "sample_paths"]
 
 
-class RunError(ValueError):
-    """A run that cannot go ahead as asked (printed by the CLI as one line, exit 2)."""
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {device} requested but CUDA is not available; use --device cpu")
-
-
-def setup_run(
-    config: TrainConfig, data: DataBundle | None = None
-) -> tuple[Experiment, DataBundle]:
-    """Seed, load the data and build the experiment described by ``config``."""
-    config.validate()
-    _check_device(config.device)
-    if data is None:
-        data = load_dataset(config.dataset, config.data_dir, config.download)
-    data = data.for_likelihood(LIKELIHOODS[config.likelihood])
-    # the run's length decides whether compiling pays off (TrainConfig.compile_backend)
-    built = dataclasses.replace(config, jit_compile=config.compile_backend(data.num_train))
-    return build_experiment(built, data.data_dim), data
-
-
-def build_experiment(config: TrainConfig, data_dim: int) -> Experiment:
-    """Seed and build the experiment described by ``config`` for ``data_dim`` inputs
-    (no data needed: :func:`pyro_lvm.load_run` rebuilds a trained run this way)."""
-    config.validate()
-    _check_device(config.device)
-    # the data are checked once up front; per-step argument validation only costs time
-    pyro.enable_validation(False)
-    pyro.set_rng_seed(config.seed)
-    likelihood = make_likelihood(config.likelihood)
-    experiment = get_recipe(config.model).build(config, data_dim, likelihood)
-    if config.clip_norm is not None:
-        if not hasattr(experiment.inference, "clip_norm"):
-            raise RunError(f"--clip-norm does not apply to {config.model} (no gradient steps)")
-        experiment.inference.clip_norm = config.clip_norm
-    experiment.modules.to(config.device)
-    return experiment
-
-
-def _read_config(run: Path) -> TrainConfig:
+def read_config(run: Path) -> TrainConfig:
     try:
         return TrainConfig.load(run / "config.json")
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
@@ -133,7 +84,7 @@ def run_train(
     out = Path(config.out)
     # every check before anything is written: flags, folder, data, model
     config.validate()
-    _check_device(config.device)
+    check_device(config.device)
     collective = launch(config)  # --devices/--num-nodes: one process per device (Fabric)
     # data parallel: rank 0 alone checks the folder (the others would race its writes)
     agree_or_raise(
@@ -378,8 +329,6 @@ def _metrics(config, experiment, data, trainer) -> dict:
 
 
 def _load_run(run_dir: str, device: str | None = None, model_file: str | None = None):
-    from pyro_lvm.experiments.runs import load_run
-
     run = load_run(run_dir, device=device, model_file=model_file)  # None: the run's device
     config = run.config
     data = load_dataset(config.dataset, config.data_dir, config.download).for_likelihood(

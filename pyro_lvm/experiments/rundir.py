@@ -1,6 +1,6 @@
 """Run folders: never overwritten, never mixed, never half-written.
 
-A run folder holds what :func:`pyro_lvm.cli.run_train` writes: ``config.json``,
+A run folder holds what :func:`pyro_lvm.experiments.lifecycle.run_train` writes: ``config.json``,
 ``checkpoint.pt`` (and the previous one, ``checkpoint.prev.pt``), ``metrics.json``,
 ``history.json``, figures and TensorBoard logs. The rules, enforced here:
 

@@ -9,9 +9,11 @@ from typing import Any
 
 from torch import nn
 
+from pyro_lvm.experiments.build import RunError, build_experiment
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.recipes.base import Experiment
+from pyro_lvm.experiments.trainer import Trainer
 
 __all__ = ["Run", "load_run"]
 
@@ -75,9 +77,6 @@ def load_run(
     >>> run = load_run("runs/vae-digits")  # doctest: +SKIP
     >>> x = run.model.generate(16)  # doctest: +SKIP
     """
-    from pyro_lvm.experiments.lifecycle import RunError, build_experiment
-    from pyro_lvm.experiments.trainer import Trainer
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (
         (run_dir / CHECKPOINT_NAME).is_file() or (run_dir / PREVIOUS_NAME).is_file()

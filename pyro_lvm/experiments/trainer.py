@@ -19,6 +19,13 @@ from pathlib import Path
 
 import torch
 
+from pyro_lvm.collective import (
+    Collective,
+    data_parallel,
+    rank_seed,
+    reduce_sum,
+    shard_bounds,
+)
 from pyro_lvm.data.bundle import DataBundle, binarize
 from pyro_lvm.experiments.checkpoint import (
     BEST_NAME,
@@ -32,13 +39,6 @@ from pyro_lvm.experiments.checkpoint import (
 from pyro_lvm.experiments.health import check_epoch
 from pyro_lvm.experiments.recipes.base import Experiment
 from pyro_lvm.infer.diagnostics import DivergenceError
-from pyro_lvm.infer.distributed import (
-    Collective,
-    data_parallel,
-    rank_seed,
-    reduce_sum,
-    shard_bounds,
-)
 
 __all__ = ["Trainer", "TrainerState"]
 
@@ -97,13 +97,13 @@ class Trainer:
     schedulers : list of torch LR schedulers
         Stepped once per epoch; their state is checkpointed.
     collective : Collective, optional
-        Data parallel over these ranks (see :mod:`pyro_lvm.infer.distributed`; the CLI
+        Data parallel over these ranks (see :mod:`pyro_lvm.collective`; the CLI
         passes Lightning Fabric's). ``batch_size`` is then the *global* batch: every rank
         draws the same permutation and the same dynamic binarization of the union batch
         and keeps its contiguous share of the rows, so the run takes the single-process
         steps of the union batches. Inference whose random draws are per datapoint (SVI's
         guide noise) draws them on each rank from its own stream
-        (:func:`~pyro_lvm.infer.distributed.rank_seed` of seed, step and rank, so resume
+        (:func:`~pyro_lvm.collective.rank_seed` of seed, step and rank, so resume
         stays exact); inference with ``data_parallel_rng = "shared"`` (LAE: chain-shaped
         proposal noise and MH uniforms) draws from the global generator, in the same state
         on every rank. Only rank 0 writes checkpoints.
@@ -227,7 +227,8 @@ class Trainer:
 
     def _check_health(self, record: dict) -> None:
         seen = {w["kind"] for w in self.state.warnings}
-        for issue in check_epoch(record, self.state.first_loss):
+        steps = (r["step_size"] for r in self.state.steps if "step_size" in r)
+        for issue in check_epoch(record, self.state.first_loss, next(steps, None)):
             if issue.kind not in seen:
                 seen.add(issue.kind)
                 self.state.warnings.append(issue._asdict())

@@ -12,7 +12,7 @@ differentiate. :class:`OptimizerDriver` owns what they share:
 3. refuse a non-finite loss *before* any parameter moves
    (:class:`~pyro_lvm.infer.diagnostics.DivergenceError`);
 4. backward, clip the global gradient norm, step; data parallel (inside
-   :func:`~pyro_lvm.infer.distributed.data_parallel`), the gradients and the loss are
+   :func:`~pyro_lvm.collective.data_parallel`), the gradients and the loss are
    summed over ranks before the check, so every rank takes the union batch's step;
 5. ``state_dict`` / ``load_state_dict`` of the optimizer plus the driver's own state.
 
@@ -31,8 +31,8 @@ import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
 
+from pyro_lvm.collective import all_reduce_gradients, current_collective
 from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
-from pyro_lvm.infer.distributed import all_reduce_gradients, current_collective
 from pyro_lvm.infer.optim import ParamOptimizer
 
 __all__ = ["OptimizerDriver"]
@@ -84,6 +84,13 @@ class OptimizerDriver:
         #: global gradient norm of the latest step before clipping (NaN before any step, or
         #: when neither clipping nor ``track_grad_norm`` asks for it)
         self.grad_norm = float("nan")
+
+    def _exclude_more(self, tensors) -> None:
+        """Never step ``tensors`` from now on (a chain found on the first batch)."""
+        tensors = [t for t in tensors if all(t is not e for e in self._exclude)]
+        if tensors:
+            self._exclude = (*self._exclude, *tensors)
+            self._optimizer.exclude(tensors)
 
     @property
     def optim(self) -> torch.optim.Optimizer | PyroOptim:
@@ -160,8 +167,9 @@ class OptimizerDriver:
         return {"optim": self._optimizer.state_dict(), **self._extra_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._optimizer.load_state_dict(state["optim"])
+        # the driver's own state first: it may decide what the optimizer holds (LAE)
         self._load_extra_state(state)
+        self._optimizer.load_state_dict(state["optim"])
 
     def metrics(self) -> dict[str, float]:
         """Diagnostics of the latest steps, for logs and progress bars (default none)."""

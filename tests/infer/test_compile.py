@@ -23,13 +23,14 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from ald_driver import Chain
 from pyro import poutine
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
-from pyro_lvm.infer import LAE, ModuleSVI
+from pyro_lvm.infer import LAE, AmortizedLangevin, ModuleSVI
+from pyro_lvm.infer import sites as ap
 from pyro_lvm.infer.compile import MAX_CAPTURES, MAX_ENTRIES, CompiledFunction, CompileWarning
-from pyro_lvm.infer.mcmc import ald_potential as ap
 from pyro_lvm.models import VAE, LangevinAutoencoder
 
 D, Z, H = 6, 2, 8
@@ -420,10 +421,10 @@ def test_conv_potential_with_latent_gradients_compiles():
     outputs in the backward graph (an operation with several outputs, split)."""
     m = ConvVAE()
     x = _data(5)
-    spec = ap.inspect_model(m.model, ["z"], (x,), {})[0]
+    spec = ap.inspect_model(m.model, (x,), {}, local_sites=["z"])[0]
 
     def potential(z, x):
-        return ap.potential(m.model, spec, {"z": z}, (x,), {})
+        return -ap.log_joint(m.model, spec, {"z": z}, (x,), {})
 
     compiled = CompiledFunction(potential, backend="fx")
     z = torch.randn(5, Z, requires_grad=True)
@@ -451,17 +452,19 @@ class _ParamModel(nn.Module):
             pyro.sample("x", dist.Normal(self.decoder(z), scale).to_event(1), obs=x)
 
 
-def _log_joint(m, z, x):
-    spec = ap.inspect_model(m.model, ["z"], (x,), {})[0]
-    return ap.log_joint(m.model, spec, {"z": z}, (x,), {})
+def _log_joint_of(m):
+    """``(z, x) -> log p(x, z)`` of ``m.model`` (its sites inspected once, as ALD does)."""
+    spec = ap.inspect_model(m.model, (torch.randn(2, 3),), {}, local_sites=["z"])[0]
+    return lambda z, x: ap.log_joint(m.model, spec, {"z": z}, (x,), {})
 
 
 def test_values_and_gradients_match_eager_and_params_reach_enclosing_handlers():
     m = _ParamModel()
-    compiled = CompiledFunction(lambda z, x: _log_joint(m, z, x), backend="fx")
+    log_joint = _log_joint_of(m)
+    compiled = CompiledFunction(log_joint, backend="fx")
     for n in (5, 5, 3, 5):
         x, z = torch.randn(n, 3), torch.randn(n, Z, requires_grad=True)
-        eager = _log_joint(m, z, x)
+        eager = log_joint(z, x)
         with poutine.trace(param_only=True) as tr:
             got = compiled(z, x)
         assert "obs_scale" in tr.trace.nodes  # seen as in eager mode
@@ -473,12 +476,12 @@ def test_values_and_gradients_match_eager_and_params_reach_enclosing_handlers():
     with torch.no_grad():  # an optimizer's in-place update reaches the graph
         pyro.param("obs_scale").unconstrained().add_(0.5)
         m.decoder.weight.mul_(2.0)
-    assert torch.allclose(compiled(z, x), _log_joint(m, z, x), atol=1e-5)
+    assert torch.allclose(compiled(z, x), log_joint(z, x), atol=1e-5)
 
 
 def test_the_drift_gradient_never_runs_the_parameter_backward():
     m = _ParamModel()
-    compiled = CompiledFunction(lambda z, x: _log_joint(m, z, x), backend="fx")
+    compiled = CompiledFunction(_log_joint_of(m), backend="fx")
     x, z = torch.randn(4, 3), torch.randn(4, Z, requires_grad=True)
     compiled(z, x)  # captured
     entry = compiled._cache[next(iter(compiled._cache))][0]
@@ -490,6 +493,34 @@ def test_the_drift_gradient_never_runs_the_parameter_backward():
     assert not calls
     value.backward()
     assert len(calls) == 1 and m.decoder.weight.grad is not None
+
+
+def test_amortized_langevin_compiled_with_positive_and_global_sites():
+    """A user's model with a constrained local site and a global site: the compiled
+    potential equals the eager one, with its Jacobian terms."""
+
+    def model(x):
+        tau = pyro.sample("tau", dist.Gamma(2.0, 2.0))
+        with pyro.plate("data", x.shape[0]):
+            lam = pyro.sample("lam", dist.Gamma(2.0, 1.0).expand([x.shape[0], 3]).to_event(1))
+            pyro.sample("x", dist.Normal(lam.log(), tau.rsqrt()).to_event(1), obs=x)
+
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(3, 12), nn.Tanh(), nn.Linear(12, 3))
+    x = torch.randn(8, 3)
+    kernels = [
+        AmortizedLangevin(model, copy.deepcopy(encoder), latent_site="lam", jit_compile=jit)
+        for jit in (False, "fx")
+    ]
+    values = []
+    for kernel in kernels:
+        torch.manual_seed(1)  # the same prior draw of the global site
+        state = Chain(kernel, x).langevin
+        values.append((state.potential, state.grad, kernel.potential(x)))
+    for a, b in zip(*values):
+        assert torch.allclose(a, b, atol=1e-5)
+    compiled = kernels[1]._potential_of
+    assert compiled.eager_reason is None and compiled.num_compiled == 2  # with, without grad
 
 
 def test_random_draws_match_eager_and_capturing_draws_nothing_extra():

@@ -40,7 +40,9 @@ COMMON_FLAGS = frozenset(
     accelerator num_nodes""".split()
 )
 _NETWORK = frozenset("hidden_dim depth layer_norm orthogonal_init arch".split())
-_LANGEVIN = frozenset("langevin_steps step_size target_accept mh adapt refine_steps".split())
+_LANGEVIN = frozenset(
+    "num_steps step_size target_accept_prob mh adapt_step_size refine_steps".split()
+)
 
 #: the model-specific settings of each recipe (a flag outside them is refused)
 MODEL_FLAGS: dict[str, frozenset[str]] = {

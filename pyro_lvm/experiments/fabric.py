@@ -4,7 +4,7 @@ Fabric supplies what an engine must: launching one process per device (and per n
 placing each on its device, and the collectives of the process group (gloo on CPU, NCCL
 on GPU). pyro_lvm keeps its own training loop (:class:`~pyro_lvm.experiments.trainer.Trainer`,
 exact resume included): the loop calls the inference drivers with this rank's share of
-every batch inside :func:`~pyro_lvm.infer.distributed.data_parallel`, and the drivers
+every batch inside :func:`~pyro_lvm.collective.data_parallel`, and the drivers
 sum gradients and potentials with :meth:`FabricCollective.all_reduce` (a sum on Fabric's
 process group). Wrapping the networks in
 ``DistributedDataParallel`` would not work: the models are called through
@@ -36,7 +36,7 @@ _LAUNCHED: list[FabricCollective] = []
 
 
 class FabricCollective:
-    """The :class:`~pyro_lvm.infer.distributed.Collective` of a launched Fabric."""
+    """The :class:`~pyro_lvm.collective.Collective` of a launched Fabric."""
 
     def __init__(self, fabric: Any):
         self.fabric = fabric
@@ -138,7 +138,7 @@ def check_data_parallel(experiment, config) -> None:
     if kernel is not None and getattr(kernel, "reduce_fn", None) is None:
         raise ValueError(
             "the Langevin kernel has no reduce_fn, so each process would sample its own "
-            "shard's posterior; build it with reduce_fn=pyro_lvm.infer.distributed."
+            "shard's posterior; build it with reduce_fn=pyro_lvm.collective."
             "reduce_potential (LAE does by default)"
         )
     if config.batch_size < world:
