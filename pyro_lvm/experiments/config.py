@@ -212,7 +212,7 @@ class TrainConfig:
         :data:`COMPILE_MIN_STEPS` steps and ``False`` (eager) otherwise, or when the run's
         length is unknown (``num_train=None``: a model rebuilt to evaluate); other values
         are kept. The one place the CLI's compile default is decided
-        (:func:`~pyro_lvm.experiments.lifecycle.setup_run` resolves it for a run)."""
+        (:func:`~pyro_lvm.experiments.build.setup_run` resolves it for a run)."""
         if self.jit_compile is not True:
             return self.jit_compile
         if num_train is None:
