@@ -38,8 +38,8 @@ def _child(model: str, size: str, backend: str) -> dict:
     import pyro
     import torch
 
+    from pyro_lvm.experiments.build import build_experiment
     from pyro_lvm.experiments.config import TrainConfig
-    from pyro_lvm.experiments.lifecycle import build_experiment
 
     torch.set_num_threads(1)
     d, h, z, b = SIZES[size]

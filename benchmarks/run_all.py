@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import floors  # noqa: E402
 from harness import interleave, load_average  # noqa: E402
 
+from pyro_lvm.experiments.build import build_experiment  # noqa: E402
 from pyro_lvm.experiments.config import TrainConfig  # noqa: E402
-from pyro_lvm.experiments.lifecycle import build_experiment  # noqa: E402
 from pyro_lvm.infer import (  # noqa: E402
     LAE,
     VIMCO,

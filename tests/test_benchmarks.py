@@ -36,7 +36,9 @@ def test_gpu_benchmark_runs_on_cpu_and_exits_cleanly_without_cuda(tmp_path):
     import gpu
 
     result = gpu.main(["--device", "cpu", "--quick", "--backend", "fx", "--out", str(tmp_path)])
-    assert [r["case"] for r in result["rows"]] == ["vae step", "lae step", "iwae K=100"]
+    cases = [f"{m} step ({c})" for m in ("vae", "lae") for c in ("eager", "compiled")]
+    assert [r["case"] for r in result["rows"]] == [*cases, "iwae K=100"]
+    assert all(r["first_step_s"] > 0 for r in result["rows"] if "compiled" in r["case"])
     assert all(r["ms"] > 0 for r in result["rows"])
     assert json.loads((tmp_path / "gpu_quick_cpu.json").read_text())["rows"] == result["rows"]
     if not torch.cuda.is_available():
