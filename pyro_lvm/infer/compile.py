@@ -2,14 +2,15 @@ r"""The compiled path: a Pyro computation captured once, compiled by Inductor, g
 
 A Pyro model's log density or an ELBO is ordinary PyTorch work wrapped in effect
 handlers: every call builds messages, traces and distribution objects, a fixed Python
-cost per call that, for the small networks of latent variable models, is a third of a
-step. :class:`CompiledFunction` removes it on PyTorch's supported stack (``torch.fx``'s
-:func:`~torch.fx.experimental.proxy_tensor.make_fx` and :func:`torch.compile`):
+cost per call that weighs on the small networks of latent variable models.
+:class:`CompiledFunction` removes it on PyTorch's supported stack (``torch.fx``'s
+:func:`~torch.fx.experimental.proxy_tensor.make_fx` and Inductor, ``torch.compile``'s
+compiler):
 
 1. **The first call of a signature runs eagerly** and is what the caller gets back. The
    signature holds every tensor argument's shape, strides, dtype, device and
-   ``requires_grad``, the other arguments' types, the grad mode and the default dtype; a
-   short last minibatch is one more signature.
+   ``requires_grad``, the other arguments' types, the grad mode, autocast and the default
+   dtype; a short last minibatch is one more signature.
 2. **Checked before capturing.** The call must return one scalar tensor and must not
    change any Python value reachable from the function (``self.calls += 1``) nor draw
    from Python's or NumPy's random generators: a replay would do neither.
@@ -17,11 +18,13 @@ step. :class:`CompiledFunction` removes it on PyTorch's supported stack (``torch
    its gradients as ``aten`` graphs, split so that a gradient with respect to the
    arguments (the Langevin drift) never computes the parameter gradients. A read of a
    tensor's value into Python (``if x.mean() > t``, ``float(x.std())``), an output whose
-   shape depends on the data, or an in-place update of a tensor refuses the capture.
-4. **Compiled** by Inductor (``torch.compile``; on CUDA it emits Triton kernels), with
-   random draws made by the same kernels as eager mode, and **verified**: the compiled
-   value and gradients must equal the eager call's (same random numbers) to float
-   rounding.
+   shape depends on the data, or an in-place update of a tensor that existed before the
+   call refuses the capture.
+4. **Compiled** by Inductor (its precompilation API ``torch._inductor.standalone_compile``,
+   cached on disk; :func:`torch.compile` where it is absent; on CUDA it emits Triton
+   kernels), with random draws made by the same kernels as eager mode, and **verified**:
+   the compiled value and gradients must equal the eager call's (same random numbers) to
+   float rounding.
 5. **Guarded** on every later call (:mod:`~pyro_lvm.infer.compile_guards`): the other
    arguments (scalars and NumPy arrays by value, objects by identity) and the Python
    state the function can reach (``self.beta``, modules' ``training`` flags, the user's
@@ -212,7 +215,13 @@ def _signature(args: tuple, kwargs: dict) -> tuple[Hashable, list, Any]:
         structure: Hashable = ("pytree", str(tree))
     else:
         structure = spec
-    context = (torch.is_grad_enabled(), torch.get_default_dtype(), _registration.held())
+    context = (
+        torch.is_grad_enabled(),
+        torch.get_default_dtype(),
+        torch.is_autocast_enabled("cpu"),
+        torch.is_autocast_enabled("cuda"),
+        _registration.held(),
+    )
     return (structure, tuple(_key_of(v) for v in flat), context), flat, spec
 
 

@@ -12,7 +12,7 @@ network parameters, Pyro params). It is then split in two:
 * the **backward graph** computes :math:`\partial V / \partial \theta` for the leaves
   :math:`\theta` from those saved values.
 
-Both are compiled with Inductor (:func:`torch.compile`) and replayed under two autograd
+Both are compiled with Inductor (:class:`_Compiled`) and replayed under two autograd
 nodes (:class:`_ArgGrads`, :class:`_LeafGrads`) whose sum is the returned value. A
 gradient with respect to the arguments only (the Langevin drift,
 ``torch.autograd.grad(V, position)``) runs the first node, which returns the saved
