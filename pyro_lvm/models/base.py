@@ -21,6 +21,8 @@ dimensions to the left of the data plate (vectorized particles).
 
 from __future__ import annotations
 
+import numbers
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -30,7 +32,19 @@ from torch import nn
 from pyro_lvm._registration import all_held
 from pyro_lvm.models.likelihoods import Likelihood
 
-__all__ = ["LatentVariableModel"]
+__all__ = ["LatentVariableModel", "check_num"]
+
+
+def check_num(num) -> int:
+    """``num`` as a number of draws; a one-line ``ValueError`` unless a whole number
+    ``>= 0``."""
+    if torch.is_tensor(num) and num.numel() == 1 and not num.is_floating_point():
+        num = int(num)
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral):
+        raise ValueError(f"generate(num) needs a whole number of draws, got {num!r}")
+    if num < 0:
+        raise ValueError(f"generate(num) needs num >= 0 draws, got {num}")
+    return int(num)
 
 
 class LatentVariableModel(nn.Module):
@@ -140,5 +154,5 @@ class LatentVariableModel(nn.Module):
     @torch.no_grad()
     def generate(self, num: int) -> torch.Tensor:
         """Means of :math:`p(x \\mid z)` for ``num`` draws ``z`` from the prior."""
-        z = self.prior(num).sample()
+        z = self.prior(check_num(num)).sample()
         return self.likelihood.mean(self.decoder(z))
