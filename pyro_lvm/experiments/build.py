@@ -8,6 +8,8 @@ training (:mod:`~pyro_lvm.experiments.lifecycle`) and loading
 
 from __future__ import annotations
 
+import re
+
 import pyro
 import torch
 
@@ -31,28 +33,52 @@ def check_device(device: str) -> None:
 def setup_run(
     config: TrainConfig, data: DataBundle | None = None
 ) -> tuple[Experiment, DataBundle]:
-    """Seed, load the data and build the experiment described by ``config``."""
-    config.validate()
+    """Seed every global generator with ``config.seed``, load the data and build the
+    experiment described by ``config`` (validated by the caller: ``config.validate()``).
+
+    Training owns its process's random state (a run is reproducible from its seed), so
+    this seeds Python's, NumPy's and torch's generators; :func:`build_experiment` alone
+    leaves them to the caller.
+    """
     check_device(config.device)
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.download)
     data = data.for_likelihood(LIKELIHOODS[config.likelihood])
+    pyro.set_rng_seed(config.seed)
     return build_experiment(config, data.data_dim), data
 
 
 def build_experiment(config: TrainConfig, data_dim: int) -> Experiment:
-    """Seed and build the experiment described by ``config`` for ``data_dim`` inputs
-    (no data needed: :func:`pyro_lvm.load_run` rebuilds a trained run this way)."""
-    config.validate()
+    """Build the experiment described by ``config`` for ``data_dim`` inputs (no data
+    needed: :func:`pyro_lvm.load_run` rebuilds a trained run this way).
+
+    ``config`` must be valid (``config.validate()``). The networks are initialised from
+    torch's global generator as it stands: seed it first for a reproducible model
+    (:func:`setup_run` does). No other global state is touched.
+    """
     check_device(config.device)
-    # the data are checked once up front; per-step argument validation only costs time
-    pyro.enable_validation(False)
-    pyro.set_rng_seed(config.seed)
     likelihood = make_likelihood(config.likelihood)
-    experiment = get_recipe(config.model).build(config, data_dim, likelihood)
+    try:
+        experiment = get_recipe(config.model).build(config, data_dim, likelihood)
+    except (MemoryError, RuntimeError) as err:
+        if not isinstance(err, MemoryError) and "allocate" not in str(err):
+            raise
+        raise RunError(
+            f"cannot allocate the {config.model} networks ({_allocation(err)}) for "
+            f"--hidden-dim {config.hidden_dim}, --latent-dim {config.latent_dim} and "
+            f"{data_dim}-dimensional data; pass a smaller --hidden-dim or --latent-dim"
+        ) from None
     if config.clip_norm is not None:
         if not hasattr(experiment.inference, "clip_norm"):
             raise RunError(f"--clip-norm does not apply to {config.model} (no gradient steps)")
         experiment.inference.clip_norm = config.clip_norm
     experiment.modules.to(config.device)
     return experiment
+
+
+def _allocation(err: BaseException) -> str:
+    """``"64 GB requested"`` from torch's allocation error, else the error's kind."""
+    found = re.search(r"allocate (\d+) bytes", str(err))
+    if found is None:
+        return "out of memory"
+    return f"{int(found.group(1)) / 1e9:.3g} GB requested"
