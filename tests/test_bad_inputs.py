@@ -761,12 +761,6 @@ CASES = [
     ("sample-second-writer", REFUSED, "locked-sample", "in use by another pyro-lvm process"),
     ("best-checkpoint-damaged", CLEAR, _damaged_best, "load checkpoint.pt (the last epoch)"),
     (
-        "precondition-with-projected-noise",
-        CLEAR,
-        lambda c: T(c, "--precondition", "0.01", model="lae"),
-        "pass --no-project-noise with --precondition",
-    ),
-    (
         "compare-resume",
         CLEAR,
         lambda c: ["compare", "--resume", str(c.tmp), "--out", str(c.tmp / "cmp")],

@@ -50,12 +50,6 @@ __all__ = ["build"]
 
 
 def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experiment:
-    if config.precondition is not None and config.project_noise:
-        raise ValueError(
-            "--precondition moves the chain in the features' span itself, so it replaces "
-            "the projected proposal noise (on by default): pass --no-project-noise with "
-            "--precondition"
-        )
     nets, feature_norm = {}, config.feature_norm
     if network_arch(config) == "conv":
         encoder, nets["decoder"] = conv_networks(config, data_dim, config.latent_dim)
