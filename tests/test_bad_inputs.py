@@ -247,6 +247,9 @@ USER_BUILDS = {
     + "    return Experiment(lvm=m, inference=object(), modules=m)\n",
     "nan": USER_MODEL
     + "\ndef build(config, data_dim, likelihood):\n    return Tiny(data_dim, 2, nan=True)\n",
+    "broken": USER_MODEL
+    + "\nclass Broken(Tiny):\n    def model(self, x):\n        raise KeyError('no such site')\n"
+    + "\ndef build(config, data_dim, likelihood):\n    return Broken(data_dim, 2)\n",
     "no-generate": USER_MODEL
     + "\ndef build(config, data_dim, likelihood):\n    return Tiny(data_dim, 2)\n",
 }
@@ -753,6 +756,12 @@ CASES = [
         CLEAR,
         lambda c: _custom(c, "nan"),
         "not finite at the first step, before any update",
+    ),
+    (
+        "model-file-error-while-training",
+        CLEAR,
+        lambda c: _custom(c, "broken"),
+        "user_broken.py:29: KeyError: 'no such site' (an error in your model file",
     ),
     ("sample-without-generate", CLEAR, _sample_without_generate, "has no generate(n)"),
     # -- other audit cases -------------------------------------------------------------------
