@@ -18,6 +18,7 @@ from seeding import offset_seed
 from torch import nn
 
 from pyro_lvm.infer import AmortizedLangevin
+from pyro_lvm.infer.mcmc import to_inference_data
 from pyro_lvm.infer.mcmc.ald import FlatPotentialWarning
 from pyro_lvm.infer.mcmc.mixing import MixingWarning
 
@@ -189,3 +190,8 @@ def test_pyro_summary_diagnostics_and_arviz():
     assert data.posterior["z"].shape == (1, 30, N, LATENT)
     assert "diverging" in data.sample_stats
     assert "x" in data.log_likelihood
+    # the from_dict route (ArviZ 1.x has no from_pyro): the same groups and numbers
+    ours = to_inference_data(mcmc)
+    assert (ours.posterior["z"].values == data.posterior["z"].values).all()
+    assert (ours.sample_stats["diverging"].values == data.sample_stats["diverging"].values).all()
+    assert abs(ours.log_likelihood["x"].values - data.log_likelihood["x"].values).max() < 1e-4
