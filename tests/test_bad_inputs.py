@@ -30,6 +30,7 @@ import torch
 
 from pyro_lvm.cli import main
 from pyro_lvm.data import load_dataset
+from pyro_lvm.experiments.build import _check_size
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.recipes import model_flags
@@ -766,7 +767,14 @@ CASES = [
     ("sample-without-generate", CLEAR, _sample_without_generate, "has no generate(n)"),
     # -- other audit cases -------------------------------------------------------------------
     ("mnist-garbage", CLEAR, _garbage_mnist, "could not read mnist"),
-    ("hidden-dim-huge", CLEAR, "no-memory", "cannot allocate the vae networks (64 GB"),
+    ("allocation-fails", CLEAR, "no-memory", "cannot allocate the vae networks (64 GB"),
+    ("networks-exceed-memory", CLEAR, "small-memory", "GB of parameters, the machine has 0.01 GB"),
+    (
+        "hidden-dim-2e9",
+        CLEAR,
+        lambda c: lambda: _check_size(TrainConfig(hidden_dim=2_000_000_000, latent_dim=2), 64),
+        "cannot allocate the vae networks (more than any memory) for --hidden-dim 2000000000",
+    ),
     ("sample-second-writer", REFUSED, "locked-sample", "in use by another pyro-lvm process"),
     ("best-checkpoint-damaged", CLEAR, _damaged_best, "load checkpoint.pt (the last epoch)"),
     (
@@ -827,9 +835,14 @@ def test_bad_input_is_one_line(name, kind, setup, match, base_run, tmp_path, cap
         action = _offline_download(ctx, monkeypatch)
     elif setup in ("locked", "locked-sample"):
         action = _locked(ctx, request, "sample" if setup == "locked-sample" else "train")
+    elif setup == "small-memory":  # a 10 MB machine: the meta-device estimate refuses
+        monkeypatch.setattr("pyro_lvm.experiments.build._memory_bytes", lambda device: 10**7)
+        action = ctx.train("--hidden-dim", "2000")
     elif setup == "no-memory":
-        # torch's answer to --hidden-dim 2000000000 where the memory is not there; simulated,
-        # since where it is (overcommit) a test would fill the machine's memory
+        # torch's answer when the memory is not there at build time (in use elsewhere, so
+        # the size check passed); simulated, since a real one would fill the machine
+        monkeypatch.setattr("pyro_lvm.experiments.build._check_size", lambda *args: None)
+
         def build(*args):
             raise RuntimeError(
                 "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
