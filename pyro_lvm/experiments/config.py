@@ -95,13 +95,21 @@ class TrainConfig:
     #: lae, dlgm: MALA steps from the encoder that fit the proposal of test_nll (0: the
     #: encoder's fixed proposal, whose numbers are also reported under ``*_fixed`` keys)
     refine_steps: int = 20
-    #: LAE feature preconditioning damping (None: plain ALD on the last-layer weight)
+    #: lae: feature preconditioning damping of the training chain (None: the paper's chain
+    #: on the head weight, as ``LAE``'s own default; AmortizedLangevin's MCMC default is
+    #: 1e-3, see docs/langevin.md "Training defaults")
     precondition: float | None = None
-    #: lae: encoder feature normalization before the chain layer (none|center|standardize)
+    #: lae: encoder feature normalization before the chain layer (none|center|standardize).
+    #: Differs from LangevinAutoencoder's "none" (the paper's encoder) on purpose: without
+    #: centring, the features' shared mode sets the step size and the chain freezes on
+    #: digits (docs/langevin.md, "Beating the VAE")
     feature_norm: str = "center"
-    #: lae: Jacobian correction of the trunk's gradient in the centring layer
+    #: lae: Jacobian correction of the trunk's gradient in the centring layer (on here, off
+    #: in FeatureCentering: it only applies with centring, the CLI's default; same doc)
     jacobian: bool = True
-    #: lae: proposal noise of the chain weight only in the batch's feature span
+    #: lae: proposal noise of the chain weight only in the batch's feature span (on here,
+    #: off in the kernel, which keeps the paper's chain: the weight's free random walk
+    #: outside the span is what inflates it over a long training run; same doc)
     project_noise: bool = True
     # Bernoulli latents (sbn)
     estimator: str = "nvil"
