@@ -639,7 +639,7 @@ CASES = [
         "config-jit-as-string",
         CLEAR,
         lambda c: _config_file(c, '{"jit_compile": "false"}'),
-        "c.json: jit_compile must be true or false",
+        "c.json: jit_compile must be true, false, inductor or fx, got 'false'",
     ),
     (
         "config-epochs-fraction",
