@@ -56,7 +56,7 @@ from pyro_lvm.collective import reduce_potential
 from pyro_lvm.infer.driver import OptimizerDriver
 from pyro_lvm.infer.mcmc import ald
 from pyro_lvm.infer.mcmc.amortized_langevin import AmortizedLangevin
-from pyro_lvm.infer.mcmc.mixing import relative_move
+from pyro_lvm.infer.mcmc.mixing import move_and_spread
 
 __all__ = ["LAE"]
 
@@ -64,6 +64,12 @@ __all__ = ["LAE"]
 DEFAULT_ADAPT_WINDOW = 1000
 #: number of latest transitions averaged by :meth:`LAE.metrics`
 METRICS_WINDOW = 100
+
+
+def _latents(langevin, batch) -> dict[str, torch.Tensor]:
+    """The local sites' (unconstrained) values at the state, without a graph."""
+    with torch.no_grad():
+        return batch.chain.local_values(langevin.position[: batch.chain_size])
 
 
 class LAE(OptimizerDriver):
@@ -156,8 +162,8 @@ class LAE(OptimizerDriver):
         kernel.check(batch, langevin, x)
         kernel.start(batch, langevin)
         state = kernel.state
-        potentials, stats = [], []
-        before = ald.local_latents(langevin, batch)
+        potentials, stats, moves = [], [], []
+        before = _latents(langevin, batch)
         for _ in range(self.num_steps):
             langevin, info = ald.ald_transition(
                 langevin,
@@ -178,10 +184,12 @@ class LAE(OptimizerDriver):
                     adapt_window=kernel.adapt_window,
                 )
             potentials.append(langevin.potential)
-            after = before if info.accepted is False else ald.local_latents(langevin, batch)
-            stats.append((float(info.accept_prob), eta, *relative_move(before, after)))
+            after = before if info.accepted is False else _latents(langevin, batch)
+            moves.append(move_and_spread(before, after))
+            stats.append((float(info.accept_prob), eta))
             before = after
-        self._recent.extend(stats)
+        squares = torch.stack(moves).sqrt().tolist()  # one host read for all T transitions
+        self._recent.extend((*s, *m) for s, m in zip(stats, squares))
         held = ald.write_back(langevin, batch, spec.params)
         kernel.state = state if held is None else state._replace(globals=held)
         # a state kept over several transitions appears several times: autograd sums

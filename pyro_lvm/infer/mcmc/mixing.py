@@ -28,6 +28,7 @@ __all__ = [
     "MAX_STEP_SIZE_FALL",
     "tracked_coordinates",
     "ess_per_draw",
+    "move_and_spread",
     "relative_move",
     "mixing_problems",
 ]
@@ -60,16 +61,22 @@ def ess_per_draw(draws: Tensor) -> float:
     return float(ess.min()) / draws.shape[0] if ess.numel() else math.nan
 
 
-def relative_move(before: dict[str, Tensor], after: dict[str, Tensor]) -> tuple[float, float]:
-    """``(rms move, rms spread)`` of the latents between two states (summed over sites)."""
+def move_and_spread(before: dict[str, Tensor], after: dict[str, Tensor]) -> Tensor:
+    """``[mean squared move, mean squared spread]`` of the latents between two states, as
+    one tensor (no host sync: read many at once)."""
     move = spread = 0.0
     count = 0
     for name, value in after.items():
-        old = before[name]
-        move += float((value - old).square().sum())
-        spread += float((value - value.mean(0)).square().sum())
+        move = move + (value - before[name]).square().sum()
+        spread = spread + (value - value.mean(0)).square().sum()
         count += value.numel()
-    return math.sqrt(move / max(count, 1)), math.sqrt(spread / max(count, 1))
+    return torch.stack([move, spread]) / max(count, 1)
+
+
+def relative_move(before: dict[str, Tensor], after: dict[str, Tensor]) -> tuple[float, float]:
+    """``(rms move, rms spread)`` of the latents between two states (summed over sites)."""
+    move, spread = move_and_spread(before, after).tolist()
+    return math.sqrt(move), math.sqrt(spread)
 
 
 def mixing_problems(
