@@ -1,12 +1,11 @@
 r"""VIMCO: the multi-sample bound with leave-one-out baselines (Mnih & Rezende 2016).
 
-With :math:`K` particles :math:`z^{(1..K)} \sim q_\phi(z \mid x_i)` per datapoint and log
-weights :math:`\log w_k = \log p_\theta(x_i, z^{(k)}) - \log q_\phi(z^{(k)} \mid x_i)`,
-the bound is
+With :math:`K` particles :math:`z^{(1..K)} \sim q_\phi(z \mid x)` and log weights
+:math:`\log w_k = \log p_\theta(x, z^{(k)}) - \log q_\phi(z^{(k)} \mid x)`, the bound is
 
 .. math::
 
-    \hat L = \log \frac1K \sum_{k=1}^K w_k \;\le\; \log p(x_i) \text{ in expectation.}
+    \hat L = \log \frac1K \sum_{k=1}^K w_k \;\le\; \log p(x) \text{ in expectation.}
 
 Its gradient, for guide sites that cannot be reparameterized,
 
@@ -25,9 +24,18 @@ E[\hat L]`, and the per-particle learning signal is small (each sample's credit 
 marginal contribution to the bound). Reparameterizable guide sites contribute pathwise
 through :math:`\log w_k`.
 
-Weights are per datapoint (the data plate, found by name); the loss is
-:math:`-\sum_i s_i \hat L(x_i)` with each datapoint's scale :math:`s_i` (the data plate's
-subsample scale :math:`N/B`, or a per-datapoint :func:`pyro.poutine.scale`).
+Two kinds of weights:
+
+* **per datapoint**, when the model has a data plate (found by name): each datapoint
+  :math:`x_i` has its own :math:`K` weights and bound, and the loss is
+  :math:`-\sum_i s_i \hat L(x_i) - c` with each datapoint's scale :math:`s_i` (the data
+  plate's subsample scale :math:`N/B`, or a per-datapoint :func:`pyro.poutine.scale`) and
+  :math:`c` the scaled log-densities of the observed sites outside the plate that depend
+  on no latent (a global site conditioned out);
+* **whole program**, when it has none (or ``data_plate=None``): one weight per particle
+  for the whole program, :math:`\log w_k = \sum_{\text{sites}} s \log p - \sum s \log q`
+  over the scaled and masked log-densities, exactly the weights of Pyro's
+  ``RenyiELBO(alpha=0)``.
 
 References
 ----------
@@ -38,12 +46,16 @@ Burda, Grosse, Salakhutdinov (2016), "Importance Weighted Autoencoders", ICLR.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
 from pyro.infer.util import is_validation_enabled
+from pyro.ops.provenance import get_provenance, track_provenance
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from pyro.util import check_if_enumerated
 
 __all__ = ["VIMCO", "leave_one_out_signals"]
@@ -52,19 +64,18 @@ __all__ = ["VIMCO", "leave_one_out_signals"]
 def leave_one_out_signals(log_w: torch.Tensor) -> torch.Tensor:
     r"""VIMCO's learning signals :math:`\hat L - \hat L_{-k}` for log weights ``(K, ...)``.
 
-    Computed in log space; ``K x K`` per datapoint, which is cheap for the particle
-    counts VIMCO is used with.
+    :math:`\log \sum_{j \ne k} w_j` comes from prefix and suffix log-cumulative sums, so
+    the cost is linear in :math:`K` and nothing cancels (no :math:`\sum_j w_j - w_k`).
     """
     k = log_w.shape[0]
     log_w = log_w.detach()
     bound = log_w.logsumexp(0)
-    others_mean = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)  # (K, ...)
-    # row j of `loo` is the particle set with w_j replaced by the others' geometric mean
-    loo = log_w.unsqueeze(0).expand((k,) + log_w.shape).clone()
-    eye = torch.eye(k, dtype=torch.bool, device=log_w.device)
-    eye = eye.reshape(eye.shape + (1,) * (log_w.dim() - 1)).expand_as(loo)
-    loo[eye] = others_mean.reshape(-1)
-    return bound - loo.logsumexp(1)
+    empty = torch.full_like(log_w[:1], -math.inf)
+    prefix = torch.cat([empty, log_w.logcumsumexp(0)[:-1]])
+    suffix = torch.cat([log_w.flip(0).logcumsumexp(0).flip(0)[1:], empty])
+    others = torch.logaddexp(prefix, suffix)  # log sum_{j != k} w_j
+    others_mean = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)
+    return bound - torch.logaddexp(others, others_mean)
 
 
 def _same_scale(a, b) -> bool:
@@ -73,6 +84,32 @@ def _same_scale(a, b) -> bool:
     like = a if torch.is_tensor(a) else b
     a, b = (torch.as_tensor(t, dtype=like.dtype, device=like.device) for t in (a, b))
     return bool((a == b).all())
+
+
+class _TrackLatents(Messenger):
+    """Tag every latent value with its site name, so that a log-density's provenance
+    names the latents it depends on."""
+
+    def _pyro_post_sample(self, msg) -> None:
+        if msg["type"] == "sample" and not msg["is_observed"] and not site_is_subsample(msg):
+            msg["value"] = track_provenance(msg["value"], frozenset({msg["name"]}))
+
+
+class _Weights(NamedTuple):
+    """One trace's particles: log weights and score terms ``(P, B)`` (per datapoint) or
+    ``(P,)`` (whole program), the per-datapoint scale, the constant terms ``(P,)``."""
+
+    log_w: torch.Tensor
+    score: torch.Tensor | float
+    scale: torch.Tensor | float
+    const: torch.Tensor | float
+
+
+def _sum_to_particles(t, nest: int) -> torch.Tensor:
+    """Sum a batch tensor over every dim but the leading particle dim: ``(P,)``."""
+    t = torch.as_tensor(t)
+    t = t.reshape((1,) * (nest - t.dim()) + t.shape)
+    return t.reshape(t.shape[0], -1).sum(-1)
 
 
 class VIMCO(ELBO):
@@ -85,29 +122,37 @@ class VIMCO(ELBO):
     is still drawn from the guide, so its score term stays, as in ``TraceGraph_ELBO``:
     its value may drive unmasked terms); observed guide sites
     (e.g. :func:`pyro.factor` in the guide) enter :math:`\log w` with a minus sign, as
-    they enter ``Trace_ELBO``; site scales (subsampling :math:`N/B`,
-    :func:`pyro.poutine.scale`, per-datapoint scale tensors) multiply each datapoint's
-    bound, which needs every site of a datapoint to carry the same scale.
+    they enter ``Trace_ELBO``. With per-datapoint weights, site scales (subsampling
+    :math:`N/B`, :func:`pyro.poutine.scale`, per-datapoint scale tensors) multiply each
+    datapoint's bound, which needs every site of a datapoint to carry the same scale;
+    with whole-program weights they scale the log-densities inside the weight, as in
+    ``RenyiELBO``.
 
     Parameters
     ----------
     num_particles : int
-        Number of particles :math:`K \ge 2` (always vectorized).
+        Number of particles :math:`K \ge 2`.
     max_plate_nesting : int
         Plates in the model (guessed if omitted).
-    data_plate : str
-        Name of the plate over datapoints (any dim): the weights are per element of it,
-        so every sample site (model and guide) must be inside it.
+    data_plate : str or None
+        Name of the plate over datapoints (any dim). When a site of the model or guide
+        is inside it, the weights are per element of it: every latent site must then be
+        inside it, and an observed site outside it must depend on no latent (checked
+        once per model structure, by provenance tracking). When no site is inside it, or
+        with ``None``, one weight per particle covers the whole program.
     **elbo_options
-        Any other keyword of :class:`pyro.infer.ELBO`. ``vectorize_particles`` is
-        accepted and ignored: the particles are always drawn in one vectorized pass.
+        Any other keyword of :class:`pyro.infer.ELBO`; ``vectorize_particles=True``
+        draws the particles in one vectorized pass (as every Pyro ELBO, the default is
+        one pass per particle).
 
     Raises
     ------
     ValueError
-        One line naming the site for a structure the bound does not cover: a site
-        outside the data plate (a global latent), a sequential data plate, different
-        scales on the sites of one datapoint.
+        One line naming the site for a structure the per-datapoint bound does not cover:
+        a latent outside the data plate (a global latent), an observed site outside it
+        that depends on a latent, a sequential data plate, different scales on the sites
+        of one datapoint. ``data_plate=None`` covers all of them with whole-program
+        weights.
     """
 
     def __init__(
@@ -115,7 +160,7 @@ class VIMCO(ELBO):
         num_particles: int = 2,
         max_plate_nesting: float = float("inf"),
         *,
-        data_plate: str = "data",
+        data_plate: str | None = "data",
         **elbo_options,
     ):
         if num_particles < 2:
@@ -123,15 +168,14 @@ class VIMCO(ELBO):
                 f"VIMCO needs num_particles >= 2 for its leave-one-out baselines, got "
                 f"{num_particles}; use TraceNVIL_ELBO for a single sample"
             )
-        elbo_options.pop("vectorize_particles", None)
         super().__init__(
-            num_particles=num_particles,
-            max_plate_nesting=max_plate_nesting,
-            vectorize_particles=True,
-            **elbo_options,
+            num_particles=num_particles, max_plate_nesting=max_plate_nesting, **elbo_options
         )
         self.data_plate = data_plate
+        # model structure -> the refusal for its constant terms (None: they are constant)
+        self._constants_checked: dict[tuple, str | None] = {}
 
+    # -- traces ----------------------------------------------------------------------
     def _get_trace(self, model, guide, args, kwargs):
         model_trace, guide_trace = get_importance_trace(
             "flat", self.max_plate_nesting, model, guide, args, kwargs
@@ -140,28 +184,67 @@ class VIMCO(ELBO):
             check_if_enumerated(guide_trace)
         return model_trace, guide_trace
 
+    def _traces(self, model, guide, args, kwargs) -> list:
+        if not self.vectorize_particles and self.max_plate_nesting == float("inf"):
+            # the weights are reduced over a known number of plate dims
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+        return list(self._get_traces(model, guide, args, kwargs))
+
+    def _nest(self) -> int:
+        """Batch dims of a site, the particle dim included (a unit one when sequential)."""
+        return int(self.max_plate_nesting) + (0 if self.vectorize_particles else 1)
+
+    @staticmethod
+    def _sites(model_trace, guide_trace):
+        for kind, trace in (("model", model_trace), ("guide", guide_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] == "sample":
+                    yield kind, name, site
+
     def _data_frame(self, name, site):
+        if self.data_plate is None:
+            return None
         for frame in site["cond_indep_stack"]:
             if frame.name == self.data_plate:
                 if not frame.vectorized or frame.dim is None:
                     raise ValueError(
                         f"VIMCO needs a vectorized data plate, but {self.data_plate!r} is "
-                        "sequential; use `with pyro.plate(...)` instead of iterating it"
+                        "sequential; use `with pyro.plate(...)` instead of iterating it, or "
+                        "pass data_plate=None for whole-program weights"
                     )
                 return frame
-        raise ValueError(
-            f"VIMCO needs site {name!r} inside the data plate {self.data_plate!r} so that "
-            "weights are per datapoint (global latents are not supported); move it into "
-            "the plate, condition it out, or pass data_plate= the plate over datapoints"
-        )
+        return None
 
+    # -- whole-program weights ---------------------------------------------------------
+    def _whole_program(self, model_trace, guide_trace) -> _Weights:
+        nest = self._nest()
+        log_w = score = 0.0
+        for kind, _, site in self._sites(model_trace, guide_trace):
+            lp = _sum_to_particles(site["log_prob"], nest)
+            log_w = log_w + lp if kind == "model" else log_w - lp
+            if kind == "guide" and self._has_score(site):
+                score = score + _sum_to_particles(site["score_parts"].score_function, nest)
+        if not torch.is_tensor(log_w):
+            raise ValueError("VIMCO found no sample sites in the model and guide")
+        particles = self.num_particles if self.vectorize_particles else 1
+        return _Weights(log_w.expand(particles), score, 1.0, 0.0)
+
+    @staticmethod
+    def _has_score(site) -> bool:
+        # the particles are drawn from the unmasked guide: a masked element's value still
+        # drives the unmasked terms of log w, so its score (Pyro's, neither masked nor
+        # scaled) stays
+        return not site["is_observed"] and not getattr(site["fn"], "has_rsample", False)
+
+    # -- per-datapoint weights ---------------------------------------------------------
     def _per_datapoint(self, t, nest: int, data_dim: int, batch: int) -> torch.Tensor:
-        """Sum a ``(K, plates...)`` tensor over every dim but particles and data."""
+        """Sum a ``(P, plates...)`` tensor over every dim but particles and data."""
         t = t.reshape((1,) * (nest - t.dim()) + t.shape)
         keep = nest + data_dim  # position of the data dim
         dims = tuple(d for d in range(1, nest) if d != keep)
         t = t.sum(dim=dims, keepdim=True) if dims else t
-        return t.reshape(t.shape[0], t.shape[keep]).expand(self.num_particles, batch)
+        particles = self.num_particles if self.vectorize_particles else 1
+        return t.reshape(t.shape[0], t.shape[keep]).expand(particles, batch)
 
     def _site_scale(self, name, scale, nest, data_dim, batch):
         """A site's scale as a float or a ``(B,)`` tensor (broadcast off the data dim)."""
@@ -177,55 +260,109 @@ class VIMCO(ELBO):
             )
         return s.reshape(-1).expand(batch)
 
-    def _log_weights(self, model_trace, guide_trace):
-        """Unscaled, masked per-datapoint log weights ``(K, B)``, the score terms
-        ``(K, B)`` and the per-datapoint scale (a float or a ``(B,)`` tensor)."""
-        nest = self.max_plate_nesting  # includes the particle plate
-        log_w = score = 0.0
-        scale = None
-        scale_site = None
-        data_dim = batch = None
-        for kind, trace in (("model", model_trace), ("guide", guide_trace)):
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                frame = self._data_frame(name, site)
-                if data_dim is None:
-                    data_dim, batch = frame.dim, frame.size
-                site_scale = self._site_scale(name, site["scale"], nest, data_dim, batch)
-                if scale is None:
-                    scale, scale_site = site_scale, name
-                elif not _same_scale(scale, site_scale):
-                    raise ValueError(
-                        f"sites {scale_site!r} and {name!r} have different scales; VIMCO "
-                        "scales each datapoint's bound, so scale the model and guide as a "
-                        "whole (poutine.scale around both)"
+    def _split(self, model_trace, guide_trace):
+        """The data frame and the observed sites outside it, or None for whole-program
+        weights; refuses a latent outside the data plate."""
+        frames = {
+            (kind, name): self._data_frame(name, site)
+            for kind, name, site in self._sites(model_trace, guide_trace)
+        }
+        frame = next((f for f in frames.values() if f is not None), None)
+        if frame is None:
+            return None
+        outside = []
+        for kind, name, site in self._sites(model_trace, guide_trace):
+            if frames[kind, name] is not None:
+                continue
+            if not site["is_observed"]:
+                raise ValueError(
+                    f"VIMCO needs site {name!r} inside the data plate {self.data_plate!r} "
+                    "for per-datapoint weights (global latents are not supported there); "
+                    "move it into the plate, condition it out of model and guide, or pass "
+                    "data_plate=None for whole-program weights"
+                )
+            outside.append((kind, name))
+        return frame, outside
+
+    def _per_datapoint_weights(self, model_trace, guide_trace, frame, outside) -> _Weights:
+        nest = self._nest()
+        data_dim, batch = frame.dim, frame.size
+        log_w = score = const = 0.0
+        scale = scale_site = None
+        for kind, name, site in self._sites(model_trace, guide_trace):
+            sign = 1.0 if kind == "model" else -1.0
+            if (kind, name) in outside:  # depends on no latent: a constant, scaled
+                const = const + sign * _sum_to_particles(site["log_prob"], nest)
+                continue
+            site_scale = self._site_scale(name, site["scale"], nest, data_dim, batch)
+            if scale is None:
+                scale, scale_site = site_scale, name
+            elif not _same_scale(scale, site_scale):
+                raise ValueError(
+                    f"sites {scale_site!r} and {name!r} have different scales; VIMCO "
+                    "scales each datapoint's bound, so scale the model and guide as a "
+                    "whole (poutine.scale around both)"
+                )
+            lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
+            log_w = log_w + sign * self._per_datapoint(lp, nest, data_dim, batch)
+            if kind == "guide" and self._has_score(site):
+                sf = site["score_parts"].score_function
+                score = score + self._per_datapoint(sf, nest, data_dim, batch)
+        return _Weights(log_w, score, scale, const)
+
+    def _check_constants(self, model, guide, args, kwargs, model_trace, guide_trace, outside):
+        """Refuse an observed site outside the data plate whose log-density depends on
+        a latent: it couples the datapoints. One provenance-tracked pass per structure."""
+        key = tuple((kind, name) for kind, name, _ in self._sites(model_trace, guide_trace))
+        if key not in self._constants_checked:
+            with _TrackLatents(), torch.no_grad():
+                traces = self._get_traces(model, guide, args, kwargs)
+                tracked = dict(zip(("model", "guide"), next(iter(traces))))
+            refusal = None
+            for kind, name in outside:
+                deps = get_provenance(tracked[kind].nodes[name]["unscaled_log_prob"])
+                if deps:
+                    refusal = (
+                        f"VIMCO needs site {name!r} inside the data plate "
+                        f"{self.data_plate!r}: it is outside and depends on the latents "
+                        f"{sorted(deps)}, which couples the datapoints; move it into the "
+                        "plate or pass data_plate=None for whole-program weights"
                     )
-                lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
-                lp = self._per_datapoint(lp, nest, data_dim, batch)
-                if kind == "model":
-                    log_w = log_w + lp
-                else:
-                    log_w = log_w - lp
-                    if not site["is_observed"] and not getattr(site["fn"], "has_rsample", False):
-                        # the particles are drawn from the unmasked guide: a masked
-                        # element's value still drives the unmasked terms of log w, so
-                        # its score (Pyro's, neither masked nor scaled) stays
-                        sf = site["score_parts"].score_function
-                        score = score + self._per_datapoint(sf, nest, data_dim, batch)
-        if not torch.is_tensor(log_w):
-            raise ValueError("VIMCO found no sample sites in the model and guide")
-        return log_w, score, scale
+                    break
+            self._constants_checked[key] = refusal
+        if self._constants_checked[key] is not None:
+            raise ValueError(self._constants_checked[key])
+
+    # -- the estimator ---------------------------------------------------------------
+    def _weights(self, model, guide, args, kwargs) -> _Weights:
+        """Every particle's weights: ``(K, B)`` or ``(K,)``."""
+        parts = []
+        for model_trace, guide_trace in self._traces(model, guide, args, kwargs):
+            split = self._split(model_trace, guide_trace)
+            if split is None:
+                parts.append(self._whole_program(model_trace, guide_trace))
+                continue
+            frame, outside = split
+            if outside:
+                self._check_constants(
+                    model, guide, args, kwargs, model_trace, guide_trace, outside
+                )
+            parts.append(self._per_datapoint_weights(model_trace, guide_trace, frame, outside))
+        log_w = torch.cat([p.log_w for p in parts])
+        score = 0.0
+        if any(torch.is_tensor(p.score) for p in parts):
+            score = torch.cat([p.score + torch.zeros_like(p.log_w) for p in parts])
+        # the constant terms, equal across particles: their mean
+        const = sum(torch.as_tensor(p.const).sum() for p in parts) / self.num_particles
+        return _Weights(log_w, score, parts[0].scale, const)
 
     def _bound_and_surrogate(self, model, guide, args, kwargs):
-        (model_trace, guide_trace) = next(self._get_traces(model, guide, args, kwargs))
-        log_w, score, scale = self._log_weights(model_trace, guide_trace)
-        bound = log_w.logsumexp(0) - math.log(self.num_particles)  # (B,)
+        log_w, score, scale, const = self._weights(model, guide, args, kwargs)
+        bound = log_w.logsumexp(0) - math.log(self.num_particles)  # (B,) or ()
         surrogate = bound
         if torch.is_tensor(score):
-            signals = leave_one_out_signals(log_w)
-            surrogate = bound + (signals * score).sum(0)
-        return (scale * bound).sum(), (scale * surrogate).sum()
+            surrogate = bound + (leave_one_out_signals(log_w) * score).sum(0)
+        return (scale * bound).sum() + const, (scale * surrogate).sum() + const
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """Minus the K-sample bound (summed over the batch), with VIMCO's gradient."""
