@@ -26,16 +26,19 @@ through :math:`\log w_k`.
 
 Two kinds of weights:
 
-* **per datapoint**, when the model has a data plate (found by name): each datapoint
+* **per datapoint**, where the datapoints are independent given the parameters: every
+  latent site is inside the data plate (found by name) and the sites outside it are
+  observed and depend on no latent (a global site conditioned out). Each datapoint
   :math:`x_i` has its own :math:`K` weights and bound, and the loss is
   :math:`-\sum_i s_i \hat L(x_i) - c` with each datapoint's scale :math:`s_i` (the data
   plate's subsample scale :math:`N/B`, or a per-datapoint :func:`pyro.poutine.scale`) and
-  :math:`c` the scaled log-densities of the observed sites outside the plate that depend
-  on no latent (a global site conditioned out);
-* **whole program**, when it has none (or ``data_plate=None``): one weight per particle
-  for the whole program, :math:`\log w_k = \sum_{\text{sites}} s \log p - \sum s \log q`
-  over the scaled and masked log-densities, exactly the weights of Pyro's
-  ``RenyiELBO(alpha=0)``.
+  :math:`c` the scaled log-densities of the sites outside the plate;
+* **whole program**, otherwise (no data plate, a global latent, an observed site outside
+  the plate that depends on a latent, a sequential data plate, sites of one datapoint
+  scaled differently): one weight per particle for the whole program,
+  :math:`\log w_k = \sum_{\text{sites}} s \log p - \sum s \log q` over the scaled and
+  masked log-densities. These are the weights of Pyro's ``RenyiELBO(alpha=0)`` on a
+  model where no plate holds every site (Renyi keeps such a plate's elements apart).
 
 References
 ----------
@@ -86,6 +89,10 @@ def _same_scale(a, b) -> bool:
     return bool((a == b).all())
 
 
+class _NotPerDatapoint(ValueError):
+    """Why the per-datapoint bound does not apply to a model (a one-line message)."""
+
+
 class _TrackLatents(Messenger):
     """Tag every latent value with its site name, so that a log-density's provenance
     names the latents it depends on."""
@@ -124,9 +131,8 @@ class VIMCO(ELBO):
     (e.g. :func:`pyro.factor` in the guide) enter :math:`\log w` with a minus sign, as
     they enter ``Trace_ELBO``. With per-datapoint weights, site scales (subsampling
     :math:`N/B`, :func:`pyro.poutine.scale`, per-datapoint scale tensors) multiply each
-    datapoint's bound, which needs every site of a datapoint to carry the same scale;
-    with whole-program weights they scale the log-densities inside the weight, as in
-    ``RenyiELBO``.
+    datapoint's bound; with whole-program weights they scale the log-densities inside
+    the weight, as in ``RenyiELBO``.
 
     Parameters
     ----------
@@ -134,12 +140,14 @@ class VIMCO(ELBO):
         Number of particles :math:`K \ge 2`.
     max_plate_nesting : int
         Plates in the model (guessed if omitted).
-    data_plate : str or None
-        Name of the plate over datapoints (any dim). When a site of the model or guide
-        is inside it, the weights are per element of it: every latent site must then be
-        inside it, and an observed site outside it must depend on no latent (checked
-        once per model structure, by provenance tracking). When no site is inside it, or
-        with ``None``, one weight per particle covers the whole program.
+    data_plate : str
+        Name of the plate over datapoints (any dim).
+    weights : {"auto", "datapoint", "program"}
+        ``"auto"``: per datapoint where the model allows it (see the module docstring;
+        an observed site outside the data plate is checked for dependence on the
+        latents once per model structure, by provenance tracking), else one weight for
+        the whole program. ``"datapoint"``: per datapoint or a one-line refusal naming
+        the site that prevents it. ``"program"``: always the whole program.
     **elbo_options
         Any other keyword of :class:`pyro.infer.ELBO`; ``vectorize_particles=True``
         draws the particles in one vectorized pass (as every Pyro ELBO, the default is
@@ -148,11 +156,8 @@ class VIMCO(ELBO):
     Raises
     ------
     ValueError
-        One line naming the site for a structure the per-datapoint bound does not cover:
-        a latent outside the data plate (a global latent), an observed site outside it
-        that depends on a latent, a sequential data plate, different scales on the sites
-        of one datapoint. ``data_plate=None`` covers all of them with whole-program
-        weights.
+        ``num_particles < 2``, an unknown ``weights``; with ``weights="datapoint"``, one
+        line naming the site for a structure the per-datapoint bound does not cover.
     """
 
     def __init__(
@@ -160,7 +165,8 @@ class VIMCO(ELBO):
         num_particles: int = 2,
         max_plate_nesting: float = float("inf"),
         *,
-        data_plate: str | None = "data",
+        data_plate: str = "data",
+        weights: str = "auto",
         **elbo_options,
     ):
         if num_particles < 2:
@@ -168,11 +174,17 @@ class VIMCO(ELBO):
                 f"VIMCO needs num_particles >= 2 for its leave-one-out baselines, got "
                 f"{num_particles}; use TraceNVIL_ELBO for a single sample"
             )
+        if weights not in ("auto", "datapoint", "program"):
+            raise ValueError(
+                f"VIMCO(weights={weights!r}) is not a kind of weights; use 'auto', "
+                "'datapoint' or 'program'"
+            )
         super().__init__(
             num_particles=num_particles, max_plate_nesting=max_plate_nesting, **elbo_options
         )
         self.data_plate = data_plate
-        # model structure -> the refusal for its constant terms (None: they are constant)
+        self.weights = weights
+        # model structure -> why its sites outside the data plate are not constants
         self._constants_checked: dict[tuple, str | None] = {}
 
     # -- traces ----------------------------------------------------------------------
@@ -201,19 +213,12 @@ class VIMCO(ELBO):
                 if site["type"] == "sample":
                     yield kind, name, site
 
-    def _data_frame(self, name, site):
-        if self.data_plate is None:
-            return None
-        for frame in site["cond_indep_stack"]:
-            if frame.name == self.data_plate:
-                if not frame.vectorized or frame.dim is None:
-                    raise ValueError(
-                        f"VIMCO needs a vectorized data plate, but {self.data_plate!r} is "
-                        "sequential; use `with pyro.plate(...)` instead of iterating it, or "
-                        "pass data_plate=None for whole-program weights"
-                    )
-                return frame
-        return None
+    @staticmethod
+    def _has_score(site) -> bool:
+        # the particles are drawn from the unmasked guide: a masked element's value still
+        # drives the unmasked terms of log w, so its score (Pyro's, neither masked nor
+        # scaled) stays
+        return not site["is_observed"] and not getattr(site["fn"], "has_rsample", False)
 
     # -- whole-program weights ---------------------------------------------------------
     def _whole_program(self, model_trace, guide_trace) -> _Weights:
@@ -229,14 +234,19 @@ class VIMCO(ELBO):
         particles = self.num_particles if self.vectorize_particles else 1
         return _Weights(log_w.expand(particles), score, 1.0, 0.0)
 
-    @staticmethod
-    def _has_score(site) -> bool:
-        # the particles are drawn from the unmasked guide: a masked element's value still
-        # drives the unmasked terms of log w, so its score (Pyro's, neither masked nor
-        # scaled) stays
-        return not site["is_observed"] and not getattr(site["fn"], "has_rsample", False)
-
     # -- per-datapoint weights ---------------------------------------------------------
+    def _data_frame(self, site):
+        for frame in site["cond_indep_stack"]:
+            if frame.name == self.data_plate:
+                if not frame.vectorized or frame.dim is None:
+                    raise _NotPerDatapoint(
+                        f"VIMCO's per-datapoint weights need a vectorized data plate, but "
+                        f"{self.data_plate!r} is sequential; use `with pyro.plate(...)` "
+                        "instead of iterating it, or weights='auto' for whole-program weights"
+                    )
+                return frame
+        return None
+
     def _per_datapoint(self, t, nest: int, data_dim: int, batch: int) -> torch.Tensor:
         """Sum a ``(P, plates...)`` tensor over every dim but particles and data."""
         t = t.reshape((1,) * (nest - t.dim()) + t.shape)
@@ -253,62 +263,39 @@ class VIMCO(ELBO):
         s = scale.reshape((1,) * (nest - scale.dim()) + scale.shape)
         keep = nest + data_dim
         if any(n != 1 for d, n in enumerate(s.shape) if d != keep):
-            raise ValueError(
+            raise _NotPerDatapoint(
                 f"site {name!r} has a scale of shape {tuple(scale.shape)} that varies within "
-                "a datapoint; VIMCO needs one scale per datapoint: scale along the data "
-                "plate only"
+                "a datapoint; VIMCO's per-datapoint weights need one scale per datapoint: "
+                "scale along the data plate only, or weights='auto' for whole-program weights"
             )
         return s.reshape(-1).expand(batch)
 
     def _split(self, model_trace, guide_trace):
-        """The data frame and the observed sites outside it, or None for whole-program
-        weights; refuses a latent outside the data plate."""
+        """The data frame and the observed sites outside it; refuses a latent outside."""
         frames = {
-            (kind, name): self._data_frame(name, site)
+            (kind, name): self._data_frame(site)
             for kind, name, site in self._sites(model_trace, guide_trace)
         }
         frame = next((f for f in frames.values() if f is not None), None)
         if frame is None:
-            return None
+            raise _NotPerDatapoint(
+                f"VIMCO found no site inside the data plate {self.data_plate!r}; pass "
+                "data_plate= the plate over datapoints, or weights='auto' for whole-program "
+                "weights"
+            )
         outside = []
         for kind, name, site in self._sites(model_trace, guide_trace):
             if frames[kind, name] is not None:
                 continue
             if not site["is_observed"]:
-                raise ValueError(
+                raise _NotPerDatapoint(
                     f"VIMCO needs site {name!r} inside the data plate {self.data_plate!r} "
                     "for per-datapoint weights (global latents are not supported there); "
-                    "move it into the plate, condition it out of model and guide, or pass "
-                    "data_plate=None for whole-program weights"
+                    "move it into the plate, condition it out, or use weights='auto' for "
+                    "whole-program weights"
                 )
             outside.append((kind, name))
         return frame, outside
-
-    def _per_datapoint_weights(self, model_trace, guide_trace, frame, outside) -> _Weights:
-        nest = self._nest()
-        data_dim, batch = frame.dim, frame.size
-        log_w = score = const = 0.0
-        scale = scale_site = None
-        for kind, name, site in self._sites(model_trace, guide_trace):
-            sign = 1.0 if kind == "model" else -1.0
-            if (kind, name) in outside:  # depends on no latent: a constant, scaled
-                const = const + sign * _sum_to_particles(site["log_prob"], nest)
-                continue
-            site_scale = self._site_scale(name, site["scale"], nest, data_dim, batch)
-            if scale is None:
-                scale, scale_site = site_scale, name
-            elif not _same_scale(scale, site_scale):
-                raise ValueError(
-                    f"sites {scale_site!r} and {name!r} have different scales; VIMCO "
-                    "scales each datapoint's bound, so scale the model and guide as a "
-                    "whole (poutine.scale around both)"
-                )
-            lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
-            log_w = log_w + sign * self._per_datapoint(lp, nest, data_dim, batch)
-            if kind == "guide" and self._has_score(site):
-                sf = site["score_parts"].score_function
-                score = score + self._per_datapoint(sf, nest, data_dim, batch)
-        return _Weights(log_w, score, scale, const)
 
     def _check_constants(self, model, guide, args, kwargs, model_trace, guide_trace, outside):
         """Refuse an observed site outside the data plate whose log-density depends on
@@ -324,30 +311,60 @@ class VIMCO(ELBO):
                 if deps:
                     refusal = (
                         f"VIMCO needs site {name!r} inside the data plate "
-                        f"{self.data_plate!r}: it is outside and depends on the latents "
-                        f"{sorted(deps)}, which couples the datapoints; move it into the "
-                        "plate or pass data_plate=None for whole-program weights"
+                        f"{self.data_plate!r} for per-datapoint weights: outside, it depends "
+                        f"on the latents {sorted(deps)}, which couples the datapoints; move "
+                        "it into the plate, or use weights='auto' for whole-program weights"
                     )
                     break
             self._constants_checked[key] = refusal
         if self._constants_checked[key] is not None:
-            raise ValueError(self._constants_checked[key])
+            raise _NotPerDatapoint(self._constants_checked[key])
+
+    def _datapoint_weights(self, model, guide, args, kwargs, model_trace, guide_trace):
+        frame, outside = self._split(model_trace, guide_trace)
+        if outside:
+            self._check_constants(model, guide, args, kwargs, model_trace, guide_trace, outside)
+        nest = self._nest()
+        data_dim, batch = frame.dim, frame.size
+        log_w = score = const = 0.0
+        scale = scale_site = None
+        for kind, name, site in self._sites(model_trace, guide_trace):
+            sign = 1.0 if kind == "model" else -1.0
+            if (kind, name) in outside:  # depends on no latent: a constant, scaled
+                const = const + sign * _sum_to_particles(site["log_prob"], nest)
+                continue
+            site_scale = self._site_scale(name, site["scale"], nest, data_dim, batch)
+            if scale is None:
+                scale, scale_site = site_scale, name
+            elif not _same_scale(scale, site_scale):
+                raise _NotPerDatapoint(
+                    f"sites {scale_site!r} and {name!r} have different scales; VIMCO's "
+                    "per-datapoint weights scale each datapoint's bound, so scale the model "
+                    "and guide as a whole (poutine.scale around both), or use weights='auto' "
+                    "for whole-program weights"
+                )
+            lp = scale_and_mask(site["unscaled_log_prob"], 1.0, site["mask"])
+            log_w = log_w + sign * self._per_datapoint(lp, nest, data_dim, batch)
+            if kind == "guide" and self._has_score(site):
+                sf = site["score_parts"].score_function
+                score = score + self._per_datapoint(sf, nest, data_dim, batch)
+        return _Weights(log_w, score, scale, const)
 
     # -- the estimator ---------------------------------------------------------------
     def _weights(self, model, guide, args, kwargs) -> _Weights:
-        """Every particle's weights: ``(K, B)`` or ``(K,)``."""
-        parts = []
-        for model_trace, guide_trace in self._traces(model, guide, args, kwargs):
-            split = self._split(model_trace, guide_trace)
-            if split is None:
-                parts.append(self._whole_program(model_trace, guide_trace))
-                continue
-            frame, outside = split
-            if outside:
-                self._check_constants(
-                    model, guide, args, kwargs, model_trace, guide_trace, outside
+        """Every particle's weights: ``(K, B)`` per datapoint or ``(K,)``."""
+        traces = self._traces(model, guide, args, kwargs)
+        if self.weights != "program":
+            try:
+                return self._stack(
+                    [self._datapoint_weights(model, guide, args, kwargs, *t) for t in traces]
                 )
-            parts.append(self._per_datapoint_weights(model_trace, guide_trace, frame, outside))
+            except _NotPerDatapoint:
+                if self.weights == "datapoint":
+                    raise
+        return self._stack([self._whole_program(*t) for t in traces])
+
+    def _stack(self, parts: list[_Weights]) -> _Weights:
         log_w = torch.cat([p.log_w for p in parts])
         score = 0.0
         if any(torch.is_tensor(p.score) for p in parts):

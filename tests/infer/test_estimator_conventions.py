@@ -107,9 +107,11 @@ def test_vimco_per_datapoint_scale_tensor(float64):
 def test_vimco_different_scales_within_a_datapoint_are_an_error(float64):
     toy = ToySBN(1)
     model = poutine.scale(toy.model, scale=2.0)  # the model only: a tempered weight
+    vimco = VIMCO(num_particles=2, max_plate_nesting=1, weights="datapoint")
     with pytest.raises(ValueError, match="different scales") as err:
-        VIMCO(num_particles=2, max_plate_nesting=1).loss(model, toy.guide, DATA)
+        vimco.loss(model, toy.guide, DATA)
     assert "\n" not in str(err.value)
+    _assert_auto_is_whole_program(model, toy.guide, DATA)
 
 
 def test_vimco_observed_guide_site_enters_the_weights(float64):
@@ -196,9 +198,23 @@ def _sequential_guide(x):
     ],
 )
 def test_vimco_refuses_unsupported_structures_in_one_line(model, guide, match):
+    """weights="datapoint" refuses what per-datapoint weights cannot cover; "auto" takes
+    whole-program weights there."""
+    vimco = VIMCO(num_particles=2, max_plate_nesting=1, weights="datapoint")
     with pytest.raises(ValueError, match=match) as err:
-        VIMCO(num_particles=2, max_plate_nesting=1).loss(model, guide, torch.zeros(3))
+        vimco.loss(model, guide, torch.zeros(3))
     assert "\n" not in str(err.value)
+    _assert_auto_is_whole_program(model, guide, torch.zeros(3))
+
+
+def _assert_auto_is_whole_program(model, guide, x):
+    losses = []
+    for weights in ("auto", "program"):
+        pyro.set_rng_seed(offset_seed(12))
+        losses.append(
+            VIMCO(num_particles=2, max_plate_nesting=1, weights=weights).loss(model, guide, x)
+        )
+    assert losses[0] == pytest.approx(losses[1], rel=1e-12)
 
 
 def _renamed(toy, fn, plate="rows", global_latent=False):
@@ -224,10 +240,11 @@ def _renamed(toy, fn, plate="rows", global_latent=False):
 
 
 @pytest.mark.parametrize("scale", [1.0, 2.5])
+@pytest.mark.parametrize("weights", ["auto", "program"])
 @pytest.mark.parametrize("plate", ["rows", "data"])
-def test_vimco_whole_program_weights_are_renyis(float64, plate, scale):
-    """No plate named like ``data_plate`` (or ``data_plate=None``): one weight per
-    particle for the whole program, the scaled log-densities inside, as Pyro's
+def test_vimco_whole_program_weights_are_renyis(float64, plate, weights, scale):
+    """A global latent, or no plate named like ``data_plate``: one weight per particle
+    for the whole program, the scaled log-densities inside, as Pyro's
     ``RenyiELBO(alpha=0)`` where no plate holds every site (same draws)."""
     toy = ToySBN(1)
     model, guide = (
@@ -235,7 +252,7 @@ def test_vimco_whole_program_weights_are_renyis(float64, plate, scale):
         for f in ("model", "guide")
     )
     options = dict(num_particles=3, max_plate_nesting=1, vectorize_particles=True)
-    vimco = VIMCO(data_plate=None if plate == "data" else "data", **options)
+    vimco = VIMCO(weights=weights, **options)
     pyro.set_rng_seed(offset_seed(9))
     whole = vimco.loss(model, guide, DATA)
     pyro.set_rng_seed(offset_seed(9))

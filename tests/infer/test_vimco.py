@@ -82,9 +82,11 @@ def test_trains_with_module_svi(float64):
     assert -float(toy.exact_iwae_bound(DATA, 1).detach()) < before
 
 
-def test_too_few_particles_is_an_error():
+def test_too_few_particles_or_unknown_weights_are_errors():
     with pytest.raises(ValueError, match="num_particles >= 2"):
         VIMCO(num_particles=1)
+    with pytest.raises(ValueError, match="'auto', 'datapoint' or 'program'"):
+        VIMCO(weights="global")
 
 
 def test_latent_outside_data_plate_is_an_error():
@@ -96,8 +98,9 @@ def test_latent_outside_data_plate_is_an_error():
     def guide(x):
         pyro.sample("w", dist.Bernoulli(0.3))
 
+    vimco = VIMCO(num_particles=2, max_plate_nesting=1, weights="datapoint")
     with pytest.raises(ValueError, match="inside the data plate"):
-        VIMCO(num_particles=2, max_plate_nesting=1).loss(model, guide, torch.zeros(3))
+        vimco.loss(model, guide, torch.zeros(3))
 
 
 @pytest.mark.parametrize("vectorize", [False, True])
@@ -107,7 +110,7 @@ def test_whole_program_gradient_unbiased(float64, vectorize):
     toy = ToySBN(1)
     exact = exact_grad(toy, lambda: toy.exact_whole_program_bound(DATA, 2))
     vimco = VIMCO(
-        num_particles=2, max_plate_nesting=1, data_plate=None, vectorize_particles=vectorize
+        num_particles=2, max_plate_nesting=1, weights="program", vectorize_particles=vectorize
     )
     samples = estimate_grads(
         toy, lambda: vimco.differentiable_loss(toy.model, toy.guide, DATA), 400
