@@ -229,9 +229,9 @@ class VIMCO(ELBO):
             log_w = log_w + lp if kind == "model" else log_w - lp
             if kind == "guide" and self._has_score(site):
                 score = score + _sum_to_particles(site["score_parts"].score_function, nest)
-        if not torch.is_tensor(log_w):
-            raise ValueError("VIMCO found no sample sites in the model and guide")
         particles = self.num_particles if self.vectorize_particles else 1
+        if not torch.is_tensor(log_w):  # no sample site: every weight is 1, the bound 0
+            log_w = torch.zeros(particles)
         return _Weights(log_w.expand(particles), score, 1.0, 0.0)
 
     # -- per-datapoint weights ---------------------------------------------------------

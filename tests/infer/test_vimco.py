@@ -159,3 +159,9 @@ def test_leave_one_out_signals_are_stable_for_many_particles(float64):
     # the dominant particle's baseline replaces w_0 by the others' geometric mean (1)
     assert signals[0, 0] == pytest.approx(800.0 - math.log(5000.0), rel=1e-12)
     assert signals[1:].abs().max() < 1e-12
+
+
+def test_empty_program_has_bound_zero():
+    vimco = VIMCO(num_particles=3)
+    assert vimco.loss(lambda: None, lambda: None) == 0.0
+    assert vimco.loss_and_grads(lambda: None, lambda: None) == 0.0
