@@ -111,16 +111,17 @@ def _train(case: str, collective) -> dict:
     data = _data(binary=case != "map")
     experiment = _experiment(case, data)
     accepted = []
-    kernel = getattr(experiment.inference, "kernel", None)
-    if kernel is not None:  # record every accept decision
-        transition = kernel.transition
+    if getattr(experiment.inference, "kernel", None) is not None:  # every accept decision
+        from pyro_lvm.infer.mcmc import ald
 
-        def recorded(**kw):
-            info = transition(**kw)
+        transition = ald.ald_transition
+
+        def recorded(*args, **kw):
+            state, info = transition(*args, **kw)
             accepted.append(bool(info.accepted))
-            return info
+            return state, info
 
-        kernel.transition = recorded
+        ald.ald_transition = recorded
     seed = offset_seed(43)
     trainer = Trainer(experiment, data, BATCH, None, seed, collective=collective)
     torch.manual_seed(seed)  # the global stream (binarization, chain noise)

@@ -60,7 +60,6 @@ from typing import NamedTuple
 
 import torch
 
-from pyro_lvm.infer.latents import find_latents, log_densities, sample_prior
 from pyro_lvm.infer.mcmc.adaptation import dual_averaging_init, dual_averaging_step
 from pyro_lvm.infer.mcmc.hmc import hmc_step
 from pyro_lvm.infer.mcmc.langevin import (
@@ -68,6 +67,7 @@ from pyro_lvm.infer.mcmc.langevin import (
     langevin_init,
     langevin_step,
 )
+from pyro_lvm.infer.sites import find_latents, log_densities, sample_prior
 
 __all__ = ["AISResult", "ais_schedule", "annealed_importance_sampling", "ais_log_likelihood"]
 

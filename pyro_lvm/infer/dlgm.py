@@ -39,19 +39,19 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.infer.diagnostics import check_loss
 from pyro_lvm.infer.driver import OptimizerDriver
-from pyro_lvm.infer.latents import (
-    LatentSpec,
-    find_latents,
-    log_densities,
-    pack,
-    trace_log_densities,
-)
 from pyro_lvm.infer.mcmc.adaptation import (
     DualAveragingState,
     dual_averaging_init,
     dual_averaging_step,
 )
 from pyro_lvm.infer.mcmc.langevin import LangevinState, langevin_step
+from pyro_lvm.infer.sites import (
+    ModelSites,
+    find_latents,
+    log_densities,
+    pack,
+    trace_log_densities,
+)
 
 __all__ = ["DLGM"]
 
@@ -117,14 +117,14 @@ class DLGM(OptimizerDriver):
             dual_averaging_init(step_size) if adapt_step_size else None
         )
         self._guide_params = list(guide_params) if guide_params is not None else None
-        self._specs: dict[tuple, LatentSpec] = {}
+        self._specs: dict[tuple, ModelSites] = {}
         self._last = {"accept_rate": float("nan"), "step_size": self.step_size}
 
     # -- helpers ----------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
         return self._optimizer.torch_params()
 
-    def _spec(self, x: torch.Tensor) -> LatentSpec:
+    def _spec(self, x: torch.Tensor) -> ModelSites:
         key = tuple(x.shape)
         if key not in self._specs:
             self._specs[key] = find_latents(

@@ -85,6 +85,13 @@ class OptimizerDriver:
         #: when neither clipping nor ``track_grad_norm`` asks for it)
         self.grad_norm = float("nan")
 
+    def _exclude_more(self, tensors) -> None:
+        """Never step ``tensors`` from now on (a chain found on the first batch)."""
+        tensors = [t for t in tensors if all(t is not e for e in self._exclude)]
+        if tensors:
+            self._exclude = (*self._exclude, *tensors)
+            self._optimizer.exclude(tensors)
+
     @property
     def optim(self) -> torch.optim.Optimizer | PyroOptim:
         """The optimizer."""
@@ -160,8 +167,9 @@ class OptimizerDriver:
         return {"optim": self._optimizer.state_dict(), **self._extra_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._optimizer.load_state_dict(state["optim"])
+        # the driver's own state first: it may decide what the optimizer holds (LAE)
         self._load_extra_state(state)
+        self._optimizer.load_state_dict(state["optim"])
 
     def metrics(self) -> dict[str, float]:
         """Diagnostics of the latest steps, for logs and progress bars (default none)."""

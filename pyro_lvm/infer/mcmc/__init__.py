@@ -8,7 +8,9 @@ module                             contents
 :mod:`.langevin`                   ``LangevinState``/``LangevinInfo``, ``langevin_step``
 :mod:`.hmc`                        ``hmc_step`` (AIS's HMC transitions)
 :mod:`.adaptation`                 dual averaging ``init/update/final``, step-size search
-:mod:`.ald_potential`              ALD's model inspection and per-batch potential closure
+:mod:`.chain`                      which encoder parameters form the ALD chain, per batch
+:mod:`.ald`                        the pure ALD transition over a bound batch
+:mod:`.mixing`                     mixing summaries (ESS, moves) and their warnings
 :mod:`.amortized_langevin`         the ``AmortizedLangevin`` kernel shell
 =================================  ======================================================
 
