@@ -39,6 +39,7 @@ DEFAULT_LIKELIHOOD = {"ppca": "gaussian"}
 #: settings a resumed run may change (the rest define the run and must match it)
 RESUMABLE = (
     "epochs",
+    "logger",
     "lr",
     "eval_samples",
     "eval_ais",
@@ -287,6 +288,14 @@ _TRAIN_FLAGS = [
     (("--overwrite",), dict(action="store_true", help="replace the run already in --out"), "run"),
     (("--no-figures",), dict(action="store_true", help="skip the PNG figures"), "run"),
     (("--no-progress",), dict(action="store_true", help="no progress bar"), "run"),
+    (
+        ("--logger",),
+        dict(
+            choices=["csv", "tensorboard", "mlflow", "wandb"],
+            help="experiment tracker besides OUT/logs/metrics.csv (default: csv, none)",
+        ),
+        "run",
+    ),
     (
         ("--threads",),
         dict(type=int, help="torch CPU threads (default: 1 for digits, else torch's)"),

@@ -176,17 +176,3 @@ def test_per_model_help_shows_only_its_flags_with_defaults(capsys):
     assert "--lr LR" in vae and "(default: 0.001)" in vae
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("pyro-lvm ")
-
-
-def test_tensorboard_gets_validation_images_and_hparams(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = tmp_path / "vae"
-    argv = ["train", "vae", "--out", str(out), "--hidden-dim", "16", "--epochs", "2"]
-    assert main([*argv, "--validation", "100", "--eval-samples", "10", "--no-progress"]) == 0
-    events = EventAccumulator(str(out / "tensorboard"))
-    events.Reload()
-    tags = events.Tags()
-    assert "validation/loss" in tags["scalars"] and "test/test_nll" in tags["scalars"]
-    assert {"figures/training", "figures/samples"} <= set(tags["images"])
-    assert (out / "tensorboard" / "hparams").is_dir()

@@ -18,7 +18,7 @@ the enumeration, which keeps that reference unbiased. The objectives are
   sites outside the data plate (which depend on no latent): a different quantity from
   the ELBO (equal at :math:`K = 1`); where the datapoints are not independent (rows
   marked ``whole``) and for ``weights="program"``, the whole-program bound
-  :math:`\mathbb E[\log \frac1K \sum_k w_k]` from the scaled and masked log weights
+  :math:`\\mathbb E[\\log \\frac1K \\sum_k w_k]` from the scaled and masked log weights
   (:func:`exact_program_bound`).
 
 An estimator's mean loss and mean gradient over independent draws must be

@@ -37,7 +37,7 @@ COMMON_FLAGS = frozenset(
     """config dataset data_dir download likelihood validation epochs batch_size lr optimizer
     lr_schedule lr_step lr_gamma clip_norm early_stopping seed latent_dim eval_samples
     eval_ais device out resume overwrite no_figures no_progress threads devices strategy
-    accelerator num_nodes""".split()
+    accelerator num_nodes logger""".split()
 )
 _NETWORK = frozenset("hidden_dim depth layer_norm orthogonal_init arch".split())
 _LANGEVIN = frozenset(
