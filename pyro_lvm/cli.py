@@ -549,6 +549,7 @@ def _print_summary(metrics: dict, out) -> None:
         "test_nelbo",
         "test_nll",
         "test_nll_per_dim",
+        "test_nll_fixed",
         "test_nll_ais",
         "accept_rate",
         "step_size",

@@ -57,6 +57,7 @@ DEFAULT_MODELS = ("vae", "vae-flow", "dlgm", "lae")
 COMPARE_KEYS = (
     "test_nelbo_per_dim",
     "test_nll",
+    "test_nll_fixed",
     "test_nll_ais",
     "test_nll_ais_per_dim",
     "sample_frechet",

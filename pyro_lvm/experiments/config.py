@@ -88,7 +88,9 @@ class TrainConfig:
     mh: bool = True
     adapt_step_size: bool = True
     test_scale: float = 0.05
-    refine_steps: int = 0
+    #: lae, dlgm: MALA steps from the encoder that fit the proposal of test_nll (0: the
+    #: encoder's fixed proposal, whose numbers are also reported under ``*_fixed`` keys)
+    refine_steps: int = 20
     #: LAE feature preconditioning damping (None: plain ALD on the last-layer weight)
     precondition: float | None = None
     #: lae: encoder feature normalization before the chain layer (none|center|standardize)

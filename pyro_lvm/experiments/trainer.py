@@ -227,7 +227,8 @@ class Trainer:
 
     def _check_health(self, record: dict) -> None:
         seen = {w["kind"] for w in self.state.warnings}
-        for issue in check_epoch(record, self.state.first_loss):
+        steps = (r["step_size"] for r in self.state.steps if "step_size" in r)
+        for issue in check_epoch(record, self.state.first_loss, next(steps, None)):
             if issue.kind not in seen:
                 seen.add(issue.kind)
                 self.state.warnings.append(issue._asdict())

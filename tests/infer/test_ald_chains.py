@@ -8,11 +8,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from ald_problem import LATENT, N, Z, check_posterior, make_problem
 from pyro.infer import MCMC
 from pyro.infer.mcmc import api
 from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 from seeding import offset_seed
-from test_amortized_langevin import LATENT, N, Z, check_posterior, make_problem
 
 from pyro_lvm.infer import AmortizedLangevin
 

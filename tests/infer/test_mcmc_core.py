@@ -9,10 +9,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from ald_problem import LATENT, N, check_posterior, make_problem
 from pyro.infer import MCMC
 from pyro.ops.stats import effective_sample_size
 from seeding import offset_seed
-from test_amortized_langevin import LATENT, N, check_posterior, make_problem
 from torch import nn
 
 from pyro_lvm.infer import AmortizedLangevin

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 #: fewer effective draws than this fraction of the draws: the chain barely mixes
-MIN_ESS_PER_DRAW = 0.01
+MIN_ESS_PER_DRAW = 0.005
 #: latents moving less than this fraction of their spread per transition: frozen
 MIN_RELATIVE_MOVE = 1e-3
 #: a step size that fell by more than this factor from its first value has collapsed
