@@ -104,5 +104,7 @@ def test_a_constraint_an_export_cannot_record_is_refused(vae_run, tmp_path):
     bounds = constraints.interval(torch.zeros(2), torch.tensor([1.0, 2.0]))  # tensor bounds
     pyro.param("odd", torch.tensor([0.5, 0.5]), constraint=bounds)
     data = {"data_dim": run.data_dim, "image_shape": run.image_shape}
-    with pytest.raises(ValueError, match="pyro.param 'odd': its constraint _Interval holds a Tensor"):
+    with pytest.raises(
+        ValueError, match="pyro.param 'odd': its constraint _Interval holds a Tensor"
+    ):
         write_export(run.experiment.modules, run.config.to_dict(), data, tmp_path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,6 +22,7 @@ from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
 from pyro_lvm.experiments.fabric import agree_or_raise, check_data_parallel, launch
 from pyro_lvm.experiments.loggers import check_logger, open_logger
+from pyro_lvm.experiments.progress import open_progress
 from pyro_lvm.experiments.protocol import PlottableModel, missing
 from pyro_lvm.experiments.recipes import Experiment
 from pyro_lvm.experiments.rundir import (
@@ -146,11 +146,12 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
 
     def on_step(state, loss):
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix({"loss": f"{loss:.2f}", **_short(experiment.inference.metrics())})
+            bar.step(loss, experiment.inference.metrics())
 
     def on_epoch(state, record):
         logger.log_epoch(record)
+        if bar is not None:
+            bar.epoch(record)
 
     previous = signal.getsignal(signal.SIGINT)
 
@@ -237,22 +238,16 @@ def _write_metrics(out: Path, metrics: dict) -> None:
         )
 
 
-def _short(metrics: dict) -> dict:
-    return {k: f"{v:.3g}" for k, v in metrics.items() if isinstance(v, float)}
-
-
 def _progress_bar(config, data, trainer, enabled: bool):
+    """A live bar on a terminal, one line per epoch in a pipe or a log file."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     per_epoch = -(-data.num_train // config.batch_size)
-    return tqdm(
-        total=config.epochs * per_epoch,
-        initial=trainer.state.step,
-        desc=f"{config.model} on {data.name}",
-        unit="step",
-        file=sys.stderr,
+    return open_progress(
+        config.epochs * per_epoch,
+        trainer.state.step,
+        f"{config.model} on {data.name}",
+        config.epochs,
     )
 
 
