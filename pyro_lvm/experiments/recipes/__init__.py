@@ -21,6 +21,7 @@ RECIPES: dict[str, str] = {
     "dlgm": "pyro_lvm.experiments.recipes.dlgm",
     "sbn": "pyro_lvm.experiments.recipes.sbn",
     "ae-gmm": "pyro_lvm.experiments.recipes.ae_gmm",
+    "pgd": "pyro_lvm.experiments.recipes.pgd",
     "custom": "pyro_lvm.experiments.recipes.custom",
 }
 
@@ -55,6 +56,7 @@ MODEL_FLAGS: dict[str, frozenset[str]] = {
     "dlgm": _NETWORK | _LANGEVIN,
     "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
     "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),
+    "pgd": _NETWORK | _LANGEVIN | {"num_particles"},
 }
 
 
