@@ -19,7 +19,7 @@ from torch import nn
 
 from pyro_lvm.infer import AmortizedLangevin
 from pyro_lvm.infer.mcmc import to_inference_data
-from pyro_lvm.infer.mcmc.ald import FlatPotentialWarning
+from pyro_lvm.infer.mcmc.checks import FlatPotentialWarning
 from pyro_lvm.infer.mcmc.mixing import MixingWarning
 
 

@@ -35,7 +35,6 @@ Latent Variable Models", NeurIPS.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -67,10 +66,10 @@ from pyro_lvm.infer.mcmc.langevin import (
 __all__ = [
     "ALDBatch",
     "ALDState",
-    "FlatPotentialWarning",
     "PotentialOf",
     "ald_init",
     "ald_transition",
+    "check_options",
     "ald_adapt",
     "bind_batch",
     "initial_step_size",
@@ -80,10 +79,6 @@ __all__ = [
 
 #: ``potential_of(u, args, kwargs) -> V``: the potential at unconstrained site values
 PotentialOf = Callable[[dict, tuple, dict], Tensor]
-
-
-class FlatPotentialWarning(UserWarning):
-    """Latent coordinates that no prior or likelihood term reaches (e.g. masked padding)."""
 
 
 class ALDState(NamedTuple):
@@ -137,6 +132,48 @@ class ALDBatch(NamedTuple):
     @property
     def chain_size(self) -> int:
         return self.chain.start.numel()
+
+
+def check_options(
+    latent_site, encoder, params, step_size, target_accept_prob, precondition, adapt_window
+) -> tuple[str, ...]:
+    """One-line errors for impossible kernel options; the latent site names."""
+    sites = (latent_site,) if isinstance(latent_site, str) else tuple(latent_site)
+    named = dict(encoder.named_parameters()) if isinstance(encoder, nn.Module) else {}
+    missing = None if params is None else [p for p in params if p not in named] or None
+    checks = [
+        (
+            sites and all(isinstance(s, str) for s in sites) and len(set(sites)) == len(sites),
+            f"latent_site must be a site name or a sequence of distinct names, got "
+            f"{latent_site!r}",
+        ),
+        (step_size is None or step_size > 0, f"step_size must be positive, got {step_size}"),
+        (
+            0.0 < target_accept_prob < 1.0,
+            f"target_accept_prob must be in (0, 1), got {target_accept_prob}",
+        ),
+        (
+            precondition is None or precondition > 0,
+            f"precondition (a damping) must be positive or None, got {precondition}",
+        ),
+        (
+            adapt_window is None or adapt_window >= 1,
+            f"adapt_window must be a positive integer, got {adapt_window}",
+        ),
+        (
+            isinstance(encoder, nn.Module),
+            f"encoder must be an nn.Module, got {type(encoder).__name__}",
+        ),
+        (
+            params is None or (list(params) and not missing),
+            f"params {missing or list(params or [])} are not parameters of the encoder; choose "
+            f"from {sorted(named)}",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    return sites
 
 
 # -- binding a batch -----------------------------------------------------------------------
@@ -390,77 +427,3 @@ def local_latents(langevin: LangevinState, batch: ALDBatch) -> dict[str, Tensor]
         if batch.sites.global_names:
             u = {**u, **S.global_values(batch.sites, position[batch.chain_size :])}
         return {n: v.detach().clone() for n, v in S.constrain(batch.sites, u).items()}
-
-
-# -- checks of the potential ----------------------------------------------------------------
-
-
-def stochastic_modules(*modules: object) -> list[str]:
-    """Dropout and batch-norm layers in training mode among the given modules (their
-    qualified names): what makes a network's output change between identical calls."""
-    found = []
-    for root in modules:
-        if not isinstance(root, nn.Module):
-            continue
-        for name, m in root.named_modules():
-            kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
-            if m.training and isinstance(m, kinds):
-                found.append(f"{name or type(root).__name__} ({type(m).__name__})")
-    return found
-
-
-@torch.no_grad()
-def check_potential(
-    batch: ALDBatch, langevin: LangevinState, suspects: Sequence[object] = ()
-) -> None:
-    """Refuse in one line a potential that is not a function of the state: evaluated
-    again at the state, it must give the same value (dropout, batch norm in training
-    mode or random numbers inside the model or encoder break MCMC's detailed balance)."""
-    # both evaluations local: under data parallelism the state holds the global value
-    first = batch.potential_fn(langevin.position).sum()
-    again = batch.potential_fn(langevin.position).sum()
-    tol = 1e-5 * (1.0 + float(first.abs()))
-    if math.isfinite(float(first)) and not float((again - first).abs()) <= tol:
-        modules = stochastic_modules(*suspects)
-        cause = (
-            f"layers in training mode: {', '.join(modules)}; call .eval() on them"
-            if modules
-            else "random numbers drawn inside the model or encoder; make them deterministic "
-            "given the latents"
-        )
-        raise ValueError(
-            f"the potential changes between two evaluations at the same state ({float(first):.6g}"
-            f", then {float(again):.6g}), so MCMC would sample no fixed law; cause: {cause}"
-        )
-
-
-def check_flat(batch: ALDBatch, langevin: LangevinState) -> None:
-    """Warn once (one line) about local latent coordinates with an exactly zero gradient
-    of the potential at a random point near the state: no prior or likelihood term
-    reaches them (masked padding), so the chain moves them as a free random walk."""
-    gen = torch.Generator().manual_seed(0)  # a private draw: the caller's stream is untouched
-    u = {}
-    for name, value in _local_at(batch, langevin).items():
-        offset = torch.randn(value.shape, generator=gen).to(value) * (0.1 + value.abs())
-        u[name] = (value + offset).requires_grad_()
-    globals_ = S.global_values(batch.sites, langevin.position[batch.chain_size :].detach())
-    with torch.enable_grad():
-        # the potential as a function of the site values themselves
-        potential = batch.potential_of({**u, **globals_}, batch.args, batch.kwargs)
-        grads = torch.autograd.grad(potential.sum(), list(u.values()), allow_unused=True)
-    for (name, value), grad in zip(u.items(), grads):
-        flat = value.numel() if grad is None else int((grad == 0).sum())
-        if flat:
-            warnings.warn(
-                f"{flat} of {value.numel()} coordinates of latent site {name!r} have a flat "
-                "potential (no prior or likelihood term reaches them, e.g. masked padding): "
-                "ALD moves them as a free random walk; drop them from the site or keep the "
-                "prior term unmasked",
-                FlatPotentialWarning,
-                stacklevel=4,
-            )
-
-
-def _local_at(batch: ALDBatch, langevin: LangevinState) -> dict[str, Tensor]:
-    with torch.no_grad():
-        return batch.chain.local_values(langevin.position[: batch.chain_size])

@@ -38,9 +38,9 @@ from pyro_lvm.infer.mcmc.chain import (
     RankConditionWarning,
     encoder_values,
     find_chain,
-    run_capturing,
-    solve_head_weight,
 )
+from pyro_lvm.infer.mcmc.checks import check_flat, check_potential
+from pyro_lvm.infer.mcmc.initial import apply_initial_params, check_initial_keys
 from pyro_lvm.infer.mcmc.langevin import LangevinState
 
 __all__ = ["AmortizedLangevin", "RankConditionWarning"]
@@ -135,46 +135,11 @@ class AmortizedLangevin(MCMCKernel):
         reduce_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
         jit_compile: bool = False,
     ):
-        sites = (latent_site,) if isinstance(latent_site, str) else tuple(latent_site)
-        if not sites or not all(isinstance(s, str) for s in sites) or len(set(sites)) < len(sites):
-            raise ValueError(
-                f"latent_site must be a site name or a sequence of distinct names, got "
-                f"{latent_site!r}"
-            )
-        checks = [
-            (step_size is None or step_size > 0, f"step_size must be positive, got {step_size}"),
-            (
-                0.0 < target_accept_prob < 1.0,
-                f"target_accept_prob must be in (0, 1), got {target_accept_prob}",
-            ),
-            (
-                precondition is None or precondition > 0,
-                f"precondition (a damping) must be positive or None, got {precondition}",
-            ),
-            (
-                adapt_window is None or adapt_window >= 1,
-                f"adapt_window must be a positive integer, got {adapt_window}",
-            ),
-            (
-                isinstance(encoder, nn.Module),
-                f"encoder must be an nn.Module, got {type(encoder).__name__}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        named = dict(encoder.named_parameters())
-        if params is not None and (not list(params) or any(p not in named for p in params)):
-            missing = [p for p in params if p not in named] or list(params)
-            raise ValueError(
-                f"params {missing} are not parameters of the encoder; choose from {sorted(named)}"
-            )
-        self.model, self.encoder, self.latent_site, self.latent_sites = (
-            model,
-            encoder,
-            latent_site,
-            sites,
+        sites = ald.check_options(
+            latent_site, encoder, params, step_size, target_accept_prob, precondition, adapt_window
         )
+        self.model, self.encoder = model, encoder
+        self.latent_site, self.latent_sites = latent_site, sites
         self.mh, self.adapt_step_size = bool(mh), bool(adapt_step_size)
         self.target_accept_prob, self.adapt_window = target_accept_prob, adapt_window
         self.precondition, self.project_noise = precondition, bool(project_noise)
@@ -276,8 +241,8 @@ class AmortizedLangevin(MCMCKernel):
         key = ("potential", tuple(x.shape))
         if key in self.cache.verified:
             return
-        ald.check_potential(batch, langevin, (self.encoder, getattr(self.model, "__self__", None)))
-        ald.check_flat(batch, langevin)
+        check_potential(batch, langevin, (self.encoder, getattr(self.model, "__self__", None)))
+        check_flat(batch, langevin)
         self.cache.verified.add(key)
 
     def start(self, batch: ald.ALDBatch, langevin: LangevinState) -> None:
@@ -337,7 +302,15 @@ class AmortizedLangevin(MCMCKernel):
         if self.save_params == self._default_save:
             self._default_save = sorted([*self.latent_sites, *sites.global_names])
             self.save_params = list(self._default_save)
-        self._apply_initial_params(sites, x, args, kwargs)
+        self.state = apply_initial_params(
+            self._initial_params or {},
+            self.cache.spec,
+            sites,
+            self.state,
+            self.encoder,
+            x,
+            prior=self._prior_draw(args, kwargs) if self._num_chains_started > 1 else None,
+        )
         batch = self.bind(*args, **kwargs)
         langevin = ald.ald_init(batch, self.state, reduce_fn=self.reduce_fn)
         self.check(batch, langevin, x)
@@ -346,71 +319,19 @@ class AmortizedLangevin(MCMCKernel):
         self._last = ald.local_latents(langevin, batch)
         self._first_step_size = self.state.step_size
 
-    def _apply_initial_params(self, sites, x, args, kwargs) -> None:
-        spec = self.cache.spec
-        init = dict(self._initial_params or {})
-        names = [*self.latent_sites, *sites.global_names]
-        unknown = set(init) - {*names, *spec.param_names}
-        if unknown:
-            raise ValueError(
-                f"initial_params has keys {sorted(unknown)} that are neither latent sites "
-                f"{names} nor chain parameters {list(spec.param_names)}; key them by site or "
-                "parameter name"
-            )
-        with torch.no_grad():
-            for name, p in zip(spec.param_names, spec.params):
-                if name in init:
-                    p.copy_(init[name])
-        local = {n: init[n] for n in self.latent_sites if n in init}
-        if not local and self._num_chains_started > 1 and spec.heads is not None:
-            local = self._prior_latents(args, kwargs)
-        if local:
-            self._solve_weights(spec, S.unconstrain(sites, local), x)
-        if any(n in init for n in sites.global_names):
-            current = S.constrain(sites, S.global_values(sites, self.state.globals))
-            values = {n: init.get(n, current[n]) for n in sites.global_names}
-            values = S.unconstrain(sites, values)
-            flat = torch.cat([values[n].reshape(-1) for n in sites.global_names])
-            self.state = self.state._replace(globals=flat)
-
-    def _prior_latents(self, args: tuple, kwargs: dict) -> dict[str, Tensor]:
-        """The local latent sites drawn from the model's prior (a dispersed start)."""
-        trace = S.trace_prior(self.model, args, kwargs)
-        return {n: trace.nodes[n]["value"] for n in self.latent_sites}
-
-    def _solve_weights(self, spec: ChainSpec, u: dict[str, Tensor], x: Tensor) -> None:
-        """Set the heads' weights so that the encoder outputs ``u``, or refuse in one line."""
-        if spec.heads is None:
-            names = list(u)
-            raise ValueError(
-                f"initial_params keyed by {names[0] if len(names) == 1 else names!r} needs "
-                "sites that are nn.Linear head outputs; key them by parameter names "
-                f"{list(spec.param_names)} instead"
-            )
-        missing = [n for n in self.latent_sites if n not in u]
-        if missing:
-            raise ValueError(f"initial_params lacks latent sites {missing}; give every local site")
-        with torch.no_grad():
-            _, captured = run_capturing(self.encoder, [h.module for h in spec.heads], x)
-            for head, calls in zip(spec.heads, captured):
-                weight = solve_head_weight(calls[0][0], head.module, head.sites, u)
-                head.module.weight.copy_(weight)
-
     @property
     def initial_params(self) -> dict[str, Tensor]:
         return ald.local_latents(self._langevin, self._batch)
 
     @initial_params.setter
     def initial_params(self, params: dict[str, Tensor]) -> None:
-        keys, names = set(params), {n for n, _ in self.encoder.named_parameters()}
-        if not set(self.latent_sites) <= keys and not keys <= names:
-            sites = self.latent_sites
-            named = f"site {sites[0]!r}" if len(sites) == 1 else f"sites {list(sites)}"
-            raise ValueError(
-                f"initial_params must be keyed by the latent {named} (plus any global "
-                f"sites) or by chain parameter names, got {sorted(keys)}"
-            )
+        check_initial_keys(params, self.latent_sites, self.encoder)
         self._initial_params = dict(params)
+
+    def _prior_draw(self, args: tuple, kwargs: dict) -> dict[str, Tensor]:
+        """The local latent sites drawn from the model's prior (a dispersed start)."""
+        trace = S.trace_prior(self.model, args, kwargs)
+        return {n: trace.nodes[n]["value"] for n in self.latent_sites}
 
     def sample(self, params: dict[str, Tensor]) -> dict[str, Tensor]:
         """One transition; the latent sites' values at the new state."""
