@@ -24,7 +24,7 @@ from pyro_lvm.infer.marginal import MarginalLikelihoodGD
 from pyro_lvm.infer.mcmc.amortized_langevin import AmortizedLangevin, RankConditionWarning
 from pyro_lvm.infer.nvil import TraceNVIL_ELBO
 from pyro_lvm.infer.optim import ParamOptimizer
-from pyro_lvm.infer.pgd import PGD, prior_langevin_proposal
+from pyro_lvm.infer.pgd import PGD, map_langevin_proposal
 from pyro_lvm.infer.refine import (
     GaussianProposal,
     LangevinProposalGuide,
@@ -69,5 +69,5 @@ __all__ = [
     "elbo_per_datapoint",
     "iwae_log_likelihood",
     "log_importance_weights",
-    "prior_langevin_proposal",
+    "map_langevin_proposal",
 ]

@@ -36,9 +36,13 @@ visit.
 The reported loss is that particle-averaged negative log joint summed over the batch:
 an energy, not a bound (it omits the particles' entropy).
 
-Test data have no particles: :func:`prior_langevin_proposal` fits a Gaussian proposal to
-MALA chains started at prior draws (:class:`~pyro_lvm.infer.LangevinProposalGuide`), a
-valid importance proposal for ``iwae_log_likelihood`` (AIS needs none).
+Test data have no particles. :func:`map_langevin_proposal` starts from each test
+datapoint's best posterior mode among a few gradient ascents from prior draws
+(:class:`MultiStartMAP`; the authors' code encodes test images the same way) and fits a
+Gaussian to short MALA chains from there (:class:`~pyro_lvm.infer.LangevinProposalGuide`),
+a valid importance proposal for ``iwae_log_likelihood`` (AIS needs none). Chains started
+at the prior draws themselves end in different modes, and one Gaussian pooled over them is
+a poor proposal (measured in ``docs/benchmarks.md``).
 
 References
 ----------
@@ -75,7 +79,7 @@ from pyro_lvm.infer.sites import (
     unconstrain,
 )
 
-__all__ = ["PGD", "PriorDraws", "prior_langevin_proposal"]
+__all__ = ["PGD", "MultiStartMAP", "PriorDraws", "map_langevin_proposal"]
 
 
 class PriorDraws:
@@ -101,13 +105,61 @@ class PriorDraws:
         return torch.cat(draws)
 
 
-def prior_langevin_proposal(
-    model: Callable, num_steps: int, *, num_chains: int = 8, **fit_kwargs
+class MultiStartMAP:
+    r"""``init(x) -> (B, size)``: per datapoint, the highest of ``num_starts`` local modes
+    of :math:`\log p(x_i, u)` (unconstrained latents, log-Jacobian included), each found
+    by ``num_iters`` Adam steps from a prior draw.
+
+    The ascents of all starts and datapoints run as one batch (their objectives are
+    independent); only the latents move, the model's gradients are left untouched."""
+
+    def __init__(
+        self,
+        model: Callable,
+        num_starts: int = 8,
+        num_iters: int = 100,
+        lr: float = 0.05,
+        max_plate_nesting: int = 1,
+    ):
+        if num_iters < 0:
+            raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        self.draws = PriorDraws(model, num_starts, max_plate_nesting)
+        self.model, self.num_iters, self.lr = model, num_iters, lr
+
+    def __call__(self, x: Tensor) -> Tensor:
+        spec = find_latents(self.model, x, max_plate_nesting=self.draws.max_plate_nesting)
+        u = self.draws(x).clone().requires_grad_(True)  # (starts, B, size)
+        optim = torch.optim.Adam([u], lr=self.lr)
+
+        def log_joint(u: Tensor) -> Tensor:
+            log_prior, log_lik = log_densities(self.model, spec, u, x)
+            return log_prior + log_lik  # (starts, B)
+
+        with torch.enable_grad(), poutine.block():
+            for _ in range(self.num_iters):
+                (u.grad,) = torch.autograd.grad(-log_joint(u).sum(), u)
+                optim.step()
+            with torch.no_grad():
+                best = log_joint(u).nan_to_num(nan=-float("inf")).argmax(0)
+        return u.detach()[best, torch.arange(x.shape[0], device=best.device)]
+
+
+def map_langevin_proposal(
+    model: Callable,
+    num_steps: int,
+    *,
+    num_starts: int = 8,
+    num_iters: int = 100,
+    lr: float = 0.05,
+    **fit_kwargs,
 ) -> LangevinProposalGuide:
-    """A guide for data without particles: a Gaussian fitted to ``num_steps`` MALA
-    steps (half warmup) of ``num_chains`` chains per datapoint from prior draws."""
-    init = PriorDraws(model, num_chains, fit_kwargs.get("max_plate_nesting", 1))
-    return LangevinProposalGuide(model, init, num_steps, num_chains=num_chains, **fit_kwargs)
+    """A guide for data without particles: a Gaussian fitted to ``num_steps`` MALA steps
+    (half warmup) of chains per datapoint started at its :class:`MultiStartMAP` point."""
+    mpn = fit_kwargs.get("max_plate_nesting", 1)
+    init = MultiStartMAP(model, num_starts, num_iters, lr, max_plate_nesting=mpn)
+    return LangevinProposalGuide(model, init, num_steps, **fit_kwargs)
 
 
 class PGD(OptimizerDriver):

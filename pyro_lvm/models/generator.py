@@ -78,7 +78,7 @@ class GeneratorNetwork(LatentVariableModel):
     def guide(self, x: torch.Tensor) -> None:
         raise NotImplementedError(
             "GeneratorNetwork has no guide (no encoder); evaluate it with a proposal from "
-            "its inference, e.g. pyro_lvm.infer.prior_langevin_proposal, or with AIS"
+            "its inference, e.g. pyro_lvm.infer.map_langevin_proposal, or with AIS"
         )
 
     @torch.no_grad()

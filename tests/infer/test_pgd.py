@@ -13,6 +13,7 @@ from bernoulli_toy import assert_unbiased
 from seeding import offset_seed
 
 from pyro_lvm.infer import PGD
+from pyro_lvm.infer.pgd import MultiStartMAP
 from pyro_lvm.models import PPCA, ppca_log_likelihood, ppca_mle, ppca_posterior
 
 
@@ -147,3 +148,29 @@ def test_converges_to_the_maximum_likelihood_solution(float64):
             pgd.step(x[rows], rows)
     gap = float(best - ppca.exact_log_likelihood(x).mean().detach())
     assert gap0 > 1.0 and -1e-9 < gap < 1e-3
+
+
+def test_multi_start_map_finds_each_rows_highest_mode(float64):
+    """PPCA: the posterior is Gaussian, its mode is the exact posterior mean. A bimodal
+    1-d posterior: the best start is the global mode (found here on a fine grid)."""
+    x = _data(n=6)
+    ppca = _ppca()
+    mode = MultiStartMAP(ppca.model, num_starts=3, num_iters=600, lr=0.05)(x)
+    assert torch.allclose(mode, ppca_posterior(x, ppca.params())[0], atol=1e-4)
+
+    obs = torch.tensor([[1.0], [0.6], [1.4]], dtype=torch.float64)
+
+    def bimodal(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([x.shape[0], 1]).to_event(1))
+            loc = z**2 + 0.3 * z
+            pyro.sample("x", dist.Normal(loc, 0.05).to_event(1), obs=x)
+
+    grid = torch.linspace(-3, 3, 600001, dtype=torch.float64)[:, None, None]
+    log_joint = dist.Normal(0.0, 1.0).log_prob(grid) + dist.Normal(
+        grid**2 + 0.3 * grid, 0.05
+    ).log_prob(obs)
+    best = grid.squeeze(-1)[log_joint.squeeze(-1).argmax(0), 0]  # (B,)
+    pyro.set_rng_seed(offset_seed(5))
+    found = MultiStartMAP(bimodal, num_starts=16, num_iters=600, lr=0.02)(obs)
+    assert torch.allclose(found.squeeze(-1), best, atol=1e-3)

@@ -36,7 +36,7 @@ def test_pgd_recipe_trains_with_indices_and_evaluates():
     assert exp.inference.particles.shape == (40, 3, 2) and exp.inference.initialized.all()
     assert math.isfinite(exp.inference.evaluate_loss(x[:5]))  # held-out rows: no particles
     out = evaluate(exp, x[:10], eval_samples=8, eval_ais=3)
-    assert out["eval_proposal"] == "langevin from the prior (6 MALA steps)"
+    assert out["eval_proposal"].startswith("langevin-refined (6 MALA steps from the best of 8")
     for key in ("test_nelbo", "test_nll", "test_nll_ais"):
         assert math.isfinite(out[key])
     assert exp.lvm.encode(x[:10]).shape == (10, 2)
