@@ -67,18 +67,25 @@ __all__ = ["VIMCO", "leave_one_out_signals"]
 def leave_one_out_signals(log_w: torch.Tensor) -> torch.Tensor:
     r"""VIMCO's learning signals :math:`\hat L - \hat L_{-k}` for log weights ``(K, ...)``.
 
-    :math:`\log \sum_{j \ne k} w_j` comes from prefix and suffix log-cumulative sums, so
-    the cost is linear in :math:`K` and nothing cancels (no :math:`\sum_j w_j - w_k`).
+    :math:`\log \sum_{j \ne k} w_j` and :math:`\sum_{j \ne k} \log w_j` come from prefix
+    and suffix (log-)cumulative sums, so the cost is linear in :math:`K` and nothing is
+    subtracted: no cancellation when one weight dominates, and a zero weight
+    (:math:`\log w_k = -\infty`) gives finite signals instead of ``inf - inf``.
     """
     k = log_w.shape[0]
     log_w = log_w.detach()
-    bound = log_w.logsumexp(0)
-    empty = torch.full_like(log_w[:1], -math.inf)
-    prefix = torch.cat([empty, log_w.logcumsumexp(0)[:-1]])
-    suffix = torch.cat([log_w.flip(0).logcumsumexp(0).flip(0)[1:], empty])
+
+    def leave_out(scan, empty):  # scan over every j != k: prefix (j < k) and suffix (j > k)
+        fill = torch.full_like(log_w[:1], empty)
+        prefix = torch.cat([fill, scan(log_w)[:-1]])
+        suffix = torch.cat([scan(log_w.flip(0)).flip(0)[1:], fill])
+        return prefix, suffix
+
+    prefix, suffix = leave_out(lambda t: t.logcumsumexp(0), -math.inf)
     others = torch.logaddexp(prefix, suffix)  # log sum_{j != k} w_j
-    others_mean = (log_w.sum(0, keepdim=True) - log_w) / (k - 1)
-    return bound - torch.logaddexp(others, others_mean)
+    prefix, suffix = leave_out(lambda t: t.cumsum(0), 0.0)
+    others_mean = (prefix + suffix) / (k - 1)  # mean_{j != k} log w_j
+    return log_w.logsumexp(0) - torch.logaddexp(others, others_mean)
 
 
 def _same_scale(a, b) -> bool:

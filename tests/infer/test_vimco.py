@@ -159,6 +159,15 @@ def test_leave_one_out_signals_are_stable_for_many_particles(float64):
     # the dominant particle's baseline replaces w_0 by the others' geometric mean (1)
     assert signals[0, 0] == pytest.approx(800.0 - math.log(5000.0), rel=1e-12)
     assert signals[1:].abs().max() < 1e-12
+    # a zero weight: finite signals (the old ``sum - log w_k`` gave inf - inf = nan)
+    log_w = torch.tensor([[0.5], [-math.inf], [1.0]])
+    signals = leave_one_out_signals(log_w)
+    assert torch.isfinite(signals).all()
+    others = [torch.cat([log_w[:j], log_w[j + 1 :]]) for j in range(3)]
+    expected = torch.stack(
+        [log_w.logsumexp(0) - torch.logaddexp(o.logsumexp(0), o.mean(0)) for o in others]
+    )
+    assert torch.allclose(signals, expected)
 
 
 def test_empty_program_has_bound_zero():
