@@ -89,6 +89,7 @@ def _experiment(case: str, data: DataBundle) -> Experiment:
         config = TrainConfig(model="lae", num_steps=2, **settings)
     else:
         raise ValueError(f"unknown case {case!r}")
+    pyro.set_rng_seed(config.seed)  # the same initial weights in every process
     return build_experiment(config, data.data_dim)
 
 

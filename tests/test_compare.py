@@ -55,3 +55,35 @@ def test_compare_cli_and_changed_settings_are_refused(tmp_path, capsys):
     assert main([*argv, *tiny, "--no-progress", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "lr" in err and "another --out" in err
+
+
+def test_compare_reevaluates_what_it_cannot_reuse(tmp_path, capsys):
+    """Metrics evaluated with other settings (a ``pyro-lvm evaluate`` since), a failed
+    evaluation (``null``) and a damaged ``metrics.json`` are re-evaluated, never reused."""
+    settings = TrainConfig(**{**TINY, "eval_samples": 5})
+    run = tmp_path / "vae-seed0"
+    events = []
+    (first,) = compare(["vae"], [0], settings, tmp_path, sample_quality=False)
+
+    def again() -> dict:
+        events.clear()
+        (row,) = compare(
+            ["vae"], [0], settings, tmp_path, sample_quality=False, callback=events.append
+        )
+        return row
+
+    assert main(["evaluate", str(run), "--eval-samples", "7"]) == 0
+    capsys.readouterr()
+    row = again()
+    assert [e.kind for e in events if e.kind != "done"] == ["evaluate"]
+    assert row["eval_samples"] == 5 and row["test_nll"] == first["test_nll"]
+    assert "eval_samples=5" in (tmp_path / "compare.md").read_text()
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    for damaged in ({**metrics, "test_nll": None}, [metrics]):
+        (run / "metrics.json").write_text(json.dumps(damaged))
+        row = again()
+        assert [e.kind for e in events if e.kind != "done"] == ["evaluate"]
+        assert row["test_nll"] == first["test_nll"]
+    again()
+    assert [e.kind for e in events if e.kind != "done"] == ["reuse"]

@@ -6,8 +6,10 @@ Data flows one way: data -> models -> inference -> experiments -> CLI. The CLI
 
 =================  ==============================================================
 ``config``         :class:`TrainConfig`, every setting of a run, validated once
+``settings``       the CLI's flags, ``--config`` and ``--resume`` -> :class:`TrainConfig`
 ``trainer``        :class:`Trainer`, minibatch loop with exact resume
 ``checkpoint``     atomic, two-slot, ``weights_only`` checkpoints
+``params``         the Pyro params outside the modules, as checkpoint data
 ``rundir``         run folders: never overwritten, one writer, strict JSON
 ``health``         finite-but-hopeless training detection
 ``schedules``      learning-rate schedules for any driver

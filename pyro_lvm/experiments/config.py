@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["TrainConfig"]
+from pyro_lvm.data import DATASETS
+from pyro_lvm.models.likelihoods import LIKELIHOODS
+
+__all__ = ["TrainConfig", "check_types"]
 
 
 #: fields whose absence from a saved config.json means the former behaviour: a run
@@ -109,13 +116,31 @@ class TrainConfig:
     num_components: int = 10
 
     def validate(self) -> None:
-        """Raise a one-line ``ValueError`` for impossible settings."""
+        """Raise a one-line ``ValueError`` for impossible settings (a value of the wrong
+        type first: :func:`check_types`)."""
+        check_types(self.to_dict(), "TrainConfig")
         finite = ("lr", "step_size", "target_accept_prob", "test_scale", "precondition")
         for name in (*finite, "lr_gamma", "clip_norm"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
         checks = [
+            (
+                0 <= self.seed < 2**32,
+                f"--seed must be between 0 and 2**32 - 1, got {self.seed}",
+            ),
+            (
+                self.likelihood in LIKELIHOODS,
+                f"--likelihood must be {' or '.join(LIKELIHOODS)}, got {self.likelihood!r}",
+            ),
+            (
+                self.optimizer in ("adam", "sgd"),
+                f"--optimizer must be adam or sgd, got {self.optimizer!r}",
+            ),
+            (
+                self.dataset in DATASETS,
+                f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}",
+            ),
             (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.latent_dim > 0, f"--latent-dim must be positive, got {self.latent_dim}"),
@@ -209,9 +234,106 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """The saved settings; a field added later with a default that changes the
-        algorithm takes the value the run was trained with (:data:`FORMER_DEFAULTS`)."""
-        data = json.loads(Path(path).read_text())
+        algorithm takes the value the run was trained with (:data:`FORMER_DEFAULTS`).
+
+        Raises a one-line ``ValueError`` naming ``path`` when it is not JSON, not an
+        object of settings, or holds a value of the wrong type.
+        """
+        data = read_json_object(path, "run config")
         data = {RENAMED.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in data.items() if k in known}
+        fields = check_types({k: v for k, v in data.items() if k in known}, str(path))
         return cls(**{**FORMER_DEFAULTS, **fields})
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """The JSON object in ``path`` (one-line ``ValueError`` naming the file otherwise;
+    ``FileNotFoundError`` when it is missing)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not a valid {what} (not JSON: {err.msg} at line {err.lineno}, column "
+            f"{err.colno}); fix or restore the file"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not a valid {what} (not UTF-8 text); fix or restore the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} is not a valid {what} (a JSON {_json_kind(data)}, not an object of "
+            "settings); fix or restore the file"
+        )
+    return data
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number with a fraction" if not float(value).is_integer() else "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def check_types(values: Mapping[str, Any], where: str) -> dict:
+    """``values`` (settings by :class:`TrainConfig` field name) checked against the
+    dataclass's field types; an integer where a number belongs becomes a float.
+
+    JSON has one number type and Python's ``bool`` is an ``int``, so the rules are
+    explicit: an ``int`` field takes only integers (not ``true``, not ``1.5``), a
+    ``float`` field any number but a boolean, a ``bool`` field only ``true``/``false``
+    (the string ``"false"`` is truthy), a ``str`` field only strings; ``None`` only where
+    the default allows it. Raises a one-line ``ValueError`` naming ``where``, the key and
+    the expected type.
+    """
+    hints = _field_types()
+    checked = {}
+    for key, value in values.items():
+        if key not in hints:
+            checked[key] = value
+            continue
+        base, optional = hints[key]
+        ok = (value is None and optional) or (
+            isinstance(value, base)
+            and not (isinstance(value, bool) and base is not bool)
+            or (base is float and isinstance(value, int) and not isinstance(value, bool))
+        )
+        if not ok:
+            expected = _KINDS[base] + (" or null" if optional else "")
+            raise ValueError(
+                f"{where}: {key} must be {expected}, got {_shown(value)} (a {_json_kind(value)})"
+            )
+        checked[key] = float(value) if base is float and value is not None else value
+    return checked
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """``{field: (type, optional)}`` of :class:`TrainConfig`."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        out[name] = (args[0], type(None) in typing.get_args(hint))
+    return out

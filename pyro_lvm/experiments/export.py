@@ -9,8 +9,9 @@ only what the trained model needs, in formats that run no code when read:
   unconstrained values), written by :mod:`safetensors`;
 - ``config.json``: the run's settings (the same keys as a run folder's ``config.json``)
   plus an ``export`` entry: the format version, the data shape the model was built for,
-  each Pyro param's constraint (by name, or class and plain attributes) and the run's
-  ``metrics.json``.
+  each Pyro param's constraint (as a checkpoint records it,
+  :mod:`~pyro_lvm.experiments.params`: a name, or a class of ``torch.distributions`` /
+  ``pyro.distributions`` and plain attributes) and the run's ``metrics.json``.
 
 :func:`pyro_lvm.load_run` loads an export folder as it loads a run folder (the model,
 its settings and metrics; no history, and a fresh optimizer: training continues from the
@@ -20,19 +21,16 @@ run folder, not from an export).
 from __future__ import annotations
 
 import json
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from pyro import get_param_store
-from pyro.distributions import constraints
 from torch import nn
-from torch.distributions import transform_to
-from torch.distributions.constraints import Constraint
 
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME
+from pyro_lvm.experiments.params import load_param_store_state, param_store_state
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -47,7 +45,6 @@ __all__ = [
 EXPORT_FORMAT = 1
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-_TRUSTED = ("torch.distributions.", "pyro.distributions.")
 
 
 def is_export(folder: str | Path) -> bool:
@@ -111,7 +108,8 @@ def write_export(
     metrics: dict[str, Any] | None = None,
 ) -> None:
     """Write the tensors of ``modules`` and the Pyro params outside them (from Pyro's
-    param store) with their constraints, and ``config`` with the export entry."""
+    param store, as :func:`~pyro_lvm.experiments.params.param_store_state` finds them)
+    with their constraints, and ``config`` with the export entry."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -121,9 +119,9 @@ def write_export(
         for k, v in modules.state_dict().items()
     }
     params = {}
-    for name, (value, constraint) in _outside_params(modules).items():
-        tensors[f"params.{name}"] = value.detach().cpu().clone().contiguous()
-        params[name] = {"constraint": _encode(constraint, name)}
+    for name, entry in param_store_state(modules).items():
+        tensors[f"params.{name}"] = entry["value"].cpu().contiguous()
+        params[name] = {"constraint": _plain(entry["constraint"], name)}
     entry = {"format": EXPORT_FORMAT, "data": data, "params": params, "metrics": metrics or {}}
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pyro-lvm"})
     (out / CONFIG_NAME).write_text(json.dumps({**config, "export": entry}, indent=2))
@@ -131,13 +129,13 @@ def write_export(
 
 def read_export(folder: str | Path, device: str = "cpu") -> tuple[dict, dict, dict]:
     """``(config.json dict, module tensors, params)`` of an export folder; ``params``
-    maps each Pyro param name to ``(unconstrained value, constraint)``.
+    maps each Pyro param name to ``{"value": unconstrained tensor, "constraint": ...}``
+    (the checkpoint's form, for :func:`load_params`).
 
     Raises
     ------
     ValueError
-        One line: ``config.json`` is not an export's or names an unknown format or
-        constraint.
+        One line: ``config.json`` is not an export's or names an unknown format.
     """
     from safetensors.torch import load_file
 
@@ -160,76 +158,27 @@ def read_export(folder: str | Path, device: str = "cpu") -> tuple[dict, dict, di
         k.removeprefix("modules."): v for k, v in tensors.items() if k.startswith("modules.")
     }
     params = {
-        name: (tensors[f"params.{name}"], _decode(spec["constraint"]))
+        name: {"value": tensors[f"params.{name}"], "constraint": spec["constraint"]}
         for name, spec in entry.get("params", {}).items()
     }
     return config, modules, params
 
 
-def load_params(params: dict[str, tuple[torch.Tensor, Constraint]]) -> None:
+def load_params(params: dict[str, dict[str, Any]], device: torch.device | str = "cpu") -> None:
     """Put exported params into Pyro's param store (their exact unconstrained values)."""
-    store = get_param_store()
-    for name, (value, constraint) in params.items():
-        if name in store:
-            del store[name]
-        store.setdefault(name, transform_to(constraint)(value).detach(), constraint)
-        with torch.no_grad():  # the saved unconstrained value, not inv(transform(value))
-            store.get_state()["params"][name].copy_(value)
+    load_param_store_state(params, torch.device(device))
 
 
-def _outside_params(modules: nn.Module) -> dict[str, tuple[torch.Tensor, Constraint]]:
-    """Pyro param store entries that are not tensors of ``modules``."""
-    own = {id(t) for t in (*modules.parameters(), *modules.buffers())}
-    state = get_param_store().get_state()
-    return {
-        name: (value, state["constraints"][name])
-        for name, value in state["params"].items()
-        if id(value) not in own
-    }
-
-
-def _encode(constraint: Constraint, param: str) -> dict[str, Any]:
-    """A constraint as plain JSON: Pyro's name for it, or its class and attributes."""
-    for name in dir(constraints):
-        if getattr(constraints, name) is constraint:
-            return {"name": name}
-    cls = type(constraint)
-    if not cls.__module__.startswith(_TRUSTED):
-        raise ValueError(
-            f"pyro.param {param!r} has the constraint {cls.__qualname__} from "
-            f"{cls.__module__}, which an export cannot record; use one of "
-            "pyro.distributions.constraints"
-        )
-    attrs = {}
-    for key, value in vars(constraint).items():
-        if isinstance(value, Constraint):
-            value = {"constraint": _encode(value, param)}
-        elif isinstance(value, torch.Tensor) and value.dim() == 0:
-            value = value.item()
-        if not isinstance(value, (bool, int, float, str, dict, type(None))):
+def _plain(encoded: Any, param: str) -> Any:
+    """A checkpoint's constraint record as JSON: 0-d tensors become numbers; a larger
+    tensor (bounds per element) cannot be written into ``config.json``."""
+    if isinstance(encoded, dict):
+        return {k: _plain(v, param) for k, v in encoded.items()}
+    if isinstance(encoded, torch.Tensor):
+        if encoded.dim() != 0:
             raise ValueError(
-                f"pyro.param {param!r}: its constraint {cls.__qualname__} holds a "
-                f"{type(value).__name__} ({key}), which an export cannot record; use "
-                "scalar bounds"
+                f"pyro.param {param!r}: its constraint holds a tensor of shape "
+                f"{tuple(encoded.shape)}, which an export cannot record; use scalar bounds"
             )
-        attrs[key] = value
-    return {"class": f"{cls.__module__}:{cls.__qualname__}", "attrs": attrs}
-
-
-def _decode(data: dict[str, Any]) -> Constraint:
-    """The constraint of :func:`_encode`; only Pyro's and torch's classes are built."""
-    if "name" in data:
-        found = getattr(constraints, data["name"], None)
-        if not isinstance(found, Constraint):
-            raise ValueError(f"unknown constraint {data['name']!r} in an export")
-        return found
-    module, _, qualname = data.get("class", "").partition(":")
-    cls = getattr(sys.modules.get(module) if module.startswith(_TRUSTED) else None, qualname, None)
-    if not (isinstance(cls, type) and issubclass(cls, Constraint)):
-        raise ValueError(f"unknown constraint class {data.get('class')!r} in an export")
-    obj = cls.__new__(cls)
-    for key, value in data["attrs"].items():
-        if isinstance(value, dict) and "constraint" in value:
-            value = _decode(value["constraint"])
-        setattr(obj, key, value)
-    return obj
+        return encoded.item()
+    return encoded

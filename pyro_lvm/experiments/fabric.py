@@ -22,8 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pyro_lvm.data.bundle import binarize
+
 __all__ = [
     "FabricCollective",
+    "RefusedElsewhere",
     "agree_or_raise",
     "check_data_parallel",
     "is_global_zero",
@@ -85,6 +88,13 @@ def launch(config) -> FabricCollective | None:
         raise ValueError(
             "--devices/--num-nodes need Lightning: pip install 'pyro-lvm[distributed]'"
         ) from None
+    if config.num_nodes > 1 and not _cluster_launched():
+        # Fabric would start this node's processes and wait for the others forever
+        raise ValueError(
+            f"--num-nodes {config.num_nodes}: no launcher started the other nodes' processes "
+            "(no SLURM srun, torchrun, LSF or MPI environment, nor NODE_RANK and MASTER_ADDR); "
+            "start this command on every node with srun or torchrun (docs/distributed.md)"
+        )
     accelerator = "gpu" if str(config.device).startswith("cuda") else "cpu"
     fabric = Fabric(
         accelerator=accelerator,
@@ -98,17 +108,40 @@ def launch(config) -> FabricCollective | None:
     return collective
 
 
+def _cluster_launched() -> bool:
+    """Whether a multi-node launcher set this process up (Lightning's own detection)."""
+    import os
+
+    from lightning.fabric.plugins.environments import (
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    detected = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment, MPIEnvironment)
+    manual = "NODE_RANK" in os.environ and "MASTER_ADDR" in os.environ
+    return manual or any(env.detect() for env in detected)
+
+
 def is_global_zero() -> bool:
     """Whether this process is rank 0 (or the only one): the one that writes and prints."""
     return not _LAUNCHED or _LAUNCHED[-1].rank == 0
+
+
+class RefusedElsewhere(ValueError):
+    """Another rank refused the run and reported why; this rank exits without a word."""
+
+    quiet = True
 
 
 def agree_or_raise(
     collective: FabricCollective | None, check: Callable[[], Any], lead_only: bool = False
 ) -> None:
     """Run ``check()`` on every rank (on rank 0 only with ``lead_only``) and let all ranks
-    agree on its outcome: when it raises anywhere, every rank raises (the failing rank its
-    own one-line error), so no rank is left waiting in a collective."""
+    agree on its outcome: when it raises anywhere, every rank raises, so no rank is left
+    waiting in a collective. The lowest failing rank raises its own one-line error, the
+    others a quiet :class:`RefusedElsewhere`, so the user reads the reason once."""
     if collective is None:
         check()
         return
@@ -118,23 +151,32 @@ def agree_or_raise(
             check()
     except Exception as err:  # re-raised below, after the vote
         error = err
-    flag = torch.tensor([float(error is not None)], device=collective.device)
-    failed = float(collective.all_reduce(flag).sum()) > 0
-    if error is not None:
+    flags = torch.zeros(collective.world_size, device=collective.device)
+    flags[collective.rank] = float(error is not None)
+    failed = collective.all_reduce(flags).nonzero().flatten().tolist()
+    if not failed:
+        return
+    if failed[0] == collective.rank:
         raise error
-    if failed:
-        raise ValueError("another process refused the run (rank 0 printed why)")
+    raise RefusedElsewhere(f"process {failed[0]} refused the run (it printed why)")
 
 
-def check_data_parallel(experiment, config) -> None:
-    """One-line errors for a data-parallel run its inference or its settings cannot do."""
+def check_data_parallel(experiment, config, data) -> None:
+    """One-line errors for a data-parallel run that its inference, its model or its
+    settings cannot do exactly (``data``: the training split, after any holdout)."""
     world = world_size_of(config)
-    if getattr(experiment.inference, "data_parallel_rng", None) is None:
-        raise ValueError(
-            f"{config.model} does not support --devices/--num-nodes (its inference does not "
-            "all-reduce gradients); train it in one process"
+    inference = experiment.inference
+    if getattr(inference, "data_parallel_rng", None) is None:
+        reason = getattr(
+            inference,
+            "data_parallel_refusal",
+            "its inference does not sum gradients over processes",
         )
-    kernel = getattr(experiment.inference, "kernel", None)
+        raise ValueError(
+            f"{config.model} does not support --devices/--num-nodes ({reason}); train it in "
+            "one process"
+        )
+    kernel = getattr(inference, "kernel", None)
     if kernel is not None and getattr(kernel, "reduce_fn", None) is None:
         raise ValueError(
             "the Langevin kernel has no reduce_fn, so each process would sample its own "
@@ -146,8 +188,79 @@ def check_data_parallel(experiment, config) -> None:
             f"--batch-size {config.batch_size} is smaller than the {world} processes; each "
             "process needs at least one row: pass --batch-size >= devices * num-nodes"
         )
+    _check_last_batch(data.num_train, config.batch_size, world)
     if getattr(config, "precondition", None) is not None:
         raise ValueError(
             "--precondition moves one chain coordinate per datapoint of the batch, which "
             "cannot be split across processes; drop --precondition or --devices"
         )
+    head = data.train_x[:3]
+    if data.binary_probs:
+        head = binarize(head, seed=0)
+    shared = _sites_not_per_row(experiment, head.to(config.device)) if len(head) == 3 else []
+    if shared:
+        raise ValueError(
+            f"the model's latent site {shared[0]!r} is not per datapoint (its value does not "
+            f"grow with the rows of x): each of the {world} processes would count its terms "
+            "once, not once in all; train it in one process, or make every latent local "
+            "to the data plate"
+        )
+
+
+def _check_last_batch(rows: int, batch_size: int, world: int) -> None:
+    """Every rank needs a row of every batch: refuse a last batch smaller than ``world``."""
+    last = rows % batch_size
+    if last == 0 or last >= world:
+        return
+
+    def fits(b: int) -> bool:
+        return b >= world and (rows % b == 0 or rows % b >= world)
+
+    below = next((b for b in range(batch_size - 1, world - 1, -1) if fits(b)), None)
+    above = next(b for b in range(batch_size + 1, rows + 1) if fits(b))
+    options = " or ".join(str(b) for b in (below, above) if b is not None)
+    raise ValueError(
+        f"the last batch of each epoch has {last} row{'s' * (last > 1)} ({rows} training "
+        f"rows in batches of {batch_size}), fewer than the {world} processes; pass "
+        f"--batch-size {options} (or change --validation)"
+    )
+
+
+def _sites_not_per_row(experiment, x: Tensor) -> list[str]:
+    """The latent sites (model and guide) whose value has the same shape for 2 and 3 rows
+    of ``x``: global latents, whose prior and guide terms every rank would add once.
+
+    The probe runs the guide and the model on the rows without changing anything: module
+    state, Pyro's param store and the random generators are restored afterwards.
+    """
+    import pyro
+    from pyro import poutine
+    from pyro.poutine.util import site_is_subsample
+
+    from pyro_lvm.experiments.checkpoint import preserved_rng
+
+    modules = experiment.modules
+    saved = {k: v.detach().clone() for k, v in modules.state_dict().items()}
+    store = pyro.get_param_store()
+    shapes = []
+    try:
+        with preserved_rng(), torch.no_grad(), store.scope(store.get_state()):
+            for n in (2, 3):
+                rows = x[:n]
+                guide = poutine.trace(experiment.guide).get_trace(rows)
+                model = poutine.trace(poutine.replay(experiment.lvm.model, trace=guide)).get_trace(
+                    rows
+                )
+                shapes.append(
+                    {
+                        name: tuple(site["value"].shape)
+                        for trace in (guide, model)
+                        for name, site in trace.nodes.items()
+                        if site["type"] == "sample"
+                        and not site["is_observed"]
+                        and not site_is_subsample(site)
+                    }
+                )
+    finally:
+        modules.load_state_dict(saved)
+    return sorted(name for name, shape in shapes[0].items() if shapes[1].get(name) == shape)

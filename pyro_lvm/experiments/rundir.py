@@ -40,7 +40,8 @@ __all__ = [
 #: files whose presence means "this folder holds a run"
 RUN_MARKERS = ("config.json", "checkpoint.pt", "checkpoint.prev.pt", "metrics.json")
 _RUN_FILES = (*RUN_MARKERS, "history.json")
-_RUN_GLOBS = ("*.png", "samples*.pt", "*.tmp")
+#: besides the figures: the draws of ``pyro-lvm sample`` (sample_nNUM_seedSEED.pt/.png)
+_RUN_GLOBS = ("*.png", "sample_n*_seed*.pt", "*.tmp")
 LOCK_NAME = ".lock"
 
 

@@ -83,6 +83,14 @@ class DLGM(OptimizerDriver):
         Clip the global gradient norm before each step.
     """
 
+    #: data parallel is refused (:func:`~pyro_lvm.experiments.fabric.check_data_parallel`):
+    #: each process would adapt the shared step size from its own shard's acceptances
+    data_parallel_rng = None
+    data_parallel_refusal = (
+        "each process would adapt the Langevin step size from its own acceptances, so the "
+        "processes' step sizes would drift apart"
+    )
+
     def __init__(
         self,
         model: Callable,
@@ -176,7 +184,7 @@ class DLGM(OptimizerDriver):
     # -- the Inference protocol ---------------------------------------------------------
     def step(self, x: torch.Tensor) -> float:
         """One update; returns minus the ELBO summed over the batch (before the update)."""
-        return float(self._descend(lambda: self._losses(x)))
+        return float(self._descend(lambda: self._losses(x), ((x,), {})))
 
     def _losses(self, x: torch.Tensor):
         """The reported loss (minus the ELBO) and the backward of the two objectives."""

@@ -32,7 +32,7 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 
 from pyro_lvm.collective import all_reduce_gradients, current_collective
-from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
+from pyro_lvm.infer.diagnostics import DivergenceError, check_loss, divergence_guard
 from pyro_lvm.infer.optim import ParamOptimizer
 
 __all__ = ["OptimizerDriver"]
@@ -84,6 +84,9 @@ class OptimizerDriver:
         #: global gradient norm of the latest step before clipping (NaN before any step, or
         #: when neither clipping nor ``track_grad_norm`` asks for it)
         self.grad_norm = float("nan")
+        #: whether the parameters may have moved (a step taken, or a state restored): a
+        #: non-finite loss before that cannot be the learning rate's doing
+        self._moved = False
 
     def _exclude_more(self, tensors) -> None:
         """Never step ``tensors`` from now on (a chain found on the first batch)."""
@@ -115,9 +118,43 @@ class OptimizerDriver:
     # -- the shared step ------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
         """One gradient step; returns the batch's loss before the step."""
-        return float(self._descend(lambda: self.objective(*args, **kwargs)))
+        return float(self._descend(lambda: self.objective(*args, **kwargs), (args, kwargs)))
 
-    def _descend(self, closure) -> Tensor:
+    def _descend(self, closure, inputs=((), {})) -> Tensor:
+        """:meth:`_step` of ``closure``; a non-finite loss is reported with its cause
+        where it can be told (non-finite ``inputs``, or before any update)."""
+        try:
+            loss = self._step(closure)
+        except DivergenceError as err:
+            raise self._diagnosed(err, inputs) from None
+        self._moved = True
+        return loss
+
+    def _diagnosed(self, err: DivergenceError, inputs) -> DivergenceError:
+        args, kwargs = inputs
+        for where, value in [*enumerate(args), *kwargs.items()]:
+            if torch.is_tensor(value) and value.is_floating_point():
+                bad = ~torch.isfinite(value)
+                if bad.any():
+                    row = (
+                        int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0]) if bad.dim() else 0
+                    )
+                    return DivergenceError(
+                        f"the {self.loss_name} is not finite because the data are not: "
+                        f"argument {where} of step() holds {int(bad.sum())} NaN or infinite "
+                        f"values (first in row {row}); clean or impute them (the learning "
+                        "rate is not the cause)"
+                    )
+        if not self._moved:
+            return DivergenceError(
+                f"the {self.loss_name} is not finite at the first step, before any update "
+                "(so not the learning rate's doing): the model maps finite data and its "
+                "initial parameters to NaN or infinity (e.g. NaN logits, a zero or negative "
+                "scale); check the model's output at initialisation"
+            )
+        return err
+
+    def _step(self, closure) -> Tensor:
         """Steps 1-4 of the module docstring around ``closure() -> loss``; returns the
         detached loss.
 
@@ -170,6 +207,7 @@ class OptimizerDriver:
         # the driver's own state first: it may decide what the optimizer holds (LAE)
         self._load_extra_state(state)
         self._optimizer.load_state_dict(state["optim"])
+        self._moved = True
 
     def metrics(self) -> dict[str, float]:
         """Diagnostics of the latest steps, for logs and progress bars (default none)."""

@@ -143,7 +143,7 @@ class LAE(OptimizerDriver):
     def step(self, *args, **kwargs) -> float:
         """``T`` transitions, then one optimizer step; returns the mean batch-summed
         potential :math:`\\frac1T\\sum_t V_t`."""
-        return float(self._descend(lambda: self._transitions(args, kwargs)))
+        return float(self._descend(lambda: self._transitions(args, kwargs), (args, kwargs)))
 
     def _transitions(self, args, kwargs) -> torch.Tensor:
         """Run the ``T`` transitions on the batch; the mean potential, graph kept."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pyro
 import pytest
 import torch
 
@@ -44,9 +45,11 @@ def test_pgd_recipe_trains_with_indices_and_evaluates():
 
 def test_pgd_has_the_vae_decoder_and_refuses_no_refinement():
     """Same seed, same decoder initialisation as the VAE (compare's identical networks)."""
-    vae, pgd = (
-        build_experiment(TrainConfig(model=m, hidden_dim=16, depth=1), 12) for m in ("vae", "pgd")
-    )
+    built = {}
+    for model in ("vae", "pgd"):
+        pyro.set_rng_seed(0)  # as setup_run seeds before building
+        built[model] = build_experiment(TrainConfig(model=model, hidden_dim=16, depth=1), 12)
+    vae, pgd = built["vae"], built["pgd"]
     decoder = pgd.lvm.decoder.state_dict()
     assert all(torch.equal(v, decoder[k]) for k, v in vae.lvm.decoder.state_dict().items())
     with pytest.raises(ValueError, match="--refine-steps >= 2"):

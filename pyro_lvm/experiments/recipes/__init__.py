@@ -57,6 +57,9 @@ MODEL_FLAGS: dict[str, frozenset[str]] = {
     "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
     "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),
     "pgd": _NETWORK | _LANGEVIN | {"num_particles"},
+    # your build(config, ...) reads the network settings if it likes; another recipe's
+    # flags (an estimator, Langevin steps) would be recorded and silently ignored
+    "custom": _NETWORK | {"model_file"},
 }
 
 
