@@ -1,4 +1,4 @@
-"""GPU timings: a VAE step, an LAE step and IWAE evaluation with K = 1000 samples.
+"""GPU timings: VAE and LAE steps, eager and compiled, and IWAE evaluation with K = 1000.
 
 ::
 
@@ -6,9 +6,12 @@
     python benchmarks/gpu.py --device cpu --quick   # the same code path on the CPU
 
 Each case runs on MNIST-sized inputs (784 dimensions, batch 100, the ready recipes'
-networks) after warm-up steps; the step time is measured with ``torch.cuda.synchronize``
-around a block of steps (CUDA kernels are asynchronous, so timing single steps would
-measure the launch queue). Prints a Markdown table and writes ``results/gpu.json``.
+networks and defaults) after warm-up steps; the step time is measured with
+``torch.cuda.synchronize`` around a block of steps (CUDA kernels are asynchronous, so
+timing single steps would measure the launch queue). The VAE and LAE steps run eagerly
+and compiled (``jit_compile="inductor"``: on CUDA, Inductor emits Triton kernels); the
+compiled rows also report the seconds the first step took (capture and compile). Prints
+a Markdown table and writes ``results/gpu.json``.
 """
 
 from __future__ import annotations
@@ -50,15 +53,20 @@ def _timed(fn, device: torch.device, warmup: int, steps: int) -> float:
     return 1000.0 * (time.perf_counter() - t0) / steps
 
 
-def _experiment(model: str, device: torch.device, hidden: int):
+def _experiment(model: str, device: torch.device, hidden: int, jit: bool | str = False):
     config = TrainConfig(
-        model=model, latent_dim=32, hidden_dim=hidden, batch_size=BATCH, device=str(device)
+        model=model,
+        latent_dim=32,
+        hidden_dim=hidden,
+        batch_size=BATCH,
+        device=str(device),
+        jit_compile=jit,
     )
     pyro.set_rng_seed(config.seed)  # as training does (build_experiment leaves it to us)
     return build_experiment(config, DATA_DIM)
 
 
-def run(device: torch.device, quick: bool) -> list[dict]:
+def run(device: torch.device, quick: bool, backend: str = "inductor") -> list[dict]:
     """Time the three cases on ``device``; one row per case."""
     warmup, steps = (2, 3) if quick else (10, 50)
     hidden = 128 if quick else 512
@@ -66,9 +74,19 @@ def run(device: torch.device, quick: bool) -> list[dict]:
     x = torch.rand(BATCH, DATA_DIM, device=device, generator=gen).bernoulli(generator=gen)
     rows = []
     for model in ("vae", "lae"):
-        experiment = _experiment(model, device, hidden)
-        ms = _timed(lambda exp=experiment: exp.inference.step(x), device, warmup, steps)
-        rows.append({"case": f"{model} step", "ms": ms, "batch": BATCH})
+        for jit in (False, backend):
+            experiment = _experiment(model, device, hidden, jit)
+            step = experiment.inference.step
+            start = time.perf_counter()
+            step(x)  # compiled: captures and compiles
+            _sync(device)
+            first = time.perf_counter() - start
+            ms = _timed(lambda step=step: step(x), device, warmup, steps)
+            label = "compiled" if jit else "eager"
+            row = {"case": f"{model} step ({label})", "ms": ms, "batch": BATCH}
+            if jit:
+                row["first_step_s"] = first
+            rows.append(row)
     experiment = _experiment("vae", device, hidden)
     lvm = experiment.lvm
     lvm.eval()
@@ -90,6 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--quick", action="store_true", help="few steps, small networks")
+    parser.add_argument(
+        "--backend", default="inductor", help="the compiled rows' jit_compile (inductor, fx)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -97,12 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
         return {"skipped": "no CUDA"}
     device = torch.device(args.device)
     with pyro.validation_enabled(False):  # as training runs (the data are checked once)
-        rows = run(device, args.quick)
+        rows = run(device, args.quick, args.backend)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = {"device": name, "quick": args.quick, "torch": torch.__version__, "rows": rows}
-    print(f"| case ({name}) | ms |\n|---|---|")
+    print(f"| case ({name}) | ms | first step (s) |\n|---|---|---|")
     for row in rows:
-        print(f"| {row['case']} | {row['ms']:.2f} |")
+        first = f"{row['first_step_s']:.1f}" if "first_step_s" in row else ""
+        print(f"| {row['case']} | {row['ms']:.2f} | {first} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""

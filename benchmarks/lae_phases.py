@@ -2,11 +2,12 @@
 
 One LAE step (digits size, 64-256-8 MLP, batch 100, T = 2, MH, ``jit_compile=True``) and
 the floor's (:class:`floors.LAEStep`), interleaved step by step, each phase timed with
-thread CPU time by wrappers around the kernel's ``prepare`` and ``transition``, the
-optimizer's step, ``Tensor.backward`` and ``torch.autograd.grad`` (the wrappers add a
-little to pyro_lvm's side; the floor's phases are timed inline). Prints microseconds per
-step (``other``: the total less prepare, transitions, the final backward and the
-optimizer step; ``autograd.grad`` is inside prepare and the transitions) and writes
+thread CPU time by wrappers around binding the batch (``kernel.bind`` and
+``ald.ald_init``: "prepare"), ``ald.ald_transition`` ("transitions"), the optimizer's
+step, ``Tensor.backward`` and ``torch.autograd.grad`` (the wrappers add a little to
+pyro_lvm's side; the floor's phases are timed inline). Prints microseconds per step
+(``other``: the total less prepare, transitions, the final backward and the optimizer
+step; ``autograd.grad`` is inside prepare and the transitions) and writes
 ``benchmarks/results/lae_phases.json``::
 
     python benchmarks/lae_phases.py [--steps 1500]
@@ -25,7 +26,7 @@ import time
 import torch
 
 from pyro_lvm.infer import LAE
-from pyro_lvm.infer.mcmc import amortized_langevin
+from pyro_lvm.infer.mcmc import ald, amortized_langevin
 from pyro_lvm.models import LangevinAutoencoder
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -70,9 +71,11 @@ def main(steps: int) -> dict[str, float]:
     floor = floors.LAEStep(ref.encoder, ref.decoder, ref_optim, num_steps=2)
 
     kernel = amortized_langevin.AmortizedLangevin
-    originals = (kernel.prepare, kernel.transition, torch.Tensor.backward, torch.autograd.grad)
-    kernel.prepare = timed("pyro_lvm prepare", kernel.prepare)
-    kernel.transition = timed("pyro_lvm transitions", kernel.transition)
+    originals = (kernel.bind, ald.ald_init, ald.ald_transition)
+    originals += (torch.Tensor.backward, torch.autograd.grad)
+    kernel.bind = timed("pyro_lvm prepare", kernel.bind)
+    ald.ald_init = timed("pyro_lvm prepare", ald.ald_init)
+    ald.ald_transition = timed("pyro_lvm transitions", ald.ald_transition)
     torch.Tensor.backward = timed("Tensor.backward", torch.Tensor.backward, per_variant=True)
     torch.autograd.grad = timed("autograd.grad", torch.autograd.grad, per_variant=True)
     for optimizer, who in ((optim, "pyro_lvm"), (ref_optim, "torch")):
@@ -92,7 +95,8 @@ def main(steps: int) -> dict[str, float]:
             for who in ("pyro_lvm", "torch") if i % 2 else ("torch", "pyro_lvm"):
                 run(who)
     finally:
-        kernel.prepare, kernel.transition, torch.Tensor.backward, torch.autograd.grad = originals
+        kernel.bind, ald.ald_init, ald.ald_transition = originals[:3]
+        torch.Tensor.backward, torch.autograd.grad = originals[3:]
     rows = {k: TIMES[k] / steps / 1e3 for k in sorted(TIMES)}
     for who in ("pyro_lvm", "torch"):  # zero_grad, diagnostics, the driver's bookkeeping
         parts = ("prepare", "transitions", "Tensor.backward", "optimizer step")

@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import floors  # noqa: E402
 from harness import interleave, load_average  # noqa: E402
 
+from pyro_lvm.experiments.build import build_experiment  # noqa: E402
+from pyro_lvm.experiments.config import TrainConfig  # noqa: E402
 from pyro_lvm.infer import (  # noqa: E402
     LAE,
     VIMCO,
@@ -56,7 +58,7 @@ SCALING = {
     "mnist-w1024-b1024": (784, 1024, 16, 1024),
 }
 SIZES.update(SCALING)
-CASES = ("vae", "lae", "iwae", "ais", "nvil", "vimco")
+CASES = ("vae", "lae", "iwae", "ais", "nvil", "vimco", "cli")
 LR = 1e-3
 
 
@@ -66,6 +68,12 @@ def _data(data_dim: int, batch: int) -> torch.Tensor:
 
 def _adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(list(params), lr=LR)
+
+
+def _compiled(quick: bool) -> str:
+    """The compiled variants' backend: Inductor; a quick run (a smoke test) replays the
+    captured graphs without compiling them."""
+    return "fx" if quick else "inductor"
 
 
 def _no_validation(fn: Callable[[], object]) -> Callable[[], object]:
@@ -81,18 +89,20 @@ def case_vae(size, quick):
     x = _data(d, b)
     vae = VAE(d, z, hidden_dim=h)
     vae_off, vae_jit, ref = copy.deepcopy(vae), copy.deepcopy(vae), copy.deepcopy(vae)
-    vae_jit.pyro_name = "VAE_jit"  # its own param store names
+    vae_fx = copy.deepcopy(vae)
     svi = ModuleSVI(vae.model, vae.guide, _adam(vae.parameters()))
     svi_off = ModuleSVI(vae_off.model, vae_off.guide, _adam(vae_off.parameters()))
     svi_jit = ModuleSVI(
-        vae_jit.model, vae_jit.guide, _adam(vae_jit.parameters()), jit_compile=True
+        vae_jit.model, vae_jit.guide, _adam(vae_jit.parameters()), jit_compile=_compiled(quick)
     )
+    svi_fx = ModuleSVI(vae_fx.model, vae_fx.guide, _adam(vae_fx.parameters()), jit_compile="fx")
     opt = _adam(ref.parameters())
     return {
         "torch": lambda: floors.vae_step(ref.encoder, ref.decoder, opt, x),
         "pyro_lvm": lambda: svi.step(x),
         "pyro_lvm (validation off)": _no_validation(lambda: svi_off.step(x)),
         "pyro_lvm (jit_compile)": lambda: svi_jit.step(x),
+        "pyro_lvm (jit_compile='fx')": lambda: svi_fx.step(x),
     }, {}
 
 
@@ -100,10 +110,17 @@ def case_lae(size, quick):
     d, h, z, b = size
     x = _data(d, b)
     lvm = LangevinAutoencoder(d, z, hidden_dim=h)
-    ref, lvm_jit = copy.deepcopy(lvm), copy.deepcopy(lvm)
+    ref, lvm_jit, lvm_fx = copy.deepcopy(lvm), copy.deepcopy(lvm), copy.deepcopy(lvm)
     lae = LAE(lvm.model, lvm.encoder, _adam(lvm.parameters()), num_steps=2)
     lae_jit = LAE(
-        lvm_jit.model, lvm_jit.encoder, _adam(lvm_jit.parameters()), num_steps=2, jit_compile=True
+        lvm_jit.model,
+        lvm_jit.encoder,
+        _adam(lvm_jit.parameters()),
+        num_steps=2,
+        jit_compile=_compiled(quick),
+    )
+    lae_fx = LAE(
+        lvm_fx.model, lvm_fx.encoder, _adam(lvm_fx.parameters()), num_steps=2, jit_compile="fx"
     )
     chain = ref.encoder[-1].weight
     opt = _adam(p for p in ref.parameters() if p is not chain)
@@ -112,6 +129,7 @@ def case_lae(size, quick):
         "torch": lambda: floor(x),
         "pyro_lvm": lambda: lae.step(x),
         "pyro_lvm (jit_compile)": lambda: lae_jit.step(x),
+        "pyro_lvm (jit_compile='fx')": lambda: lae_fx.step(x),
     }, {"num_steps": 2}
 
 
@@ -187,6 +205,43 @@ def case_vimco(size, quick):
     }, {"network": f"{x.shape[1]}-200 linear SBN", "num_particles": k}
 
 
+def _cli_inference(model: str, data_dim: int, size, jit) -> object:
+    """The inference object ``pyro-lvm train MODEL`` builds (the CLI's defaults: the VAE
+    with the analytic KL, LAE with centred features, the Jacobian correction and
+    projected noise), at this size's networks."""
+    _, h, z, b = size
+    config = TrainConfig(model=model, hidden_dim=h, latent_dim=z, batch_size=b, jit_compile=jit)
+    validation = pyro.poutine.util.is_validation_enabled()
+    try:
+        return build_experiment(config, data_dim).inference
+    finally:  # the CLI turns Pyro's validation off (it checks the data once): restore it
+        pyro.enable_validation(validation)
+
+
+def case_cli(size, quick):
+    """The CLI's VAE and LAE steps, eager and compiled, against each other and against the
+    hand-written floors (ratios to the CLI's compiled VAE step)."""
+    d, h, z, b = size
+    x = _data(d, b)
+    vae = VAE(d, z, hidden_dim=h)
+    lvm = LangevinAutoencoder(d, z, hidden_dim=h)
+    vae_opt = _adam(vae.parameters())
+    chain = lvm.encoder[-1].weight
+    floor_lae = floors.LAEStep(
+        lvm.encoder, lvm.decoder, _adam(p for p in lvm.parameters() if p is not chain)
+    )
+    steps = {
+        "torch": lambda: floors.vae_step(vae.encoder, vae.decoder, vae_opt, x),
+        "torch LAE (T=2, no centring)": lambda: floor_lae(x),
+    }
+    for jit in (_compiled(quick), False):
+        label = "compiled" if jit else "eager"
+        for model in ("vae", "lae"):
+            inference = _cli_inference(model, d, size, jit)
+            steps[f"CLI {model.upper()} ({label})"] = lambda i=inference: i.step(x)
+    return steps, {"baseline": "CLI VAE (compiled)"}
+
+
 BUILDERS = {
     "vae": case_vae,
     "lae": case_lae,
@@ -194,9 +249,17 @@ BUILDERS = {
     "ais": case_ais,
     "nvil": case_nvil,
     "vimco": case_vimco,
+    "cli": case_cli,
 }
 #: (steps, repeats) per case in a full run: evaluation "steps" are whole evaluations
-BUDGET = {"vae": (40, 7), "lae": (30, 7), "iwae": (5, 5), "ais": (2, 5), "nvil": (30, 7)}
+BUDGET = {
+    "vae": (40, 7),
+    "lae": (30, 7),
+    "iwae": (5, 5),
+    "ais": (2, 5),
+    "nvil": (30, 7),
+    "cli": (20, 7),
+}
 BUDGET["vimco"] = BUDGET["nvil"]
 
 
@@ -211,8 +274,9 @@ def run(cases, sizes, quick: bool, seed: int = 0) -> dict:
             size = SIZES[size_name]
             variants, extra = BUILDERS[name](size, quick)
             steps, repeats = (2, 2) if quick else BUDGET[name]
+            baseline = extra.pop("baseline", "torch")
             result = interleave(
-                variants, baseline="torch", steps=steps, repeats=repeats, warmup=1 if quick else 3
+                variants, baseline=baseline, steps=steps, repeats=repeats, warmup=1 if quick else 3
             )
             d, h, z, b = size
             rows.append(
@@ -224,6 +288,7 @@ def run(cases, sizes, quick: bool, seed: int = 0) -> dict:
                     "steps": steps,
                     "repeats": repeats,
                     "options": extra,
+                    "baseline": baseline,
                     **result,
                 }
             )
@@ -258,11 +323,13 @@ def markdown(results: dict) -> str:
         + (" (quick run: not for quoting)" if meta["quick"] else "")
         + ".",
         "",
-        "| case | size | variant | CPU ms/step | ratio to torch (CPU) | ratio (wall) |",
+        "| case | size | variant | CPU ms/step | ratio (CPU) | ratio (wall) |",
         "|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         size = f"{row['size']} {row['network']}, B={row['batch']}"
+        if row.get("baseline", "torch") != "torch":
+            size += f" (ratios to {row['baseline']})"
         for name, timing in row["variants"].items():
             ratio = row["ratios"].get(name)
             cpu_ratio = _fmt(ratio["cpu"]) if ratio else "1"

@@ -36,3 +36,9 @@ def all_held(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether the running driver declared every one of ``tensors`` (False outside one)."""
     held = _HELD.get()
     return bool(held) and all(id(t) in held for t in tensors)
+
+
+def held() -> frozenset[int]:
+    """The ids the running driver declared (empty outside one): part of what a compiled
+    model's graph depends on (:mod:`pyro_lvm.infer.compile`)."""
+    return _HELD.get()

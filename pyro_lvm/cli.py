@@ -23,7 +23,7 @@ import torch
 
 from pyro_lvm import __version__
 from pyro_lvm.data import DATASETS
-from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.config import COMPILE_MIN_STEPS, TrainConfig
 from pyro_lvm.experiments.export import export_run
 from pyro_lvm.experiments.fabric import is_global_zero
 from pyro_lvm.experiments.lifecycle import run_evaluate, run_sample, run_train
@@ -139,7 +139,8 @@ _TRAIN_FLAGS = [
         dict(
             dest="jit_compile",
             action="store_false",
-            help="run the model eagerly instead of replaying its compiled trace",
+            help="run the model eagerly (default: compiled with Inductor for runs of "
+            f"{COMPILE_MIN_STEPS:,} steps or more)",
         ),
         "model",
     ),

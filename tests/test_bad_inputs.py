@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -637,7 +639,7 @@ CASES = [
         "config-jit-as-string",
         CLEAR,
         lambda c: _config_file(c, '{"jit_compile": "false"}'),
-        "c.json: jit_compile must be true or false",
+        "c.json: jit_compile must be true, false, inductor or fx, got 'false'",
     ),
     (
         "config-epochs-fraction",
@@ -875,3 +877,100 @@ def test_bad_input_is_one_line(name, kind, setup, match, base_run, tmp_path, cap
     if name not in ("config-edited", "config-garbage", "config-mismatches-checkpoint"):
         assert _snapshot(run) == before, "a refused command changed the run folder"
     assert not (tmp_path / "pwned").exists(), "loading a planted file ran its code"
+
+
+# == Evaluators and estimators, through the Python API ======================================
+# Kept apart from CASES (which the CLI and run-folder cases share): each setup returns the
+# call that must end in a one-line ValueError naming the problem and the fix.
+
+
+def _iwae_data(x):
+    vae = VAE(4, 2, hidden_dim=8)
+    return lambda: iwae_log_likelihood(vae.model, vae.guide, x, num_samples=5)
+
+
+def _inf_data(estimator: str):
+    from pyro_lvm.models import GaussianLikelihood
+
+    vae = VAE(4, 2, hidden_dim=8, likelihood=GaussianLikelihood())
+    x = torch.rand(3, 4)
+    x[1, 2] = float("inf")
+    if estimator == "iwae":
+        return lambda: iwae_log_likelihood(vae.model, vae.guide, x, num_samples=5)
+    return lambda: ais_log_likelihood(vae.model, x, num_steps=3)
+
+
+def _plated(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+        pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x)
+
+
+def _unplated(x):
+    z = pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(2))
+    pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(2), obs=x)
+
+
+def _unplated_guide(x):
+    pyro.sample("z", dist.Normal(x.new_zeros(x.shape[0], 2), 1.0).to_event(2))
+
+
+def _guide_of(kind: str):
+    def guide(x):
+        size = 10 if kind == "subsample" else x.shape[0]
+        with pyro.plate("data", size, subsample=torch.arange(x.shape[0])):
+            if kind != "missing":
+                pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            if kind == "extra":
+                pyro.sample("w", dist.Normal(x.new_zeros(()), 1.0))
+
+    return guide
+
+
+def _pair(kind: str):
+    model, guide = (_plated, _guide_of(kind))
+    if kind == "no-plate":
+        model, guide = _unplated, _unplated_guide
+    return lambda: iwae_log_likelihood(model, guide, torch.randn(5, 1), num_samples=5)
+
+
+EVALUATOR_CASES = [
+    ("iwae-zero-rows", lambda: _iwae_data(torch.zeros(0, 4)), "has 0 rows"),
+    (
+        "iwae-numpy",
+        lambda: _iwae_data(np.zeros((3, 4), dtype=np.float32)),
+        "is a numpy.ndarray; pass a torch tensor",
+    ),
+    (
+        "iwae-float64-data-float32-model",
+        lambda: _iwae_data(torch.zeros(3, 4, dtype=torch.float64)),
+        "is torch.float64 but the model's parameters are torch.float32; pass x.to(",
+    ),
+    ("iwae-inf-gaussian-data", lambda: _inf_data("iwae"), "contains infinite values"),
+    ("ais-inf-gaussian-data", lambda: _inf_data("ais"), "contains infinite values"),
+    ("generate-negative", lambda: lambda: VAE(4, 2, hidden_dim=8).generate(-2), "num >= 0"),
+    (
+        "guide-missing-a-latent",
+        lambda: _pair("missing"),
+        "the guide does not sample the model's latent site 'z'",
+    ),
+    ("guide-extra-site", lambda: _pair("extra"), "'w', which is not a sample site of the model"),
+    ("guide-subsampled-plate", lambda: _pair("subsample"), "subsamples 5 of 10 rows"),
+    ("model-without-data-plate", lambda: _pair("no-plate"), "pass per_datapoint=False"),
+    (
+        "ais-max-plate-nesting-too-large",
+        lambda: lambda: ais_log_likelihood(_plated, torch.zeros(5, 1), max_plate_nesting=2),
+        "pass max_plate_nesting=1",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "name, setup, match", EVALUATOR_CASES, ids=[c[0] for c in EVALUATOR_CASES]
+)
+def test_evaluator_bad_input_is_one_line(name, setup, match):
+    with pytest.raises(ValueError) as info:
+        setup()()
+    message = str(info.value)
+    assert len(message.splitlines()) == 1, message
+    assert match in message, message

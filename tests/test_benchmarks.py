@@ -19,7 +19,12 @@ def test_run_all_quick_writes_json_and_table(tmp_path):
     assert saved["meta"]["quick"] and saved["meta"]["threads"] == 1
     assert {r["case"] for r in saved["rows"]} == set(run_all.CASES)
     for row in results["rows"]:
-        assert "torch" in row["variants"] and "pyro_lvm" in row["ratios"]
+        assert "torch" in row["variants"]
+        if row["case"] == "cli":  # the CLI's steps, against its compiled VAE step
+            assert {"CLI VAE (compiled)", "CLI LAE (eager)"} <= set(row["variants"])
+            assert "CLI LAE (compiled)" in row["ratios"]
+        else:
+            assert "pyro_lvm" in row["ratios"]
         for timing in row["variants"].values():
             cpu = timing["cpu_ms"]
             assert 0 < cpu["min"] <= cpu["median"] <= cpu["max"]
@@ -30,8 +35,10 @@ def test_run_all_quick_writes_json_and_table(tmp_path):
 def test_gpu_benchmark_runs_on_cpu_and_exits_cleanly_without_cuda(tmp_path):
     import gpu
 
-    result = gpu.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
-    assert [r["case"] for r in result["rows"]] == ["vae step", "lae step", "iwae K=100"]
+    result = gpu.main(["--device", "cpu", "--quick", "--backend", "fx", "--out", str(tmp_path)])
+    cases = [f"{m} step ({c})" for m in ("vae", "lae") for c in ("eager", "compiled")]
+    assert [r["case"] for r in result["rows"]] == [*cases, "iwae K=100"]
+    assert all(r["first_step_s"] > 0 for r in result["rows"] if "compiled" in r["case"])
     assert all(r["ms"] > 0 for r in result["rows"])
     assert json.loads((tmp_path / "gpu_quick_cpu.json").read_text())["rows"] == result["rows"]
     if not torch.cuda.is_available():

@@ -176,3 +176,20 @@ def test_per_model_help_shows_only_its_flags_with_defaults(capsys):
     assert "--lr LR" in vae and "(default: 0.001)" in vae
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("pyro-lvm ")
+
+
+def test_the_run_length_decides_whether_the_cli_compiles():
+    """jit_compile=True (the CLI's default) compiles with Inductor only for runs of at
+    least COMPILE_MIN_STEPS planned steps; a run of unknown length and --no-jit are eager;
+    a config file may name a backend."""
+    from pyro_lvm.experiments.config import COMPILE_MIN_STEPS, TrainConfig, check_types
+
+    short = TrainConfig(epochs=50, batch_size=100)  # the README's digits job: 750 steps
+    assert short.compile_backend(1500) is False
+    assert short.compile_backend(COMPILE_MIN_STEPS * 100 // 50) == "inductor"
+    assert short.compile_backend() is False  # a model rebuilt without its data
+    assert TrainConfig(jit_compile=False).compile_backend(10**9) is False
+    assert TrainConfig(jit_compile="fx").compile_backend(10) == "fx"
+    assert check_types({"jit_compile": "inductor"}, "config.json") == {"jit_compile": "inductor"}
+    with pytest.raises(ValueError, match="jit_compile must be true, false, inductor or fx"):
+        TrainConfig(jit_compile="turbo").validate()

@@ -8,6 +8,7 @@ training (:mod:`~pyro_lvm.experiments.lifecycle`) and loading
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -47,7 +48,9 @@ def setup_run(
         data = load_dataset(config.dataset, config.data_dir, config.download)
     data = data.for_likelihood(LIKELIHOODS[config.likelihood])
     pyro.set_rng_seed(config.seed)
-    return build_experiment(config, data.data_dim), data
+    # the run's length decides whether compiling pays off (TrainConfig.compile_backend)
+    built = dataclasses.replace(config, jit_compile=config.compile_backend(data.num_train))
+    return build_experiment(built, data.data_dim), data
 
 
 def build_experiment(config: TrainConfig, data_dim: int) -> Experiment:

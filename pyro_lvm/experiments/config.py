@@ -15,7 +15,15 @@ from typing import Any
 from pyro_lvm.data import DATASETS
 from pyro_lvm.models.likelihoods import LIKELIHOODS
 
-__all__ = ["TrainConfig", "check_types"]
+__all__ = ["TrainConfig", "COMPILE_MIN_STEPS", "check_types"]
+
+#: the fewest planned training steps for which ``jit_compile=True`` (the CLI's default)
+#: compiles with Inductor; shorter runs are eager. Compiling a run's three signatures (full
+#: batch, short last batch, evaluation) takes 10-15 s with Inductor's on-disk cache and
+#: about a minute without it, on a 2-core machine, and saves 1-3 ms per digits-size step
+#: (``benchmarks/compile_time.py``, ``docs/benchmarks.md``): it pays off after 3,000-60,000
+#: steps. The README's 750-step digits job stays eager.
+COMPILE_MIN_STEPS = 20_000
 
 
 #: fields whose absence from a saved config.json means the former behaviour: a run
@@ -57,9 +65,10 @@ class TrainConfig:
     eval_ais: int = 0
     #: vae: the Gaussian KL term in closed form (TraceMeanField_ELBO) instead of Monte Carlo
     analytic_kl: bool = True
-    #: vae, lae: trace the model once per batch shape and replay it (CompiledFunction);
-    #: the ready models have a fixed structure, so this only removes Pyro's per-step cost
-    jit_compile: bool = True
+    #: vae, lae: compile the loss or potential (pyro_lvm.infer.compile). True: with Inductor
+    #: for runs of at least COMPILE_MIN_STEPS planned steps, eagerly for shorter ones;
+    #: "inductor" or "fx": always that backend; False (--no-jit): eagerly
+    jit_compile: bool | str = True
     device: str = "cpu"
     #: data parallel (Lightning Fabric): processes per node, strategy, nodes; the
     #: accelerator is --device's (--accelerator gpu sets --device cuda)
@@ -98,13 +107,21 @@ class TrainConfig:
     #: lae, dlgm: MALA steps from the encoder that fit the proposal of test_nll (0: the
     #: encoder's fixed proposal, whose numbers are also reported under ``*_fixed`` keys)
     refine_steps: int = 20
-    #: LAE feature preconditioning damping (None: plain ALD on the last-layer weight)
+    #: lae: feature preconditioning damping of the training chain (None: the paper's chain
+    #: on the head weight, as ``LAE``'s own default; AmortizedLangevin's MCMC default is
+    #: 1e-3, see docs/langevin.md "Training defaults")
     precondition: float | None = None
-    #: lae: encoder feature normalization before the chain layer (none|center|standardize)
+    #: lae: encoder feature normalization before the chain layer (none|center|standardize).
+    #: Differs from LangevinAutoencoder's "none" (the paper's encoder) on purpose: without
+    #: centring, the features' shared mode sets the step size and the chain freezes on
+    #: digits (docs/langevin.md, "Beating the VAE")
     feature_norm: str = "center"
-    #: lae: Jacobian correction of the trunk's gradient in the centring layer
+    #: lae: Jacobian correction of the trunk's gradient in the centring layer (on here, off
+    #: in FeatureCentering: it only applies with centring, the CLI's default; same doc)
     jacobian: bool = True
-    #: lae: proposal noise of the chain weight only in the batch's feature span
+    #: lae: proposal noise of the chain weight only in the batch's feature span (on here,
+    #: off in the kernel, which keeps the paper's chain: the weight's free random walk
+    #: outside the span is what inflates it over a long training run; same doc)
     project_noise: bool = True
     # Bernoulli latents (sbn)
     estimator: str = "nvil"
@@ -220,10 +237,28 @@ class TrainConfig:
                 self.device in ("cpu", "cuda") or self.device.startswith("cuda:"),
                 f"--device must be cpu or cuda, got {self.device!r}",
             ),
+            (
+                self.jit_compile in (True, False, "inductor", "fx"),
+                f"jit_compile must be true, false, inductor or fx, got {self.jit_compile!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def compile_backend(self, num_train: int | None = None) -> bool | str:
+        """What the recipes pass as ``jit_compile=`` for a run over ``num_train`` rows:
+        ``jit_compile=True`` becomes ``"inductor"`` when the run plans at least
+        :data:`COMPILE_MIN_STEPS` steps and ``False`` (eager) otherwise, or when the run's
+        length is unknown (``num_train=None``: a model rebuilt to evaluate); other values
+        are kept. The one place the CLI's compile default is decided
+        (:func:`~pyro_lvm.experiments.build.setup_run` resolves it for a run)."""
+        if self.jit_compile is not True:
+            return self.jit_compile
+        if num_train is None:
+            return False
+        steps = self.epochs * math.ceil(num_train / self.batch_size)
+        return "inductor" if steps >= COMPILE_MIN_STEPS else False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -313,27 +348,30 @@ def check_types(values: Mapping[str, Any], where: str) -> dict:
         if key not in hints:
             checked[key] = value
             continue
-        base, optional = hints[key]
-        ok = (value is None and optional) or (
+        bases, optional = hints[key]
+        ok = (value is None and optional) or any(
             isinstance(value, base)
             and not (isinstance(value, bool) and base is not bool)
             or (base is float and isinstance(value, int) and not isinstance(value, bool))
+            for base in bases
         )
         if not ok:
-            expected = _KINDS[base] + (" or null" if optional else "")
+            expected = " or ".join(_KINDS[b] for b in bases) + (" or null" if optional else "")
             raise ValueError(
                 f"{where}: {key} must be {expected}, got {_shown(value)} (a {_json_kind(value)})"
             )
-        checked[key] = float(value) if base is float and value is not None else value
+        as_float = bases == (float,) and value is not None
+        checked[key] = float(value) if as_float else value
     return checked
 
 
 @functools.cache
-def _field_types() -> dict[str, tuple[type, bool]]:
-    """``{field: (type, optional)}`` of :class:`TrainConfig`."""
+def _field_types() -> dict[str, tuple[tuple[type, ...], bool]]:
+    """``{field: (types, optional)}`` of :class:`TrainConfig` (``jit_compile`` takes a
+    boolean or a backend name)."""
     hints = typing.get_type_hints(TrainConfig)
     out = {}
     for name, hint in hints.items():
         args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-        out[name] = (args[0], type(None) in typing.get_args(hint))
+        out[name] = (tuple(args), type(None) in typing.get_args(hint))
     return out

@@ -14,6 +14,11 @@ Per datapoint, in nats, averaged over the test split:
 - ``test_recon_mse``: squared error of the reconstruction at the encoder's point summary;
 - ``test_nll_ais``: annealed importance sampling (Wu et al. 2017) when requested.
 
+A model without a data plate (no plate encloses every observed site) does not declare its
+rows independent, so no per-row :math:`\log p(x_i)` exists: each evaluation batch of
+:math:`n` rows is scored as a whole, :math:`\log p(X_b)/n` for each of its rows, and
+``eval_scope`` in the metrics says so.
+
 Data parallel (inside :func:`~pyro_lvm.collective.data_parallel`) each rank
 evaluates its contiguous share of the test rows and the per-datapoint means are taken over
 the union (sums and counts all-reduced): the same numbers as one process, up to the
@@ -79,7 +84,7 @@ def evaluate(
 
 def _bounds(lvm, guide, test_x, batch_size, suffix, *, eval_samples, chunk_size, device):
     """``test_nelbo{suffix}`` and ``test_nll{suffix}`` (with units) for one proposal."""
-    elbo, iwae = [], []
+    elbo, iwae, whole = [], [], False
     for x in _batches(test_x, batch_size):
         log_w = log_importance_weights(
             lvm.model,
@@ -88,13 +93,22 @@ def _bounds(lvm, guide, test_x, batch_size, suffix, *, eval_samples, chunk_size,
             num_samples=eval_samples,
             max_plate_nesting=getattr(lvm, "max_plate_nesting", 1),
             chunk_size=chunk_size,
+            per_datapoint=None,
         )
-        elbo.append(log_w.mean(0))
-        iwae.append(log_w.logsumexp(0) - math.log(eval_samples))
+        batch_elbo, batch_iwae = log_w.mean(0), log_w.logsumexp(0) - math.log(eval_samples)
+        if log_w.dim() == 1:  # no data plate: log p(X)/n of the whole batch for each row
+            whole = True
+            batch_elbo, batch_iwae = (
+                v.div(len(x)).expand(len(x)) for v in (batch_elbo, batch_iwae)
+            )
+        elbo.append(batch_elbo)
+        iwae.append(batch_iwae)
     # data parallel: means over the union of the ranks' rows (one process: plain means)
     data_dim = test_x.shape[1]
     out = _with_units(f"test_nelbo{suffix}", -global_mean(_cat(elbo, test_x)).item(), data_dim)
     out.update(_with_units(f"test_nll{suffix}", -global_mean(_cat(iwae, test_x)).item(), data_dim))
+    if whole:
+        out["eval_scope"] = f"batches of {batch_size} rows (the model has no data plate)"
     return out
 
 

@@ -60,6 +60,7 @@ from typing import NamedTuple
 
 import torch
 
+from pyro_lvm.infer.diagnostics import check_inputs
 from pyro_lvm.infer.mcmc.adaptation import dual_averaging_init, dual_averaging_step
 from pyro_lvm.infer.mcmc.hmc import hmc_step
 from pyro_lvm.infer.mcmc.langevin import (
@@ -67,7 +68,7 @@ from pyro_lvm.infer.mcmc.langevin import (
     langevin_init,
     langevin_step,
 )
-from pyro_lvm.infer.sites import find_latents, log_densities, sample_prior
+from pyro_lvm.infer.sites import check_vectorized, find_latents, log_densities, sample_prior
 
 __all__ = ["AISResult", "ais_schedule", "annealed_importance_sampling", "ais_log_likelihood"]
 
@@ -177,6 +178,7 @@ def annealed_importance_sampling(
     adapt_window: int = 50,
     num_leapfrog: int = 1,
     max_plate_nesting: int = 1,
+    vectorize_chains: bool | None = None,
     **kwargs,
 ) -> AISResult:
     r"""AIS from the prior to the posterior of every datapoint; see the module docstring.
@@ -217,6 +219,11 @@ def annealed_importance_sampling(
         gradient evaluations.
     max_plate_nesting : int
         Plates in the model; the chain plate goes left of them.
+    vectorize_chains : bool or None
+        ``None`` (default): evaluate all chains in one model call when that gives the
+        numbers of one chain per call (checked on two prior draws; a ``BatchNorm`` layer
+        or an ``.expand`` to a fixed shape does not), else one call per chain. ``True`` /
+        ``False``: always / never vectorize.
 
     Returns
     -------
@@ -232,9 +239,14 @@ def annealed_importance_sampling(
         if betas.dim() != 1 or betas[0] != 0 or betas[-1] != 1 or (betas.diff() < 0).any():
             raise ValueError("an explicit AIS schedule must increase from 0 to 1")
     betas = betas.tolist()
+    check_inputs(args, kwargs, model)
     spec = find_latents(
         model, *args, latent_site=latent_site, max_plate_nesting=max_plate_nesting, **kwargs
     )
+    if vectorize_chains is None:
+        spec = check_vectorized(model, spec, *args, **kwargs)
+    elif not vectorize_chains:
+        spec = spec._replace(vectorized=False)
     num_tune = num_tuning_chains if adapt_step_size else 0
     total = num_chains + num_tune
     z = sample_prior(model, spec, total, *args, **kwargs)
@@ -301,6 +313,7 @@ def ais_log_likelihood(
     num_tuning_chains: int = 2,
     num_leapfrog: int = 1,
     max_plate_nesting: int = 1,
+    vectorize_chains: bool | None = None,
     **kwargs,
 ) -> torch.Tensor:
     r"""Per-datapoint AIS estimates of :math:`\log p(x_i)` in nats, shape ``(B,)``.
@@ -326,5 +339,6 @@ def ais_log_likelihood(
         num_tuning_chains=num_tuning_chains,
         num_leapfrog=num_leapfrog,
         max_plate_nesting=max_plate_nesting,
+        vectorize_chains=vectorize_chains,
         **kwargs,
     ).log_likelihood

@@ -1,4 +1,4 @@
-"""Divergence detection shared by every inference algorithm."""
+"""Divergence detection and input checks shared by every inference algorithm."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import math
 import warnings
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 __all__ = [
     "DivergenceError",
     "check_loss",
-    "check_finite_data",
+    "check_inputs",
     "check_observations",
     "divergence_guard",
 ]
@@ -94,12 +95,61 @@ def _offending_value(support, value: torch.Tensor) -> float:
     return float(value[~ok][0])
 
 
-def check_finite_data(args: tuple, kwargs: dict) -> None:
-    """One-line ``ValueError`` if a floating-point tensor argument holds NaN (checked
-    before a guide or encoder turns it into an obscure distribution-parameter error)."""
-    for i, value in enumerate((*args, *kwargs.values())):
-        if torch.is_tensor(value) and value.is_floating_point() and torch.isnan(value).any():
+def _first_parameter(functions) -> torch.Tensor | None:
+    """A floating-point parameter of the module that owns one of ``functions`` (a bound
+    method of an ``nn.Module``, or the module itself), if any."""
+    for fn in functions:
+        owner = getattr(fn, "__self__", fn)
+        if isinstance(owner, torch.nn.Module):
+            for tensor in (*owner.parameters(), *owner.buffers()):
+                if tensor.is_floating_point():
+                    return tensor
+    return None
+
+
+def _first_row(bad: torch.Tensor) -> int:
+    return int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0]) if bad.dim() else 0
+
+
+def check_inputs(args: tuple, kwargs: dict, *functions) -> None:
+    """One-line ``ValueError`` for model arguments a likelihood estimator cannot take,
+    checked before a guide or encoder turns them into an obscure error: a NumPy array, a
+    tensor with no rows, NaN or infinite values, and (when ``functions`` are methods of an
+    ``nn.Module``) a floating-point dtype or device other than the module's."""
+    param = _first_parameter(functions)
+    for where, value in [*enumerate(args), *kwargs.items()]:
+        label = f"argument {where}" if isinstance(where, int) else f"argument {where!r}"
+        if isinstance(value, np.ndarray):
+            dtype = param.dtype if param is not None else torch.get_default_dtype()
             raise ValueError(
-                f"argument {i} of the model contains NaN ({int(torch.isnan(value).sum())} "
-                "values); remove or impute them"
+                f"{label} of the model is a numpy.ndarray; pass a torch tensor, "
+                f"torch.as_tensor(x, dtype={dtype})"
+            )
+        if not torch.is_tensor(value):
+            continue
+        if value.dim() and value.shape[0] == 0:
+            raise ValueError(f"{label} of the model has 0 rows; pass at least one datapoint")
+        if not value.is_floating_point():
+            continue
+        nan = torch.isnan(value)
+        if nan.any():
+            raise ValueError(
+                f"{label} of the model contains NaN ({int(nan.sum())} values, first in row "
+                f"{_first_row(nan)}); remove or impute them"
+            )
+        inf = torch.isinf(value)
+        if inf.any():
+            raise ValueError(
+                f"{label} of the model contains infinite values ({int(inf.sum())}, first in "
+                f"row {_first_row(inf)}); remove, clip or impute them"
+            )
+        if param is not None and value.dtype != param.dtype:
+            raise ValueError(
+                f"{label} of the model is {value.dtype} but the model's parameters are "
+                f"{param.dtype}; pass x.to({param.dtype}) (or convert the model)"
+            )
+        if param is not None and value.device != param.device:
+            raise ValueError(
+                f"{label} of the model is on {value.device} but the model's parameters are "
+                f"on {param.device}; pass x.to({str(param.device)!r})"
             )

@@ -153,7 +153,9 @@ class TraceNVIL_ELBO(ELBO):
     baselines : Mapping[str, Baseline | SignalNormalization | list], optional
         Site name -> baseline object or list of them (combined in order; see
         :mod:`pyro_lvm.infer.baselines`). Sites without an entry use no baseline. Every
-        named site must be a non-reparameterizable guide site.
+        named site must be a non-reparameterizable guide site; in a batch where it is
+        observed (a semi-supervised guide's labelled ``y``) it has no score term, and
+        its baseline is skipped.
     rao_blackwellize : bool
         Use each site's downstream cost (default) or the datapoint's whole log weight
         (plain REINFORCE).
@@ -272,18 +274,25 @@ class TraceNVIL_ELBO(ELBO):
         return model_trace, guide_trace, recorder.indices.get(self.data_plate)
 
     # -- the estimator ---------------------------------------------------------------
-    def _non_reparam_sites(self, guide_trace) -> list[str]:
+    def _non_reparam_sites(self, model_trace, guide_trace) -> list[str]:
+        # an observed guide site is not drawn, so it has no score term (as Pyro's
+        # nonreparam_stochastic_nodes): a semi-supervised guide observes y when labelled
         names = [
             name
             for name, site in guide_trace.nodes.items()
             if site["type"] == "sample"
+            and not site["is_observed"]
             and not is_identically_zero(site["score_parts"].score_function)
         ]
         for name in self.baselines:
-            if name not in guide_trace.nodes or guide_trace.nodes[name]["type"] != "sample":
+            site = guide_trace.nodes.get(name)
+            drawn = site is not None and site["type"] == "sample" and not site["is_observed"]
+            if not drawn and name in model_trace.nodes:
+                continue  # observed (or not sampled by the guide) in this batch: no score term
+            if not drawn:
                 raise ValueError(
                     f"a baseline is configured for site {name!r}, which is not a sample site "
-                    "of the guide; fix the site name"
+                    "of the guide or the model; fix the site name"
                 )
             if name not in names:
                 raise ValueError(
@@ -320,7 +329,7 @@ class TraceNVIL_ELBO(ELBO):
                 if not is_identically_zero(entropy_term):
                     surrogate = surrogate - entropy_term.sum()
 
-        sites = self._non_reparam_sites(guide_trace)
+        sites = self._non_reparam_sites(model_trace, guide_trace)
         costs = self._downstream_costs(model_trace, guide_trace, sites, deps)
         fit_loss = 0.0
         for name in sites:

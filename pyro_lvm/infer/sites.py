@@ -62,6 +62,7 @@ __all__ = [
     "pack",
     "unpack",
     "sample_prior",
+    "check_vectorized",
     "log_densities",
     "trace_log_densities",
 ]
@@ -91,6 +92,10 @@ class ModelSites(NamedTuple):
         ``dim=-max_plate_nesting``, a chain plate goes left of it).
     datapoint_shapes : tuple of torch.Size
         Per-datapoint unconstrained shape of each local site (right of the data plate).
+    vectorized : bool
+        Evaluate all chains in one model call (a chain dimension left of the data
+        plate); ``False``: one call per chain, for a model that cannot take that
+        dimension (:func:`check_vectorized`).
     """
 
     local_names: tuple[str, ...]
@@ -101,6 +106,7 @@ class ModelSites(NamedTuple):
     batch_size: int | None = None
     max_plate_nesting: int = 1
     datapoint_shapes: tuple[torch.Size, ...] = ()
+    vectorized: bool = True
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -213,6 +219,13 @@ def inspect_model(
     if local_sites is None:
         local = list(sites)
         outside = [n for n in local if not _data_frames(sites[n], mpn)]
+        dims = {f.dim for s in sites.values() for f in s["cond_indep_stack"] if f.vectorized}
+        if outside and dims and -mpn not in dims:
+            raise ValueError(
+                f"max_plate_nesting={mpn} puts the data plate at dim={-mpn}, where the model "
+                f"has no plate; pass max_plate_nesting={max(-d for d in dims)} (the data "
+                "plate is the outermost)"
+            )
         if outside:
             raise ValueError(
                 f"latent site {outside[0]!r} is outside the data plate (dim={-mpn}); "
@@ -270,7 +283,12 @@ def _datapoint_layout(sites, local, transforms, mpn: int, strict: bool):
     batch, shapes = None, []
     for name in local:
         frames = _data_frames(sites[name], mpn)
+        value = _unconstrained(sites[name], transforms[name])
+        event_dim = sites[name]["fn"].event_dim
+        value = value.reshape((1,) * (mpn + 1 + event_dim - value.dim()) + value.shape)
         size = frames[0].size if frames else None
+        if size == -1:  # pyro.plate("data") without a size: the data decide
+            size = value.shape[1]
         if size is None or (batch is not None and size != batch):
             if strict:
                 raise ValueError(
@@ -278,9 +296,6 @@ def _datapoint_layout(sites, local, transforms, mpn: int, strict: bool):
                 )
             return None, ()
         batch = size
-        value = _unconstrained(sites[name], transforms[name])
-        event_dim = sites[name]["fn"].event_dim
-        value = value.reshape((1,) * (mpn + 1 + event_dim - value.dim()) + value.shape)
         shapes.append(value.shape[2:])
     return int(batch), tuple(shapes)
 
@@ -400,11 +415,18 @@ def pack(spec: ModelSites, values: dict[str, Tensor], num_chains: int = 1) -> Te
 
 def sample_prior(model: Callable, spec: ModelSites, num_chains: int, *args, **kwargs) -> Tensor:
     """Packed unconstrained prior draws, shape ``(num_chains, B, spec.size)``."""
-    plate = _chain_plate(num_chains, spec.max_plate_nesting)
+    if not spec.vectorized:  # one model call per chain, as the model is written
+        return torch.cat([_prior_draw(model, spec, None, args, kwargs) for _ in range(num_chains)])
+    return _prior_draw(model, spec, num_chains, args, kwargs)
+
+
+def _prior_draw(model, spec: ModelSites, num_chains: int | None, args, kwargs) -> Tensor:
+    if num_chains is not None:
+        model = _chain_plate(num_chains, spec.max_plate_nesting)(model)
     with torch.no_grad(), poutine.block():
-        trace = poutine.trace(plate(model)).get_trace(*args, **kwargs)
+        trace = poutine.trace(model).get_trace(*args, **kwargs)
     z = {n: trace.nodes[n]["value"] for n in spec.local_names}
-    return pack(spec, unconstrain(spec, z), num_chains)
+    return pack(spec, unconstrain(spec, z), num_chains or 1)
 
 
 def _sum_per_datapoint(lp: Tensor, spec: ModelSites, num_chains: int) -> Tensor:
@@ -423,9 +445,15 @@ def log_densities(
     ``u`` is a packed ``(C, B, spec.size)`` tensor of unconstrained values; gradients flow
     to ``u`` and to the model's parameters. The first term sums the latent sites'
     log-probs and log-Jacobians, the second every observed site's (scales and masks
-    included).
+    included). With ``spec.vectorized`` false, one model call per chain.
     """
-    num_chains = u.shape[0]
+    if spec.vectorized:
+        return _log_densities(model, spec, u, u.shape[0], args, kwargs)
+    pairs = [_log_densities(model, spec, u[c], 1, args, kwargs) for c in range(u.shape[0])]
+    return torch.cat([p for p, _ in pairs]), torch.cat([lik for _, lik in pairs])
+
+
+def _log_densities(model, spec: ModelSites, u: Tensor, num_chains: int, args, kwargs):
     values = unpack(spec, u)
     z = constrain(spec, values)
     # no chain plate: the conditioned values broadcast the chain dimension through the
@@ -436,6 +464,30 @@ def log_densities(
     for ladj in _log_abs_det_jacobians(spec, values, z).values():
         log_prior = log_prior + _sum_per_datapoint(ladj, spec, num_chains)
     return log_prior, log_lik
+
+
+def check_vectorized(model: Callable, spec: ModelSites, *args, **kwargs) -> ModelSites:
+    """``spec`` with ``vectorized`` false when the model cannot evaluate a chain dimension
+    as it evaluates one chain (a ``BatchNorm`` layer, an ``.expand`` to a fixed shape, a
+    reshape that mixes chains): two prior draws, evaluated both ways, must agree to
+    floating-point error. Draws none of the caller's random numbers."""
+    looped = spec._replace(vectorized=False)
+    values = (*args, *kwargs.values())
+    devices = [a.device for a in values if torch.is_tensor(a) and a.is_cuda]
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        u = sample_prior(model, looped, 2, *args, **kwargs)
+        expected = log_densities(model, looped, u, *args, **kwargs)
+        try:
+            got = log_densities(model, spec, u, *args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:  # the model cannot take a chain dimension: evaluate per chain
+            return looped
+    for a, b in zip(got, expected):
+        tol = 1000 * torch.finfo(b.dtype).eps * (1 + b.abs())
+        if a.shape != b.shape or not bool((((a - b).abs() <= tol) | (a == b)).all()):
+            return looped
+    return spec
 
 
 def trace_log_densities(trace, spec: ModelSites, num_chains: int = 1) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ dimensions to the left of the data plate (vectorized particles).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import pyro
@@ -33,7 +34,20 @@ from pyro_lvm._registration import all_held
 from pyro_lvm.models.likelihoods import BernoulliLikelihood, Likelihood
 from pyro_lvm.models.nets import MLP
 
-__all__ = ["LatentVariableModel", "NETWORK_DEFAULTS"]
+__all__ = ["LatentVariableModel", "NETWORK_DEFAULTS", "check_num"]
+
+
+def check_num(num) -> int:
+    """``num`` as a number of draws; a one-line ``ValueError`` unless a whole number
+    ``>= 0``."""
+    if torch.is_tensor(num) and num.numel() == 1 and not num.is_floating_point():
+        num = int(num)
+    if isinstance(num, bool) or not isinstance(num, numbers.Integral):
+        raise ValueError(f"generate(num) needs a whole number of draws, got {num!r}")
+    if num < 0:
+        raise ValueError(f"generate(num) needs num >= 0 draws, got {num}")
+    return int(num)
+
 
 #: the MLP options of the ready models (decoder and encoder alike)
 NETWORK_DEFAULTS = {
@@ -177,5 +191,5 @@ class LatentVariableModel(nn.Module):
     @torch.no_grad()
     def generate(self, num: int) -> torch.Tensor:
         """Means of :math:`p(x \\mid z)` for ``num`` draws ``z`` from the prior."""
-        z = self.prior(num).sample()
+        z = self.prior(check_num(num)).sample()
         return self.likelihood.mean(self.decoder(z))

@@ -63,9 +63,10 @@ jumps 155 -> 196 at epoch ~40 (docs/langevin.md). The backward pass of this laye
 :math:`-\tfrac{d_z}{2}\nabla \log\det(\tilde G \tilde G^\top + \epsilon I)` (``jitter``
 :math:`\epsilon` relative to the mean squared norm of a row; the same gradient as that of
 :math:`\log\det(\tilde G^\top \tilde G + \epsilon I)`), which cancels that term exactly;
-the forward values, the chain's potential and the reported loss are unchanged. It is computed from
-:math:`\tilde G^\top \tilde G`, a sum over rows, so data parallel it is the union batch's
-(one collective).
+the forward values, the chain's potential and the reported loss are unchanged. In one process
+it factors the smaller of :math:`\tilde G \tilde G^\top` and :math:`\tilde G^\top \tilde G`
+(the same gradient); data parallel it factors :math:`\tilde G^\top \tilde G`, a sum over rows,
+so that it is the union batch's (one collective).
 """
 
 from __future__ import annotations
@@ -94,38 +95,50 @@ def _batch_moments(flat: Tensor) -> tuple[Tensor, Tensor]:
 class _LogDetCorrection(torch.autograd.Function):
     r"""Identity forward; backward adds the gradient of
     :math:`-c \log\det(\tilde G^\top \tilde G + \epsilon I)` with respect to the rows of
-    :math:`\tilde G` (the batch's centred features), given the batch Gram matrix
-    :math:`S = \tilde G^\top \tilde G + \epsilon I` (summed over data-parallel ranks): the
-    Jacobian correction of :class:`FeatureCentering`. The gradient
-    :math:`2\tilde G S^{-1}` equals that of :math:`\log\det(\tilde G \tilde G^\top + \epsilon
-    I)` (push-through identity), whichever of the batch and the width is larger."""
+    :math:`\tilde G` (the batch's centred features): :math:`-2c\,\tilde G S^{-1}` with
+    :math:`S = \tilde G^\top \tilde G + \epsilon I`, the Jacobian correction of
+    :class:`FeatureCentering`. By the push-through identity it equals
+    :math:`-2c\,(\tilde G \tilde G^\top + \epsilon I)^{-1} \tilde G`, the gradient of
+    :math:`-c\log\det(\tilde G \tilde G^\top + \epsilon I)`, whichever of the batch and the
+    width is larger: :func:`_factor` factors the smaller matrix (Cholesky, float64)."""
 
     @staticmethod
-    def forward(ctx, out: Tensor, gram: Tensor, coef: float) -> Tensor:
-        ctx.save_for_backward(out, gram)
-        ctx.coef = coef
+    def forward(ctx, out: Tensor, factor: Tensor, by_rows: bool, coef: float) -> Tensor:
+        ctx.save_for_backward(out, factor)
+        ctx.by_rows, ctx.coef = by_rows, coef
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        out, gram = ctx.saved_tensors
+        out, factor = ctx.saved_tensors
         with torch.no_grad():
-            flat = out.reshape(-1, out.shape[-1]).to(gram.dtype)
-            extra = (-2.0 * ctx.coef) * torch.linalg.solve(gram, flat.T).T
-        return grad + extra.to(grad.dtype).reshape(grad.shape), None, None
+            flat = out.reshape(-1, out.shape[-1]).to(factor.dtype)
+            if ctx.by_rows:  # (G G^T + eps I)^{-1} G
+                solved = torch.cholesky_solve(flat, factor)
+            else:  # G (G^T G + eps I)^{-1}
+                solved = torch.cholesky_solve(flat.T, factor).T
+            extra = (-2.0 * ctx.coef) * solved
+        return grad + extra.to(grad.dtype).reshape(grad.shape), None, None, None
 
 
-def _gram(flat: Tensor, jitter: float) -> Tensor:
-    r""":math:`\tilde G^\top \tilde G + \epsilon I` in float64 over every rank's rows, with
-    :math:`\epsilon` = ``jitter`` times the mean squared row norm (the mean diagonal of
+def _factor(flat: Tensor, jitter: float) -> tuple[Tensor, bool]:
+    r"""The Cholesky factor of :math:`\tilde G \tilde G^\top + \epsilon I` (``by_rows``:
+    fewer rows than features, one process) or of :math:`\tilde G^\top \tilde G + \epsilon I`
+    (a sum over rows, so data parallel it is summed over every rank's rows), in float64;
+    :math:`\epsilon` is ``jitter`` times the mean squared row norm (the mean diagonal of
     :math:`\tilde G \tilde G^\top`)."""
     rows = flat.detach().double()
-    total = reduce_sum(
-        torch.cat([rows.T @ rows, rows.new_tensor([[rows.shape[0]]]).expand(-1, rows.shape[1])])
-    )
-    gram, n = total[:-1], total[-1, 0]
-    eps = jitter * gram.diagonal().sum().clamp_min(1e-30) / n
-    return gram + eps * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    n, width = rows.shape
+    if current_collective() is None and n < width:
+        gram = rows @ rows.T
+        eps = jitter * gram.diagonal().sum().clamp_min(1e-30) / n
+        eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+        return torch.linalg.cholesky(gram + eps * eye), True
+    total = reduce_sum(torch.cat([rows.T @ rows, rows.new_tensor([[n]]).expand(-1, width)]))
+    gram, count = total[:-1], total[-1, 0]
+    eps = jitter * gram.diagonal().sum().clamp_min(1e-30) / count
+    eye = torch.eye(width, dtype=gram.dtype, device=gram.device)
+    return torch.linalg.cholesky(gram + eps * eye), False
 
 
 class FeatureCentering(nn.Module):
@@ -208,8 +221,9 @@ class FeatureCentering(nn.Module):
                 self.pending_var.copy_(self.running_var.lerp(var, self.momentum))
             self.num_batches_tracked += 1
             if self.jacobian and self._heads and torch.is_grad_enabled() and out.requires_grad:
-                gram = _gram(out.reshape(-1, self.num_features), self.jitter)
-                out = _LogDetCorrection.apply(out, gram, 0.5 * self._heads[0].out_features)
+                factor, by_rows = _factor(out.reshape(-1, self.num_features), self.jitter)
+                coef = 0.5 * self._heads[0].out_features
+                out = _LogDetCorrection.apply(out, factor, by_rows, coef)
             return out
         return self._apply_stats(h)
 

@@ -40,7 +40,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_lvm.models.base import LatentVariableModel
+from pyro_lvm.models.base import LatentVariableModel, check_num
 from pyro_lvm.models.likelihoods import BernoulliLikelihood, Likelihood
 
 __all__ = ["SigmoidBeliefNet", "BernoulliVAE", "make_bernoulli_net"]
@@ -186,7 +186,7 @@ class SigmoidBeliefNet(LatentVariableModel):
     @torch.no_grad()
     def generate(self, num: int) -> torch.Tensor:
         """Means of :math:`p(x \\mid z_1)` for ancestral samples of the latents."""
-        z = self.prior(num).sample()
+        z = self.prior(check_num(num)).sample()
         for l in reversed(range(self.num_layers - 1)):
             z = _bernoulli(self.decoders[l](z)).sample()
         return self.likelihood.mean(self.decoder(z))

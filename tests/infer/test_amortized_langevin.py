@@ -332,3 +332,18 @@ def test_row_space_basis_is_rank_revealing():
         assert Q.shape == (features.shape[1], rank)
         assert torch.allclose(Q.T @ Q, torch.eye(rank), atol=1e-5)
         assert torch.allclose(features @ Q @ Q.T, features, atol=1e-5)  # spans every row
+
+
+def test_row_space_projector_is_the_basis_projector():
+    """The fast projector (two Cholesky factorisations when the rank is full) equals the
+    eigendecomposition's ``m Q Q^T``, full rank or not."""
+    from pyro_lvm.infer.mcmc.ald import row_space_basis, row_space_projector
+
+    gen = torch.Generator().manual_seed(offset_seed(4))
+    g = torch.randn(20, 32, generator=gen)
+    m = torch.randn(3, 32, generator=gen)
+    for features, rank in ((g, 20), (g - g.mean(0), 19), (g[:, :8], 8)):
+        project, got = row_space_projector(features)
+        Q, rows = row_space_basis(features), m[:, : features.shape[1]]
+        assert got == rank
+        assert torch.allclose(project(rows), rows @ Q @ Q.T, atol=1e-5)

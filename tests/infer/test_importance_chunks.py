@@ -16,7 +16,9 @@ def _passes(vae, x, **kw):
     def guide(x):
         out = vae.guide(x)
         frame = [f for f in pyro.poutine.runtime._PYRO_STACK if hasattr(f, "size")]
-        sizes.append(max((f.size for f in frame if f.name == "_importance_particles"), default=1))
+        # the calls without the particle plate (one particle as the model is written,
+        # which checks the vectorized pass) are not vectorized passes
+        sizes.extend(f.size for f in frame if f.name == "_importance_particles")
         return out
 
     est = iwae_log_likelihood(vae.model, guide, x, num_samples=60, **kw)

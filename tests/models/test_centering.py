@@ -204,3 +204,21 @@ def test_jacobian_correction_leaves_values_and_eval_mode_alone():
     on.eval()
     (grad,) = torch.autograd.grad(on(h).sum(), h)
     torch.testing.assert_close(grad, torch.ones_like(h))  # no correction outside training
+
+
+@pytest.mark.parametrize("n, d", [(4, 6), (9, 6)])
+def test_jacobian_correction_is_the_exact_log_det_gradient_for_either_shape(n, d):
+    """The correction factors the smaller Gram matrix (rows when the batch is narrower
+    than the features): either way it adds exactly -c d/dG logdet(G^T G + eps I)."""
+    from pyro_lvm.models.centering import _factor, _LogDetCorrection
+
+    gen = torch.Generator().manual_seed(offset_seed(9))
+    g = torch.randn(n, d, generator=gen, dtype=torch.double).requires_grad_()
+    coef, jitter = 1.5, 1e-3
+    factor, by_rows = _factor(g, jitter)
+    assert by_rows == (n < d)
+    (got,) = torch.autograd.grad(_LogDetCorrection.apply(g, factor, by_rows, coef).sum(), g)
+    eps = jitter * g.detach().square().sum() / n
+    logdet = torch.logdet(g.T @ g + eps * torch.eye(d, dtype=torch.double))
+    (expected,) = torch.autograd.grad(-coef * logdet, g)
+    torch.testing.assert_close(got - 1.0, expected)

@@ -85,6 +85,6 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         target_accept_prob=config.target_accept_prob,
         precondition=config.precondition,
         project_noise=config.project_noise,
-        jit_compile=config.jit_compile,
+        jit_compile=config.compile_backend(),
     )
     return langevin_experiment(config, lvm, inference)

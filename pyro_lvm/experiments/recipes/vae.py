@@ -53,6 +53,6 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         vae.guide,
         make_optimizer(vae.parameters(), config),
         loss=loss,
-        jit_compile=config.jit_compile,
+        jit_compile=config.compile_backend(),
     )
     return Experiment(lvm=vae, inference=svi, modules=vae)

@@ -74,6 +74,7 @@ __all__ = [
     "bind_batch",
     "initial_step_size",
     "row_space_basis",
+    "row_space_projector",
     "write_back",
 ]
 
@@ -117,8 +118,8 @@ class ALDBatch(NamedTuple):
         The flat position (chain coordinates, then global values) -> :math:`V`.
     potential_of : callable
         ``potential_of(u, args, kwargs)``: :math:`V` at unconstrained site values.
-    noise_basis : tuple or None
-        Per head, an orthonormal basis of its features' row space (``project_noise``).
+    noise_basis : _NoiseProjection or None
+        Per head, the projection onto its features' row space (``project_noise``).
     """
 
     args: tuple
@@ -127,7 +128,7 @@ class ALDBatch(NamedTuple):
     chain: ChainMap
     potential_fn: Callable[[Tensor], Tensor]
     potential_of: PotentialOf
-    noise_basis: tuple[Tensor | None, ...] | None = None
+    noise_basis: _NoiseProjection | None = None
 
     @property
     def chain_size(self) -> int:
@@ -193,29 +194,72 @@ def row_space_basis(features: Tensor, rtol: float = 1e-9) -> Tensor:
     return ((g.T @ vectors[:, keep]) / eigenvalues[keep].sqrt()).to(features.dtype)
 
 
-def _noise_basis(chain: ChainMap) -> tuple[Tensor | None, ...]:
+def row_space_projector(
+    features: Tensor, rtol: float = 1e-9
+) -> tuple[Callable[[Tensor], Tensor], int]:
+    r"""``project(m) = m Q Q^T`` for ``Q = row_space_basis(features, rtol)`` (rows of ``m``
+    projected onto the span of the rows of ``features``), and the rank of that span.
+
+    In the usual full-row-rank case it skips the eigendecomposition: a Cholesky
+    factorisation of :math:`G G^\top - \delta I` with :math:`\delta` = ``rtol`` times the
+    trace (at least ``rtol`` times the largest eigenvalue) succeeds only if no eigenvalue
+    falls below the rank cut, which certifies full rank; the projector is then
+    :math:`m \mapsto m G^\top (G G^\top)^{-1} G`, with a Cholesky factor of
+    :math:`G G^\top` (double precision). Otherwise, :func:`row_space_basis`.
+    """
+    g = features.double()
+    gram = g @ g.T
+    shift = rtol * gram.diagonal().sum()
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    if not torch.linalg.cholesky_ex(gram - shift * eye).info:
+        factor, info = torch.linalg.cholesky_ex(gram)
+        if not info:
+
+            def project(m: Tensor) -> Tensor:
+                coef = torch.cholesky_solve((m.double() @ g.T).T, factor)
+                return (coef.T @ g).to(m.dtype)
+
+            return project, gram.shape[0]
+    basis = row_space_basis(features, rtol)
+    return (lambda m: (m @ basis) @ basis.T), basis.shape[1]
+
+
+class _NoiseProjection(NamedTuple):
+    """Per head, the projection onto its features' row space (``None``: the rows span
+    the feature space), and whether every projection keeps all the rows' directions."""
+
+    heads: tuple[Callable[[Tensor], Tensor] | None, ...]
+    spans_rows: bool
+
+
+def _noise_projection(chain: ChainMap) -> _NoiseProjection:
     if not chain.matmul:
         raise ValueError(
             "project_noise needs every latent site to be an nn.Linear head output (or a "
             "column slice of one); drop project_noise="
         )
-    out = []
+    heads, spans_rows = [], True
     for g in chain.features:
         # data parallel: the union batch's span, identical on every rank (as the noise)
         g = all_gather_cat(g.detach())
-        out.append(None if g.shape[0] >= g.shape[1] else row_space_basis(g))
-    return tuple(out)
+        if g.shape[0] >= g.shape[1]:
+            heads.append(None)
+            continue
+        project, rank = row_space_projector(g)
+        heads.append(project)
+        spans_rows = spans_rows and rank == g.shape[0]
+    return _NoiseProjection(tuple(heads), spans_rows)
 
 
-def _projector(chain: ChainMap, basis: tuple[Tensor | None, ...]) -> Callable[[Tensor], Tensor]:
+def _projector(chain: ChainMap, noise: _NoiseProjection) -> Callable[[Tensor], Tensor]:
     """The projection of a chain vector onto each head's feature row space."""
     shapes = [p.shape for p in chain.params_of(chain.start)]
     sizes = [s.numel() for s in shapes]
 
     def project(c: Tensor) -> Tensor:
         parts = []
-        for part, shape, q in zip(c.split(sizes), shapes, basis):
-            parts.append(part if q is None else ((part.view(shape) @ q) @ q.T).reshape(-1))
+        for part, shape, head in zip(c.split(sizes), shapes, noise.heads):
+            parts.append(part if head is None else head(part.view(shape)).reshape(-1))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     return project
@@ -261,9 +305,11 @@ def bind_batch(
         keep_graph=keep_graph,
         precondition=precondition,
     )
-    basis = _noise_basis(chain) if project_noise and precondition is None else None
+    basis = _noise_projection(chain) if project_noise and precondition is None else None
     local_values = chain.local_values
-    if basis is not None and any(q is not None for q in basis):
+    # the gradient G^T dV/dz is in the span of the rows of G already: when every
+    # projection keeps all of it, projecting the move changes nothing but rounding
+    if basis is not None and not basis.spans_rows:
         project, start = _projector(chain, basis), chain.start
 
         def local_values(c: Tensor) -> dict[str, Tensor]:

@@ -28,7 +28,7 @@ from pyro.infer.mcmc.mcmc_kernel import MCMCKernel
 from torch import Tensor, nn
 
 from pyro_lvm.infer import sites as S
-from pyro_lvm.infer.compile import CompiledFunction
+from pyro_lvm.infer.compile import CompiledFunction, compile_backend
 from pyro_lvm.infer.mcmc import ald
 from pyro_lvm.infer.mcmc import mixing as M
 from pyro_lvm.infer.mcmc.adaptation import DualAveragingState
@@ -105,8 +105,13 @@ class AmortizedLangevin(MCMCKernel):
     reduce_fn : callable, optional
         ``reduce_fn(potential, grad) -> (potential, grad)``: local to global values
         (data parallel; see :mod:`pyro_lvm.infer.mcmc`).
-    jit_compile : bool
-        Compile the potential (:class:`~pyro_lvm.infer.compile.CompiledFunction`).
+    jit_compile : bool or str
+        Compile the potential once per batch signature, as Pyro's ``HMC(jit_compile=True)``
+        (:class:`~pyro_lvm.infer.compile.CompiledFunction`: captured with ``torch.fx``,
+        compiled by Inductor, guarded; a string names the backend, ``"inductor"`` or
+        ``"fx"``). A model the compiled path cannot replay exactly (a branch on a tensor's
+        value, a Python value that keeps changing) runs eagerly, with one
+        :class:`~pyro_lvm.infer.compile.CompileWarning` saying why.
 
     Examples
     --------
@@ -133,7 +138,7 @@ class AmortizedLangevin(MCMCKernel):
         adapt_window: int | None = None,
         generator: torch.Generator | None = None,
         reduce_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
-        jit_compile: bool = False,
+        jit_compile: bool | str = False,
     ):
         sites = ald.check_options(
             latent_site, encoder, params, step_size, target_accept_prob, precondition, adapt_window
@@ -144,7 +149,9 @@ class AmortizedLangevin(MCMCKernel):
         self.target_accept_prob, self.adapt_window = target_accept_prob, adapt_window
         self.precondition, self.project_noise = precondition, bool(project_noise)
         self.encoder_input, self.params = encoder_input, None if params is None else list(params)
-        self.generator, self.reduce_fn, self.jit_compile = generator, reduce_fn, bool(jit_compile)
+        self.generator, self.reduce_fn = generator, reduce_fn
+        self._backend = compile_backend(jit_compile)
+        self.jit_compile = self._backend is not None
         self.cache = ChainCache()
         self.sites: S.ModelSites | None = None
         self._potential_of: Callable | None = None
@@ -207,8 +214,13 @@ class AmortizedLangevin(MCMCKernel):
             self.sites = sites
             potential = functools.partial(_potential, self.model, sites)
             self._potential_of = (
-                CompiledFunction(potential, name="the potential")
-                if self.jit_compile
+                CompiledFunction(
+                    potential,
+                    name="the potential",
+                    state={"model": self.model, "sites": sites},
+                    backend=self._backend,
+                )
+                if self._backend is not None
                 else potential
             )
             if held is None:
