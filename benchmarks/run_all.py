@@ -190,7 +190,12 @@ def case_vimco(size, quick):
     x, sbn = _sbn(size)
     ref = copy.deepcopy(sbn)
     k = 5
-    svi = ModuleSVI(sbn.model, sbn.guide, _adam(sbn.parameters()), loss=VIMCO(num_particles=k))
+    svi = ModuleSVI(
+        sbn.model,
+        sbn.guide,
+        _adam(sbn.parameters()),
+        loss=VIMCO(num_particles=k, vectorize_particles=True),
+    )
     opt = _adam(ref.parameters())
     return {
         "torch": lambda: floors.vimco_step(

@@ -51,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_loss(args: argparse.Namespace, vae: BernoulliVAE):
     if args.estimator == "vimco":
-        return VIMCO(num_particles=args.num_particles, max_plate_nesting=1)
+        return VIMCO(
+            num_particles=args.num_particles, max_plate_nesting=1, vectorize_particles=True
+        )
     baselines = {
         "running": {"z": RunningAverageBaseline(beta=0.9, per_datapoint=False)},
         "per-datapoint": {"z": RunningAverageBaseline(beta=0.9)},

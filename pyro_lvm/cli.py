@@ -24,6 +24,7 @@ import torch
 from pyro_lvm import __version__
 from pyro_lvm.data import DATASETS
 from pyro_lvm.experiments.config import COMPILE_MIN_STEPS, TrainConfig
+from pyro_lvm.experiments.export import export_run
 from pyro_lvm.experiments.fabric import is_global_zero
 from pyro_lvm.experiments.lifecycle import run_evaluate, run_sample, run_train
 from pyro_lvm.experiments.recipes import RECIPES, model_flags
@@ -275,6 +276,14 @@ _TRAIN_FLAGS = [
     (("--no-figures",), dict(action="store_true", help="skip the PNG figures"), "run"),
     (("--no-progress",), dict(action="store_true", help="no progress bar"), "run"),
     (
+        ("--logger",),
+        dict(
+            choices=["csv", "tensorboard", "mlflow", "wandb"],
+            help="experiment tracker besides OUT/logs/metrics.csv (default: csv, none)",
+        ),
+        "run",
+    ),
+    (
         ("--threads",),
         dict(type=int, help="torch CPU threads (default: 1 for digits, else torch's)"),
         "run",
@@ -318,6 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None, help="cpu or cuda (default: the run's)")
     e.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     e.add_argument("--model-file", default=None, help="a custom-model run's code (trusted)")
+
+    x = sub.add_parser(
+        "export", help="write a run's model as model.safetensors + config.json (no pickles)"
+    )
+    x.add_argument("run_dir")
+    x.add_argument("out", help="folder for model.safetensors and config.json")
+    x.add_argument(
+        "--checkpoint",
+        default="checkpoint.pt",
+        choices=["checkpoint.pt", "best.pt"],
+        help="the last epoch or the best monitored loss (default: checkpoint.pt)",
+    )
+    x.add_argument("--model-file", default=None, help="a custom-model run's code (trusted)")
+    x.add_argument("--overwrite", action="store_true", help="replace an export in OUT")
+    x.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
@@ -392,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
             _print_summary(metrics, args.run_dir)
         elif args.command == "compare":
             _run_compare(args)
+        elif args.command == "export":
+            out = export_run(
+                args.run_dir, args.out, args.checkpoint, args.model_file, args.overwrite
+            )
+            print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
         else:
             path = run_sample(args.run_dir, args.num, args.seed, args.model_file)
             print(f"wrote {path}")

@@ -75,3 +75,35 @@ def test_eval_time_reports_both_estimators():
     assert len(results) == 2
     for row in results.values():
         assert row["cpu_s"] > 0 and row["cpu_min_10k"] > 0 and row["images"] in (2, 4)
+
+
+def test_pyro_suite_swaps_estimators_and_compares_cases():
+    """The harness of Pyro's ELBO suite (running it needs Pyro's source tree): each
+    factory takes the keywords Pyro's tests pass, and VIMCO is checked case by case
+    against RenyiELBO."""
+    import pyro.infer
+    import pyro_suite
+
+    from pyro_lvm.infer import VIMCO, TraceNVIL_ELBO
+
+    keywords = dict(max_plate_nesting=1, num_particles=1, strict_enumeration_warning=False)
+    made = {name: pyro_suite._factory(name)(**keywords) for name in pyro_suite.ESTIMATORS}
+    assert isinstance(made["trace"], pyro.infer.Trace_ELBO)
+    assert isinstance(made["renyi"], pyro.infer.RenyiELBO) and made["renyi"].num_particles == 2
+    assert isinstance(made["vimco"], VIMCO) and made["vimco"].num_particles == 2
+    assert isinstance(made["nvil"], TraceNVIL_ELBO)
+    runs = {
+        "renyi": {
+            "results": {"t.py::a[swapped_renyi]": "passed", "t.py::b[swapped_renyi]": "failed"}
+        },
+        "vimco": {
+            "results": {"t.py::a[swapped_vimco]": "refused", "t.py::b[swapped_vimco]": "passed"}
+        },
+    }
+    summary = pyro_suite.summarize(runs)
+    assert summary["rows"]["vimco"] == {"total": 2, "refused": 1, "passed": 1}
+    assert summary["check"] == {
+        "vimco_passes_where_renyi_passes": False,
+        "exceptions": ["t.py::a[*]"],
+    }
+    assert "| vimco | 2 | 1 | 1 | 0 | 0 |" in pyro_suite.table(summary)

@@ -178,20 +178,6 @@ def test_per_model_help_shows_only_its_flags_with_defaults(capsys):
     assert capsys.readouterr().out.startswith("pyro-lvm ")
 
 
-def test_tensorboard_gets_validation_images_and_hparams(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = tmp_path / "vae"
-    argv = ["train", "vae", "--out", str(out), "--hidden-dim", "16", "--epochs", "2"]
-    assert main([*argv, "--validation", "100", "--eval-samples", "10", "--no-progress"]) == 0
-    events = EventAccumulator(str(out / "tensorboard"))
-    events.Reload()
-    tags = events.Tags()
-    assert "validation/loss" in tags["scalars"] and "test/test_nll" in tags["scalars"]
-    assert {"figures/training", "figures/samples"} <= set(tags["images"])
-    assert (out / "tensorboard" / "hparams").is_dir()
-
-
 def test_the_run_length_decides_whether_the_cli_compiles():
     """jit_compile=True (the CLI's default) compiles with Inductor only for runs of at
     least COMPILE_MIN_STEPS planned steps; a run of unknown length and --no-jit are eager;

@@ -53,7 +53,7 @@ __all__ = [
     "write_markdown",
 ]
 
-DEFAULT_MODELS = ("vae", "vae-flow", "dlgm", "lae")
+DEFAULT_MODELS = ("vae", "vae-flow", "dlgm", "lae", "pgd")
 
 #: the columns of ``compare.md``, in order (absent keys are skipped)
 COMPARE_KEYS = (

@@ -76,6 +76,9 @@ class TrainConfig:
     strategy: str = "ddp"
     num_nodes: int = 1
     out: str = "runs/latest"
+    #: experiment tracker besides the run folder's logs/metrics.csv:
+    #: csv (none) | tensorboard | mlflow | wandb
+    logger: str = "csv"
     #: rows of the training set held out for validation (0: none)
     validation: int = 0
     #: stop after this many epochs without improvement of the monitored loss (0: never)
@@ -177,6 +180,10 @@ class TrainConfig:
             ),
             (self.test_scale > 0, f"--test-scale must be positive, got {self.test_scale}"),
             (self.arch in ("mlp", "conv"), f"--arch must be mlp or conv, got {self.arch!r}"),
+            (
+                self.logger in ("csv", "tensorboard", "mlflow", "wandb"),
+                f"--logger must be csv, tensorboard, mlflow or wandb, got {self.logger!r}",
+            ),
             (self.num_flows > 0, f"--num-flows must be positive, got {self.num_flows}"),
             (self.flow in ("iaf", "planar"), f"--flow must be iaf or planar, got {self.flow!r}"),
             (self.validation >= 0, f"--validation must be >= 0, got {self.validation}"),

@@ -8,9 +8,7 @@ failure a user can fix is a one-line :class:`RunError`.
 from __future__ import annotations
 
 import json
-import math
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,6 +26,8 @@ from pyro_lvm.experiments.checkpoint import (
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
 from pyro_lvm.experiments.fabric import agree_or_raise, check_data_parallel, launch
+from pyro_lvm.experiments.loggers import check_logger, open_logger
+from pyro_lvm.experiments.progress import open_progress
 from pyro_lvm.experiments.protocol import GenerativeModel, PlottableModel, missing
 from pyro_lvm.experiments.recipes import Experiment
 from pyro_lvm.experiments.rundir import (
@@ -46,19 +46,6 @@ from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.models.likelihoods import LIKELIHOODS
 
 __all__ = ["run_evaluate", "run_sample", "run_train", "sample_paths"]
-
-
-def _tensorboard(out: Path):
-    try:
-        with warnings.catch_warnings():
-            # some tensorboard versions import distutils / pkg_resources, which raise a
-            # DeprecationWarning on import: not the user's concern
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from torch.utils.tensorboard import SummaryWriter
-
-            return SummaryWriter(str(out / "tensorboard"))
-    except Exception:  # optional dependency: absent or broken means no TensorBoard
-        return None
 
 
 def run_train(
@@ -83,6 +70,7 @@ def run_train(
     # every check before anything is written: flags, folder, data, model
     config.validate()
     check_device(config.device)
+    check_logger(config.logger)
     collective = launch(config)  # --devices/--num-nodes: one process per device (Fabric)
     with pyro.validation_enabled(False):
         return _train(config, collective, resume, progress, figures, data, overwrite)
@@ -156,20 +144,18 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
     write_json(out / "config.json", config.to_dict())
     if experiment.prepare is not None and trainer.state.step == 0:
         experiment.prepare(data.train_x.to(config.device))
-    writer = _tensorboard(out)
+    # the CSV log (and --logger's tracker): a resumed run continues from its checkpoint
+    logger = open_logger(out, config.logger, out.name, trainer.state.epoch if resume else None)
     bar = _progress_bar(config, data, trainer, enabled=progress)
 
     def on_step(state, loss):
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix({"loss": f"{loss:.2f}", **_short(experiment.inference.metrics())})
+            bar.step(loss, experiment.inference.metrics())
 
     def on_epoch(state, record):
-        if writer is not None:
-            for key, value in record.items():
-                if key != "epoch" and isinstance(value, float) and math.isfinite(value):
-                    tag = "validation/loss" if key == "val_loss" else f"train/{key}"
-                    writer.add_scalar(tag, value, record["epoch"])
+        logger.log_epoch(record)
+        if bar is not None:
+            bar.epoch(record)
 
     previous = signal.getsignal(signal.SIGINT)
 
@@ -177,8 +163,10 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
         trainer.stop_requested = True
 
     signal.signal(signal.SIGINT, request_stop)
+    fitted = False
     try:
         trainer.fit(config.epochs, on_step=on_step, on_epoch=on_epoch)
+        fitted = True
     except KeyboardInterrupt:
         raise RunError(
             f"interrupted at epoch {trainer.state.epoch + 1}, step {trainer.state.step}; "
@@ -190,52 +178,31 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
         signal.signal(signal.SIGINT, previous)
         if bar is not None:
             bar.close()
-    if experiment.finalize is not None:  # post-training fits, e.g. ae-gmm's mixture prior
-        experiment.finalize(data.train_x.to(config.device))
-        trainer.save()  # evaluate/sample must see the fitted state
-    elif not (out / CHECKPOINT_NAME).is_file():
-        trainer.save()  # --epochs 0: the initial (or prepared) model, so the run loads
-    metrics = _metrics(config, experiment, data, trainer)
-    write_json(
-        out / "history.json", {"epochs": trainer.state.history, "steps": trainer.state.steps}
-    )
-    pngs = []
+        if not fitted:
+            logger.close("failed")
+    metrics, pngs, status = None, [], "failed"
     try:
+        if experiment.finalize is not None:  # post-training fits, e.g. ae-gmm's mixture prior
+            experiment.finalize(data.train_x.to(config.device))
+            trainer.save()  # evaluate/sample must see the fitted state
+        elif not (out / CHECKPOINT_NAME).is_file():
+            trainer.save()  # --epochs 0: the initial (or prepared) model, so the run loads
+        metrics = _metrics(config, experiment, data, trainer)
+        write_json(
+            out / "history.json", {"epochs": trainer.state.history, "steps": trainer.state.steps}
+        )
         _write_metrics(out, metrics)
         if figures and _plottable(experiment, "training figures"):
             from pyro_lvm.experiments.figures import figure_title, write_figures
 
             title = figure_title(config.model, data.name, trainer.state.epoch)
             pngs = write_figures(experiment, data, trainer.state, out, title) or []
+        status = "success"
     finally:
-        if writer is not None:
-            _log_run(writer, config, metrics, pngs)
+        if metrics is not None:
+            logger.log_results(config.to_dict(), metrics, pngs, trainer.state.epoch)
+        logger.close(status)
     return metrics
-
-
-def _log_run(writer, config: TrainConfig, metrics: dict, pngs: list) -> None:
-    """TensorBoard: test metrics as scalars and hparams, the figures as images."""
-    finite = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
-    for key, value in finite.items():
-        writer.add_scalar(f"test/{key}", value, config.epochs)
-    hparams = {
-        k: v
-        for k, v in config.to_dict().items()
-        if isinstance(v, (int, float, str, bool)) and k not in ("out", "data_dir")
-    }
-    tests = {f"hparam/{k}": v for k, v in finite.items() if k.startswith("test_")}
-    if tests:
-        writer.add_hparams(hparams, tests, run_name="hparams")
-    import matplotlib.image
-
-    for png in pngs:
-        writer.add_image(
-            f"figures/{Path(png).stem}",
-            matplotlib.image.imread(png)[..., :3],
-            config.epochs,
-            dataformats="HWC",
-        )
-    writer.close()
 
 
 def _plottable(experiment: Experiment, what: str) -> bool:
@@ -277,22 +244,16 @@ def _write_metrics(out: Path, metrics: dict) -> None:
         )
 
 
-def _short(metrics: dict) -> dict:
-    return {k: f"{v:.3g}" for k, v in metrics.items() if isinstance(v, float)}
-
-
 def _progress_bar(config, data, trainer, enabled: bool):
+    """A live bar on a terminal, one line per epoch in a pipe or a log file."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-
     per_epoch = -(-data.num_train // config.batch_size)
-    return tqdm(
-        total=config.epochs * per_epoch,
-        initial=trainer.state.step,
-        desc=f"{config.model} on {data.name}",
-        unit="step",
-        file=sys.stderr,
+    return open_progress(
+        config.epochs * per_epoch,
+        trainer.state.step,
+        f"{config.model} on {data.name}",
+        config.epochs,
     )
 
 

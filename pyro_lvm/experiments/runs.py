@@ -17,6 +17,7 @@ from pyro_lvm.experiments.checkpoint import (
     preserved_rng,
 )
 from pyro_lvm.experiments.config import TrainConfig
+from pyro_lvm.experiments.export import is_export, load_params, read_export
 from pyro_lvm.experiments.recipes.base import Experiment
 from pyro_lvm.experiments.trainer import Trainer
 
@@ -71,7 +72,9 @@ def load_run(
     Parameters
     ----------
     run_dir : path
-        The ``--out`` folder of ``pyro-lvm train``.
+        The ``--out`` folder of ``pyro-lvm train``, or a folder written by ``pyro-lvm
+        export`` (``model.safetensors`` + ``config.json``; see
+        :mod:`pyro_lvm.experiments.export`).
     device : str, optional
         Where to put the model (a CUDA-trained run loads on CPU by default); ``None``:
         the device the run was trained on.
@@ -87,6 +90,8 @@ def load_run(
     >>> x = run.model.generate(16)  # doctest: +SKIP
     """
     run_dir = Path(run_dir)
+    if is_export(run_dir):
+        return _load_export(run_dir, device, model_file)
     if not (run_dir / "config.json").is_file() or not (
         (run_dir / CHECKPOINT_NAME).is_file() or (run_dir / PREVIOUS_NAME).is_file()
     ):
@@ -132,6 +137,39 @@ def load_run(
         data_dim=int(data_info["data_dim"]),
         image_shape=tuple(shape) if shape else None,
         trainer=trainer,
+    )
+
+
+def _load_export(folder: Path, device: str | None, model_file: str | None) -> Run:
+    """A folder of ``pyro-lvm export`` (:mod:`pyro_lvm.experiments.export`): the model
+    with its weights and Pyro params, the settings and metrics; no history."""
+    saved, tensors, params = read_export(folder)
+    config = TrainConfig.load(folder / "config.json")  # ignores the "export" entry
+    config.device = device or "cpu"
+    if config.model == "custom":
+        if model_file is None:
+            raise ValueError(
+                f"{folder} is a custom-model export ({config.model_file}); pass model_file= "
+                "(--model-file) to import that code: loading never runs code on its own"
+            )
+        config.model_file = model_file
+    data = saved["export"]["data"]
+    # as load_run: the caller's generators are left alone (the weights are the export's)
+    with preserved_rng():
+        experiment = build_experiment(config, int(data["data_dim"]))
+    experiment.modules.load_state_dict(tensors)
+    experiment.modules.to(config.device)
+    load_params(params, config.device)
+    experiment.lvm.eval()
+    shape = data.get("image_shape")
+    return Run(
+        model=experiment.lvm,
+        config=config,
+        metrics=saved["export"].get("metrics", {}),
+        history={"epochs": [], "steps": []},
+        experiment=experiment,
+        data_dim=int(data["data_dim"]),
+        image_shape=tuple(shape) if shape else None,
     )
 
 

@@ -35,6 +35,7 @@ DEFAULT_LIKELIHOOD = {"ppca": "gaussian"}
 #: settings a resumed run may change (the rest define the run and must match it)
 RESUMABLE = (
     "epochs",
+    "logger",
     "lr",
     "eval_samples",
     "eval_ais",

@@ -24,6 +24,7 @@ from pyro_lvm.infer.marginal import MarginalLikelihoodGD
 from pyro_lvm.infer.mcmc.amortized_langevin import AmortizedLangevin, RankConditionWarning
 from pyro_lvm.infer.nvil import TraceNVIL_ELBO
 from pyro_lvm.infer.optim import ParamOptimizer
+from pyro_lvm.infer.pgd import PGD, map_langevin_proposal
 from pyro_lvm.infer.refine import (
     GaussianProposal,
     LangevinProposalGuide,
@@ -63,8 +64,10 @@ __all__ = [
     "MarginalLikelihoodGD",
     "ModuleSVI",
     "OptimizerDriver",
+    "PGD",
     "RankConditionWarning",
     "elbo_per_datapoint",
     "iwae_log_likelihood",
     "log_importance_weights",
+    "map_langevin_proposal",
 ]

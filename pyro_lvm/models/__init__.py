@@ -4,6 +4,7 @@ from pyro_lvm.models.ae_gmm import AEGMM
 from pyro_lvm.models.base import LatentVariableModel
 from pyro_lvm.models.centering import FeatureCentering
 from pyro_lvm.models.conv import ConvDecoder, ConvEncoder
+from pyro_lvm.models.generator import GeneratorNetwork
 from pyro_lvm.models.gmm import (
     GaussianMixtureInfo,
     GaussianMixtureParams,
@@ -46,6 +47,7 @@ __all__ = [
     "DiscretizedLogisticLikelihood",
     "GaussianEncoder",
     "GaussianLikelihood",
+    "GeneratorNetwork",
     "LangevinAutoencoder",
     "LatentVariableModel",
     "Likelihood",

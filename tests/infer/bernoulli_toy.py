@@ -107,6 +107,24 @@ class ToySBN(nn.Module):
             total = total + (log_qs.exp() * bound).sum()
         return total
 
+    def exact_whole_program_bound(self, x, k: int = 2):
+        """E[log (1/K) sum_k w_k] with one weight per particle for all rows together
+        (each particle a joint state of every row's latents), by enumeration."""
+        assert k == 2
+        z = {n: v.unsqueeze(1) for n, v in self.states().items()}
+        log_p, log_q = self.log_joint_and_q(x, z)  # (S, B)
+        s, b = log_p.shape
+        log_w = log_q.new_zeros((1,) * b)
+        log_qs = log_q.new_zeros((1,) * b)
+        for row in range(b):  # the joint states of all rows: (S,) * B, flattened
+            shape = [1] * b
+            shape[row] = s
+            log_w = log_w + (log_p[:, row] - log_q[:, row]).reshape(shape)
+            log_qs = log_qs + log_q[:, row].reshape(shape)
+        log_w, log_qs = log_w.reshape(-1), log_qs.reshape(-1)
+        pair = torch.logaddexp(log_w[:, None], log_w[None]) - math.log(k)
+        return ((log_qs[:, None] + log_qs[None]).exp() * pair).sum()
+
     def exact_log_marginal(self, x):
         z = {k: v.unsqueeze(1) for k, v in self.states().items()}
         log_p, _ = self.log_joint_and_q(x, z)

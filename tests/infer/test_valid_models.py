@@ -14,8 +14,12 @@ the enumeration, which keeps that reference unbiased. The objectives are
   estimator is the control row that validates the reference);
 * ``VIMCO``: the :math:`K`-sample bound :math:`\\sum_i s_i\\, \\mathbb E[\\log \\frac1K
   \\sum_k w_{ik}]`, per datapoint :math:`i` of the data plate with its scale :math:`s_i`,
-  from the masked, unscaled log weights: a different quantity from the ELBO (equal at
-  :math:`K = 1`).
+  from the masked, unscaled log weights, plus the scaled log-densities of the observed
+  sites outside the data plate (which depend on no latent): a different quantity from
+  the ELBO (equal at :math:`K = 1`); where the datapoints are not independent (rows
+  marked ``whole``) and for ``weights="program"``, the whole-program bound
+  :math:`\\mathbb E[\\log \\frac1K \\sum_k w_k]` from the scaled and masked log weights
+  (:func:`exact_program_bound`).
 
 An estimator's mean loss and mean gradient over independent draws must be
 within a Student-t multiple of their Monte Carlo standard error of the exact values
@@ -246,6 +250,16 @@ def global_case(p):
     return model, guide
 
 
+def global_conditioned_case(p):
+    """A global site conditioned out of the model (the guide does not sample it)."""
+
+    def model(x):
+        pyro.sample("w", dist.Normal(p.theta[3], 1.0), obs=torch.tensor(0.4))
+        plate_case(p)[0](x)
+
+    return model, plate_case(p)[1]
+
+
 def mixed_case(p):
     """A reparameterized Normal ``u`` upstream of a Bernoulli ``z`` in model and guide."""
 
@@ -298,18 +312,17 @@ OUTSIDE = "inside the data plate"
 class Case:
     build: object
     refuse: dict = field(default_factory=dict)  # estimator -> error regex
+    whole: bool = False  # VIMCO's "auto" weights are whole-program weights
 
 
 CASES = {
     "plate": Case(plate_case),
     "subsampled_plate": Case(lambda p: plate_case(p, size=6, subsample=torch.tensor([1, 4, 5]))),
     "nested_plates": Case(nested_case, {"disarm": ONE_BERNOULLI}),
-    "sibling_plates": Case(sibling_case, {"vimco": OUTSIDE, "disarm": ONE_BERNOULLI}),
-    "sibling_plates_equal_size": Case(
-        sibling_equal_size_case, {"vimco": OUTSIDE, "disarm": OUTSIDE}
-    ),
-    "sequential_plate": Case(sequential_case, {"vimco": "sequential", "disarm": ONE_BERNOULLI}),
-    "markov": Case(markov_case, {"vimco": OUTSIDE, "disarm": ONE_BERNOULLI}),
+    "sibling_plates": Case(sibling_case, {"disarm": ONE_BERNOULLI}, whole=True),
+    "sibling_plates_equal_size": Case(sibling_equal_size_case, {"disarm": OUTSIDE}, whole=True),
+    "sequential_plate": Case(sequential_case, {"disarm": ONE_BERNOULLI}, whole=True),
+    "markov": Case(markov_case, {"disarm": ONE_BERNOULLI}, whole=True),
     "poutine_mask": Case(_masked(plate_case, MASK)),
     "fully_masked": Case(_masked(plate_case, False)),
     "obs_mask": Case(lambda p: plate_case(p, obs_mask=MASK)),
@@ -317,10 +330,11 @@ CASES = {
     "fully_masked_latent_unmasked_obs": Case(lambda p: masked_latent_case(p, False)),
     "scale_scalar": Case(_scaled(plate_case, 2.5)),
     "scale_per_datapoint": Case(_scaled(plate_case, SCALES)),
-    "scale_observation_only": Case(obs_scale_case, {"vimco": "different scales"}),
+    "scale_observation_only": Case(obs_scale_case, whole=True),
     "factor_in_model": Case(lambda p: factor_case(p, "model")),
     "factor_in_guide": Case(lambda p: factor_case(p, "guide"), {"disarm": "observed guide"}),
-    "global_latent": Case(global_case, {"vimco": "global latents", "disarm": ONE_BERNOULLI}),
+    "global_latent": Case(global_case, {"disarm": ONE_BERNOULLI}, whole=True),
+    "global_conditioned": Case(global_conditioned_case, {"disarm": OUTSIDE}),
     "mixed_reparameterized": Case(mixed_case, {"disarm": ONE_BERNOULLI}),
     "no_latents": Case(no_latent_case, {"disarm": ONE_BERNOULLI}),
 }
@@ -347,6 +361,10 @@ ESTIMATORS = {
     ),
     "disarm": (lambda: DisARM(), 100),
     "vimco": (lambda: VIMCO(num_particles=K, max_plate_nesting=2), 100),
+    "vimco_program": (
+        lambda: VIMCO(num_particles=K, max_plate_nesting=2, weights="program"),
+        100,
+    ),
 }
 REFERENCE_REPEATS = 40  # enumerations with a fresh draw of the reparameterized sites
 
@@ -422,35 +440,73 @@ def _datapoint_scale(site, lp):
     return s.movedim(frame.dim, 0).reshape(s.shape[frame.dim], -1)[:, 0]
 
 
+def _in_data_plate(site):
+    return any(f.name == "data" for f in site["cond_indep_stack"])
+
+
 def _log_weights(model, guide, args):
-    """Per-state log q ``(S,)``, per-datapoint masked log weights ``(S, B)`` and the
-    per-datapoint scale ``(B,)``."""
+    """Per-state log q ``(S,)``, per-datapoint masked log weights ``(S, B)``, the
+    per-datapoint scale ``(B,)`` and the scaled log-densities outside the data plate
+    (depending on no latent: the same in every state)."""
     log_qs, log_ws, scale = [], [], None
     for values in _states(guide, args):
         log_q, model_trace, guide_trace = _terms(model, guide, args, values)
-        log_w = 0.0
+        log_w = const = 0.0
         for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
             for _, site in _sites(trace):
-                lp = scale_and_mask(site["fn"].log_prob(site["value"]), 1.0, site["mask"])
+                lp = site["fn"].log_prob(site["value"])
+                if not _in_data_plate(site):
+                    const = const + sign * scale_and_mask(lp, site["scale"], site["mask"]).sum()
+                    continue
+                lp = scale_and_mask(lp, 1.0, site["mask"])
                 log_w = log_w + sign * _per_datapoint(site, lp)
                 if scale is None:  # VIMCO refuses sites of one datapoint scaled unequally
                     scale = _datapoint_scale(site, lp)
         log_qs.append(log_q)
         log_ws.append(log_w)
-    return torch.stack(log_qs), torch.stack(log_ws), scale
+    return torch.stack(log_qs), torch.stack(log_ws), scale, const
 
 
 def exact_vimco_bound(model, guide, args, k: int = K) -> torch.Tensor:
-    r""":math:`\sum_i s_i\,\mathbb E[\log \frac1K \sum_k w_{ik}]`, the particles drawn
-    independently from the guide: all :math:`S^K` joint states, each particle's
+    r""":math:`\sum_i s_i\,\mathbb E[\log \frac1K \sum_k w_{ik}] + c`, the particles
+    drawn independently from the guide: all :math:`S^K` joint states, each particle's
     reparameterized sites from its own enumeration pass."""
     runs = [_log_weights(model, guide, args) for _ in range(k)]
-    (log_q1, log_w1, scale), (log_q2, log_w2, _) = runs[0], runs[1]
+    (log_q1, log_w1, scale, const), (log_q2, log_w2, _, _) = runs[0], runs[1]
+    return (scale * _pair_bound(log_q1, log_w1, log_q2, log_w2, k)).sum() + const
+
+
+def _pair_bound(log_q1, log_w1, log_q2, log_w2, k):
+    r""":math:`\mathbb E[\log \frac12 (w_1 + w_2)]` over all pairs of states."""
     assert k == 2
-    pair = torch.stack(torch.broadcast_tensors(log_w1[:, None], log_w2[None]))  # (2, S, S, B)
+    pair = torch.stack(torch.broadcast_tensors(log_w1[:, None], log_w2[None]))  # (2, S, S, ...)
     bound = pair.logsumexp(0) - math.log(k)
-    weight = (log_q1[:, None] + log_q2[None]).exp()[..., None]
-    return (scale * (weight * bound).sum((0, 1))).sum()
+    weight = (log_q1[:, None] + log_q2[None]).exp()
+    weight = weight.reshape(weight.shape + (1,) * (bound.dim() - 2))
+    return (weight * bound).sum((0, 1))
+
+
+def _program_log_weights(model, guide, args):
+    """Per-state log q ``(S,)`` and whole-program log weights ``(S,)`` from the scaled
+    and masked log-densities (RenyiELBO's weights)."""
+    log_qs, log_ws = [], []
+    for values in _states(guide, args):
+        log_q, model_trace, guide_trace = _terms(model, guide, args, values)
+        log_w = torch.zeros(())
+        for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+            for _, site in _sites(trace):
+                lp = site["fn"].log_prob(site["value"])
+                log_w = log_w + sign * scale_and_mask(lp, site["scale"], site["mask"]).sum()
+        log_qs.append(log_q)
+        log_ws.append(log_w)
+    return torch.stack(log_qs), torch.stack(log_ws)
+
+
+def exact_program_bound(model, guide, args, k: int = K) -> torch.Tensor:
+    r""":math:`\mathbb E[\log \frac1K \sum_k w_k]` with one weight per particle for the
+    whole program, by enumeration as :func:`exact_vimco_bound`."""
+    runs = [_program_log_weights(model, guide, args) for _ in range(k)]
+    return _pair_bound(*runs[0], *runs[1], k)
 
 
 # -- the test ------------------------------------------------------------------------------
@@ -498,8 +554,16 @@ def _assert_agree(samples, reference, label):
     )
 
 
-@pytest.mark.parametrize("estimator", list(ESTIMATORS))
-@pytest.mark.parametrize("case", list(CASES))
+# "vimco_program" where "vimco" has per-datapoint weights (elsewhere they are the same)
+PAIRS = [
+    (case, estimator)
+    for case in CASES
+    for estimator in ESTIMATORS
+    if not (estimator == "vimco_program" and CASES[case].whole)
+]
+
+
+@pytest.mark.parametrize("case,estimator", PAIRS)
 def test_matches_the_exact_objective_or_refuses(float64, case, estimator):
     row = CASES[case]
     params = Params(seed=list(CASES).index(case))
@@ -511,7 +575,11 @@ def test_matches_the_exact_objective_or_refuses(float64, case, estimator):
             elbo.differentiable_loss(model, guide, X)
         assert "\n" not in str(err.value)
         return
-    exact = exact_vimco_bound if estimator == "vimco" else exact_elbo
+    exact = exact_elbo
+    if estimator == "vimco_program" or (estimator == "vimco" and row.whole):
+        exact = exact_program_bound
+    elif estimator == "vimco":
+        exact = exact_vimco_bound
     pyro.set_rng_seed(offset_seed(1))
     reps = 1 if _deterministic(model, guide) else REFERENCE_REPEATS
     with pyro.validation_enabled(False):

@@ -21,6 +21,7 @@ RECIPES: dict[str, str] = {
     "dlgm": "pyro_lvm.experiments.recipes.dlgm",
     "sbn": "pyro_lvm.experiments.recipes.sbn",
     "ae-gmm": "pyro_lvm.experiments.recipes.ae_gmm",
+    "pgd": "pyro_lvm.experiments.recipes.pgd",
     "custom": "pyro_lvm.experiments.recipes.custom",
 }
 
@@ -37,7 +38,7 @@ COMMON_FLAGS = frozenset(
     """config dataset data_dir download likelihood validation epochs batch_size lr optimizer
     lr_schedule lr_step lr_gamma clip_norm early_stopping seed latent_dim eval_samples
     eval_ais device out resume overwrite no_figures no_progress threads devices strategy
-    accelerator num_nodes""".split()
+    accelerator num_nodes logger""".split()
 )
 _NETWORK = frozenset("hidden_dim depth layer_norm orthogonal_init arch".split())
 _LANGEVIN = frozenset(
@@ -55,6 +56,7 @@ MODEL_FLAGS: dict[str, frozenset[str]] = {
     "dlgm": _NETWORK | _LANGEVIN,
     "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
     "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),
+    "pgd": _NETWORK | _LANGEVIN | {"num_particles"},
     # your build(config, ...) reads the network settings if it likes; another recipe's
     # flags (an estimator, Langevin steps) would be recorded and silently ignored
     "custom": _NETWORK | {"model_file"},

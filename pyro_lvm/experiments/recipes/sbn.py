@@ -84,7 +84,7 @@ def make_estimator(name: str, num_particles: int, sites, data_dim: int) -> ELBO:
     if name == "vimco":
         if num_particles < 2:
             raise ValueError(f"--estimator vimco needs --num-particles >= 2, got {num_particles}")
-        return VIMCO(num_particles=num_particles, max_plate_nesting=1)
+        return VIMCO(num_particles=num_particles, max_plate_nesting=1, vectorize_particles=True)
     if name == "disarm":
         if len(sites) != 1:
             raise ValueError(
