@@ -24,9 +24,8 @@ import torch
 from pyro_lvm import __version__
 from pyro_lvm.data import DATASETS
 from pyro_lvm.experiments.config import COMPILE_MIN_STEPS, TrainConfig
-from pyro_lvm.experiments.export import export_run
 from pyro_lvm.experiments.fabric import is_global_zero
-from pyro_lvm.experiments.lifecycle import run_evaluate, run_sample, run_train
+from pyro_lvm.experiments.lifecycle import export_run, run_evaluate, run_sample, run_train
 from pyro_lvm.experiments.recipes import RECIPES, model_flags
 from pyro_lvm.experiments.recipes.custom import TRACEBACK_VARIABLE, ModelFileError, user_code_error
 from pyro_lvm.experiments.settings import compare_config, default_threads, train_config

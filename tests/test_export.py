@@ -11,7 +11,8 @@ from pyro.distributions import constraints
 
 from pyro_lvm import load_run
 from pyro_lvm.cli import main
-from pyro_lvm.experiments.export import export_run, read_export, write_export
+from pyro_lvm.experiments.export import read_export, write_export
+from pyro_lvm.experiments.lifecycle import export_run
 
 FAST = ["--epochs", "1", "--hidden-dim", "16", "--eval-samples", "10", "--no-progress"]
 

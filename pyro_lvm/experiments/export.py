@@ -34,7 +34,6 @@ from pyro_lvm.experiments.params import load_param_store_state, param_store_stat
 
 __all__ = [
     "EXPORT_FORMAT",
-    "export_run",
     "is_export",
     "load_params",
     "read_export",
@@ -54,7 +53,7 @@ def is_export(folder: str | Path) -> bool:
 
 
 @contextmanager
-def _own_param_store():
+def own_param_store():
     """An empty Pyro param store for the block; the caller's is put back after."""
     store = get_param_store()
     saved = store.get_state()
@@ -64,40 +63,6 @@ def _own_param_store():
     finally:
         store.clear()
         store.set_state(saved)
-
-
-def export_run(
-    run_dir: str | Path,
-    out: str | Path,
-    checkpoint: str = CHECKPOINT_NAME,
-    model_file: str | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write ``out/model.safetensors`` and ``out/config.json`` for the run in ``run_dir``.
-
-    The run is loaded on CPU into an empty Pyro param store (the caller's is left as it
-    was), so the params exported are the ones the run's checkpoint restores.
-
-    Raises
-    ------
-    FileExistsError
-        ``out`` already holds an export and ``overwrite`` is false.
-    ValueError
-        One line: a Pyro param whose constraint cannot be recorded as plain data.
-    """
-    from pyro_lvm.experiments.runs import load_run
-
-    out = Path(out)
-    if not overwrite and any((out / name).exists() for name in (WEIGHTS_NAME, CONFIG_NAME)):
-        raise FileExistsError(
-            f"{out} already holds an export ({WEIGHTS_NAME}, {CONFIG_NAME}); pass "
-            "--overwrite to replace it or choose another folder"
-        )
-    with _own_param_store():
-        run = load_run(run_dir, device="cpu", checkpoint=checkpoint, model_file=model_file)
-        data = {"data_dim": run.data_dim, "image_shape": run.image_shape}
-        write_export(run.experiment.modules, run.config.to_dict(), data, out, run.metrics)
-    return out
 
 
 def write_export(

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyro
 
 from pyro_lvm.data import DataBundle, load_dataset
+from pyro_lvm.experiments import export
 from pyro_lvm.experiments.build import RunError, check_device, setup_run
 from pyro_lvm.experiments.checkpoint import (
     CHECKPOINT_NAME,
@@ -45,7 +46,7 @@ from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer.diagnostics import DivergenceError
 from pyro_lvm.models.likelihoods import LIKELIHOODS
 
-__all__ = ["run_evaluate", "run_sample", "run_train", "sample_paths"]
+__all__ = ["export_run", "run_evaluate", "run_sample", "run_train", "sample_paths"]
 
 
 def run_train(
@@ -386,3 +387,37 @@ def run_sample(run_dir: str, num: int = 64, seed: int = 0, model_file: str | Non
 
                 save_sample_grid(x, data, experiment, png, f"{num} samples, seed {seed}")
     return pt
+
+
+def export_run(
+    run_dir: str | Path,
+    out: str | Path,
+    checkpoint: str = CHECKPOINT_NAME,
+    model_file: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out/model.safetensors`` and ``out/config.json`` for the run in ``run_dir``.
+
+    The run is loaded on CPU into an empty Pyro param store (the caller's is left as it
+    was), so the params exported are the ones the run's checkpoint restores.
+
+    Raises
+    ------
+    FileExistsError
+        ``out`` already holds an export and ``overwrite`` is false.
+    ValueError
+        One line: a Pyro param whose constraint cannot be recorded as plain data.
+    """
+    out = Path(out)
+    if not overwrite and any(
+        (out / name).exists() for name in (export.WEIGHTS_NAME, export.CONFIG_NAME)
+    ):
+        raise FileExistsError(
+            f"{out} already holds an export ({export.WEIGHTS_NAME}, {export.CONFIG_NAME}); pass "
+            "--overwrite to replace it or choose another folder"
+        )
+    with export.own_param_store():
+        run = load_run(run_dir, device="cpu", checkpoint=checkpoint, model_file=model_file)
+        data = {"data_dim": run.data_dim, "image_shape": run.image_shape}
+        export.write_export(run.experiment.modules, run.config.to_dict(), data, out, run.metrics)
+    return out
