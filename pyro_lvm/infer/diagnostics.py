@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch.distributions import constraints
 
 __all__ = [
     "DivergenceError",
@@ -52,12 +53,15 @@ def divergence_guard(what: str = "loss"):
 
 
 def check_observations(trace) -> None:
-    """Raise a one-line ``ValueError`` if an observed value is NaN or outside the support
+    r"""Raise a one-line ``ValueError`` if an observed value is NaN or outside the support
     of its site's distribution (e.g. Bernoulli data equal to 3).
 
     Likelihood estimators run with Pyro's argument validation off for speed; without this
     check such data give a finite, meaningless number. The check reads a trace that the
-    estimator records anyway, so it costs no extra model evaluation.
+    estimator records anyway, so it costs no extra model evaluation. A Bernoulli built
+    with ``validate_args=False`` (Pyro's VAE example and pyro_lvm's own likelihood feed
+    grey levels to it: the "continuous cross-entropy") is checked against :math:`[0, 1]`
+    instead of :math:`\{0, 1\}`.
     """
     for name, site in trace.nodes.items():
         if site["type"] != "sample" or not site["is_observed"]:
@@ -70,6 +74,8 @@ def check_observations(trace) -> None:
         support = getattr(fn, "support", None)
         if support is None:
             continue
+        if _relaxed_bernoulli(fn):
+            support = constraints.unit_interval
         try:
             ok = support.check(value)
         except (NotImplementedError, RuntimeError):  # supports that cannot check a value
@@ -81,6 +87,17 @@ def check_observations(trace) -> None:
                 f"{type(fn).__name__} (e.g. {example:g}); map the data for this likelihood "
                 "(DataBundle.for_likelihood) or choose another likelihood"
             )
+
+
+def _relaxed_bernoulli(fn) -> bool:
+    """A Bernoulli (possibly wrapped) that does not validate its values."""
+    declined = False
+    while fn is not None:
+        declined = declined or getattr(fn, "_validate_args", None) is False
+        if isinstance(fn, torch.distributions.Bernoulli):
+            return declined
+        fn = getattr(fn, "base_dist", None)
+    return False
 
 
 def _offending_value(support, value: torch.Tensor) -> float:

@@ -195,3 +195,21 @@ def test_pyro_summary_diagnostics_and_arviz():
     assert (ours.posterior["z"].values == data.posterior["z"].values).all()
     assert (ours.sample_stats["diverging"].values == data.sample_stats["diverging"].values).all()
     assert abs(ours.log_likelihood["x"].values - data.log_likelihood["x"].values).max() < 1e-4
+
+
+def test_grey_levels_for_a_bernoulli_built_without_validation():
+    """Pyro's VAE example feeds grey levels to ``Bernoulli(..., validate_args=False)``: the
+    author's choice, sampled as written; values outside [0, 1] are still refused."""
+    _, _, encoder, _, _ = make_problem()
+    encoder = encoder.float()
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], LATENT), 1.0).to_event(1))
+            probs = torch.sigmoid(z.sum(-1, keepdim=True)).expand(x.shape)
+            pyro.sample("x", dist.Bernoulli(probs, validate_args=False).to_event(1), obs=x)
+
+    grey = torch.rand(N, D)
+    MCMC(AmortizedLangevin(model, encoder), num_samples=5, disable_progbar=True).run(grey)
+    with pytest.raises(ValueError, match="outside the support"):
+        MCMC(AmortizedLangevin(model, encoder), num_samples=5, disable_progbar=True).run(3 * grey)
