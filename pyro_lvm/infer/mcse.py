@@ -22,7 +22,8 @@ over :math:`K` coordinates, :math:`\max|z|` above about
 :math:`\Phi^{-1}(1 - 0.005/K)` (3.9 for :math:`K = 100`) says one of them is wrong (or
 its ESS overstated), not merely slow.
 
-The estimator is Pyro's, computed with :func:`torch.cummin` where
+The estimator is Pyro's, with Stan's bound :math:`S_{\rm eff} \le S \log_{10} S` (the
+raw estimate can be negative on short antithetic chains), computed with :func:`torch.cummin` where
 :func:`pyro.ops.stats.effective_sample_size` builds an ``(S/2) x (S/2)`` matrix per
 coordinate (32 GB for 20,000 draws of 40 coordinates); the two agree to rounding (tested).
 
@@ -110,7 +111,9 @@ def _geyer_ess(x: Tensor) -> Tensor:
     tau = -1 + 2 * pairs[0]
     if pairs.shape[0] > 1:
         tau = tau + 2 * torch.cummin(pairs[1:].clamp(min=0), dim=0).values.sum(0)
-    return c * n / tau
+    # Stan's bound: tau >= 1 / log10(C n), i.e. ESS <= C n log10(C n); on short,
+    # antithetic chains the raw estimate can be zero or negative
+    return c * n / tau.clamp(min=1 / math.log10(c * n))
 
 
 class DrawSummary(NamedTuple):

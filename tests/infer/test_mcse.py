@@ -98,3 +98,13 @@ def test_ess_equals_pyros_estimator(chains, num_draws):
     x = torch.stack([ar1(num_draws, (5,), 0.6, offset_seed(10 + c)) for c in range(chains)])
     ours = effective_sample_size(x, chains=True)
     assert torch.allclose(ours, pyro_ess(x, chain_dim=0, sample_dim=1), rtol=1e-10)
+
+
+def test_ess_of_antithetic_draws_is_positive_and_bounded():
+    # alternating draws: Pyro's raw estimate is negative; Stan's bound caps it at S log10 S
+    from pyro.ops.stats import effective_sample_size as pyro_ess
+
+    x = torch.tensor([1.0, -1.0] * 10, dtype=torch.float64)[:, None]
+    x = x + 1e-3 * torch.randn(20, 1, dtype=torch.float64)
+    assert float(pyro_ess(x[None], 0, 1)) < 0
+    assert float(effective_sample_size(x)) == pytest.approx(20 * math.log10(20))
