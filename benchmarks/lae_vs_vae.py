@@ -10,7 +10,7 @@ equivalent to
     python benchmarks/lae_vs_vae.py --dataset mnist --data-dir ~/data --epochs 30
 
 ``--extra key=value`` overrides a setting for every model, ``--model-extra
-model:key=value`` for one model only (e.g. ``lae:langevin_steps=5``);
+model:key=value`` for one model only (e.g. ``lae:num_steps=5``);
 ``--no-orthogonal-init`` uses PyTorch's default init. ``--json PATH`` also writes
 ``compare.json`` there. Runs already finished in ``--out`` are reused.
 """

@@ -17,9 +17,9 @@ import time
 import pyro
 import torch
 
+from pyro_lvm.experiments.build import setup_run
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.evaluation import evaluate
-from pyro_lvm.experiments.lifecycle import setup_run
 from pyro_lvm.experiments.trainer import Trainer
 
 

@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--hidden-dim", type=int, default=256)
     p.add_argument("--depth", type=int, default=3)
-    p.add_argument("--langevin-steps", type=int, default=5)
+    p.add_argument("--num-steps", type=int, default=5)
     p.add_argument("--refine-steps", type=int, default=20)
     p.add_argument("--eval-samples", type=int, default=1000)
     p.add_argument("--eval-ais", type=int, default=0)
@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> dict:
     )
     lae_options = dict(
         feature_norm="center",  # without it the chain freezes (docs/langevin.md)
-        langevin_steps=args.langevin_steps,
+        num_steps=args.num_steps,
         refine_steps=args.refine_steps,
     )
     runs = {

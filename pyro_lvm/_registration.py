@@ -4,13 +4,12 @@ may skip re-registering them with Pyro's param store on every call.
 The ready models call :meth:`~pyro_lvm.models.base.LatentVariableModel.register` (the
 equivalent of :func:`pyro.module`) at the start of ``model`` and ``guide`` so that plain
 :class:`pyro.infer.SVI` finds their parameters. That costs one trip through Pyro's effect
-handler stack per parameter per call: 24 ``pyro.param`` calls per step for the VAE, about
-10% of a digits-size step. Under a pyro_lvm driver whose torch optimizer already holds
-every one of the module's parameters, the registration changes nothing (the optimizer
-steps them either way), so the driver declares the tensors it holds here and the module
-skips it. Outside such a driver (plain Pyro, a ``PyroOptim``) nothing is declared and
-every call registers.
-"""
+handler stack per parameter per call (one ``pyro.param`` message per tensor), a visible
+share of a small model's step (``docs/benchmarks.md``). Under a pyro_lvm driver whose
+torch optimizer already holds every one of the module's parameters, the registration
+changes nothing (the optimizer steps them either way), so the driver declares the tensors
+it holds here and the module skips it. Outside such a driver (plain Pyro, a
+``PyroOptim``) nothing is declared and every call registers."""
 
 from __future__ import annotations
 

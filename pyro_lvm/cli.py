@@ -14,7 +14,7 @@ figures. Bad input exits non-zero with a one-line message.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -23,42 +23,16 @@ import torch
 
 from pyro_lvm import __version__
 from pyro_lvm.data import DATASETS
-from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
 from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.experiments.distributed import is_global_zero
-from pyro_lvm.experiments.lifecycle import (  # noqa: F401  (public names kept here too)
-    RunError,
-    _read_config,
-    build_experiment,
-    run_evaluate,
-    run_sample,
-    run_train,
-    sample_paths,
-    setup_run,
-)
+from pyro_lvm.experiments.fabric import is_global_zero
+from pyro_lvm.experiments.lifecycle import run_evaluate, run_sample, run_train
 from pyro_lvm.experiments.recipes import RECIPES, model_flags
+from pyro_lvm.experiments.recipes.custom import TRACEBACK_VARIABLE, ModelFileError, user_code_error
+from pyro_lvm.experiments.settings import compare_config, default_threads, train_config
 from pyro_lvm.infer.diagnostics import DivergenceError
 
-__all__ = ["main", "build_parser", "run_train", "run_evaluate", "run_sample", "setup_run"]
+__all__ = ["main", "build_parser"]
 
-DEFAULT_LIKELIHOOD = {"ppca": "gaussian"}
-
-
-#: bad input from the command line (printed as one line, exit status 2)
-CLIError = RunError
-
-
-#: settings a resumed run may change (the rest define the run and must match it)
-RESUMABLE = (
-    "epochs",
-    "lr",
-    "eval_samples",
-    "eval_ais",
-    "device",
-    "devices",
-    "strategy",
-    "num_nodes",
-)
 _DEFAULTS = TrainConfig()
 
 
@@ -174,20 +148,20 @@ _TRAIN_FLAGS = [
         "model",
     ),
     (
-        ("--langevin-steps",),
-        dict(type=int, help=_help("transitions T per batch", "langevin_steps")),
+        ("--num-steps",),
+        dict(type=int, help=_help("transitions T per batch", "num_steps")),
         "langevin",
     ),
     (("--step-size",), dict(type=float, help="initial step size (default: searched)"), "langevin"),
     (
-        ("--target-accept",),
-        dict(type=float, help=_help("target acceptance", "target_accept")),
+        ("--target-accept-prob",),
+        dict(type=float, help=_help("target acceptance", "target_accept_prob")),
         "langevin",
     ),
     (("--no-mh",), dict(dest="mh", action="store_false", help="unadjusted Langevin"), "langevin"),
     (
-        ("--no-adapt",),
-        dict(dest="adapt", action="store_false", help="fixed step size"),
+        ("--no-adapt-step-size",),
+        dict(dest="adapt_step_size", action="store_false", help="fixed step size"),
         "langevin",
     ),
     (
@@ -317,10 +291,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         if message.startswith("unrecognized arguments"):
             flag = message.split(":", 1)[1].split()[0]
-            model = getattr(self, "_model", None)
-            where = f"train {model}" if model else self.prog.replace("pyro-lvm ", "")
+            where = getattr(self, "_where", None) or self.prog.replace("pyro-lvm", "").strip()
             message = (
                 f"{flag} does not apply to {where}; `pyro-lvm {where} --help` lists its flags"
+                if where
+                else f"unknown argument {flag}; `pyro-lvm --help` lists the commands"
             )
         self.exit(2, f"pyro-lvm: error: {message}\n")
 
@@ -363,7 +338,7 @@ def _add_model_parser(models, name: str) -> None:
         description=f"Train {name} and evaluate it on the test split.",
         argument_default=argparse.SUPPRESS,
     )
-    m._model = name
+    m._where = f"train {name}"
     groups = {}
     for flags, options, group in _TRAIN_FLAGS:
         dest = _dest(flags, options)
@@ -374,115 +349,6 @@ def _add_model_parser(models, name: str) -> None:
         groups[group].add_argument(*flags, **options)
 
 
-def _given(args) -> dict:
-    """The train flags the user passed, as TrainConfig fields (``--accelerator`` becomes
-    ``--device``: gpu means cuda)."""
-    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
-    accelerator = getattr(args, "accelerator", None)
-    if accelerator is not None:
-        device = "cuda" if accelerator == "gpu" else "cpu"
-        if given.get("device", device).split(":")[0] != device:
-            raise CLIError(
-                f"--accelerator {accelerator} contradicts --device {given['device']}; pass one"
-            )
-        given["device"] = given.get("device", device)
-    return given
-
-
-def _config_from_args(args) -> TrainConfig:
-    resume = getattr(args, "resume", None)
-    if resume is not None:
-        if getattr(args, "config", None) is not None:
-            raise CLIError("--config with --resume: a resumed run keeps its own config.json")
-        return _resumed_config(args, Path(resume))
-    fields = _config_file(args.config, args.model) if getattr(args, "config", None) else {}
-    fields.update(_given(args))
-    fields["model"] = args.model
-    fields.setdefault("likelihood", DEFAULT_LIKELIHOOD.get(args.model, _DEFAULTS.likelihood))
-    if getattr(args, "out", None) is not None or "out" not in fields:
-        fields["out"] = getattr(args, "out", None) or (
-            f"runs/{args.model}-{fields.get('dataset', _DEFAULTS.dataset)}"
-        )
-    return TrainConfig(**fields)
-
-
-def _config_file(path: str, model: str) -> dict:
-    """Settings from a JSON file (a run's ``config.json``): unknown keys and settings that
-    do not apply to ``model`` (other than at their defaults) are one-line errors."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise CLIError(f"--config {path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CLIError(f"--config {path} is not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CLIError(f"--config {path} must hold a JSON object of settings")
-    known = TrainConfig.__dataclass_fields__
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise CLIError(f"--config {path} has unknown settings: {', '.join(unknown)}")
-    if data.get("model", model) != model:
-        raise CLIError(f"--config {path} is for model {data['model']!r}, not {model!r}")
-    allowed = model_flags(model)
-    fields = {}
-    for key, value in data.items():
-        if key == "model":
-            continue
-        if allowed is not None and key not in allowed and key != "out":
-            if value != getattr(_DEFAULTS, key):
-                raise CLIError(
-                    f"--config {path}: {key}={value!r} does not apply to {model}; remove it"
-                )
-            continue
-        fields[key] = value
-    return fields
-
-
-def _resumed_config(args, run: Path) -> TrainConfig:
-    """The run's recorded settings, with the flags a resume may change applied; any other
-    flag (or an edit of config.json) that differs from the checkpoint is refused."""
-    if not (run / "config.json").is_file() or not (
-        (run / CHECKPOINT_NAME).is_file() or (run / PREVIOUS_NAME).is_file()
-    ):
-        raise CLIError(
-            f"--resume {run} is not a pyro-lvm run (needs config.json and "
-            f"{CHECKPOINT_NAME}); pass the --out folder of an earlier run"
-        )
-    config = _read_config(run)
-    if config.model != args.model:
-        raise CLIError(f"--resume {run} is a {config.model!r} run, not {args.model!r}")
-    recorded = load_checkpoint(run / CHECKPOINT_NAME).get("metadata", {}).get("config")
-    if recorded is not None:  # config.json may have been edited since the checkpoint
-        for key, value in recorded.items():
-            if key in RESUMABLE or key == "out" or not hasattr(config, key):
-                continue
-            if getattr(config, key) != value:
-                raise CLIError(
-                    f"{run}/config.json says {key}={getattr(config, key)!r} but the checkpoint "
-                    f"was trained with {value!r}; restore config.json (a resumed run can "
-                    f"only change {', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})"
-                )
-    out = getattr(args, "out", None)
-    if out is not None and Path(out).resolve() != run.resolve():
-        raise CLIError(
-            f"--out {out} with --resume {run}: a resumed run continues in its own folder; "
-            "drop --out (or copy the run folder first)"
-        )
-    for key, value in _given(args).items():
-        if key in RESUMABLE:
-            setattr(config, key, value)
-        elif getattr(config, key) != value:
-            flag = "--" + key.replace("_", "-")
-            raise CLIError(
-                f"{flag} {value} differs from the resumed run's {getattr(config, key)!r}: "
-                "model, data and architecture are fixed for a run; start a new run with "
-                f"another --out (a resume may change "
-                f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE)})"
-            )
-    config.out = str(run)
-    return config
-
-
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     text = str(message).strip().splitlines()[0] if str(message).strip() else ""
     return f"pyro-lvm: warning: {text}\n"
@@ -491,33 +357,30 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if len(argv) > 1 and argv[0] == "train":
-        parser._model = argv[1]  # for the "does not apply to train MODEL" message
+    if argv and argv[0] in ("train", "evaluate", "sample", "compare"):
+        # for "--flag does not apply to train MODEL" (argparse reports at the top level)
+        parser._where = " ".join(argv[:2]) if argv[0] == "train" and len(argv) > 1 else argv[0]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help, --version and one-line usage errors
         return exit_.code if isinstance(exit_.code, int) else 2
     warnings.formatwarning = _one_line_warning
+    flags = vars(args)
     try:
-        threads = getattr(args, "threads", None)
-        dataset = getattr(args, "dataset", _DEFAULTS.dataset)
-        trains = args.command in ("train", "compare")
-        if threads is None and (not trains or dataset == "digits"):
-            # 8x8 inputs: threading overhead exceeds the arithmetic; evaluation (AIS, IWAE)
-            # of any run is also faster single-threaded at these sizes (measured: issue 8)
-            threads = 1 if trains else _run_threads(args.run_dir)
+        threads = default_threads(args.command, flags)
         if threads is not None:
-            if threads <= 0:
-                raise CLIError(f"--threads must be positive, got {threads}")
             torch.set_num_threads(threads)
         if args.command == "train":
-            config = _config_from_args(args)
+            config = train_config(
+                args.model, flags, config_file=flags.get("config"), resume=flags.get("resume")
+            )
+            flags["model_file"] = config.model_file  # whose errors are the user's
             metrics = run_train(
                 config,
-                resume=getattr(args, "resume", None) is not None,
-                progress=not getattr(args, "no_progress", False),
-                figures=not getattr(args, "no_figures", False),
-                overwrite=getattr(args, "overwrite", False),
+                resume=flags.get("resume") is not None,
+                progress=not flags.get("no_progress", False),
+                figures=not flags.get("no_figures", False),
+                overwrite=flags.get("overwrite", False),
             )
             if is_global_zero():  # data parallel: rank 0 speaks for the run
                 _print_summary(metrics, config.out)
@@ -531,20 +394,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             path = run_sample(args.run_dir, args.num, args.seed, args.model_file)
             print(f"wrote {path}")
-    except (CLIError, ValueError, FileNotFoundError, DivergenceError, OSError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-        print(f"pyro-lvm: error: {message}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        return _report(err, flags.get("model_file"))
     return 0
 
 
-def _run_threads(run_dir: str) -> int | None:
-    """One thread for a digits run's evaluation, torch's default otherwise."""
-    try:
-        dataset = json.loads((Path(run_dir) / "config.json").read_text()).get("dataset")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return 1 if dataset == "digits" else None
+def _report(err: Exception, model_file: str | None) -> int:
+    """Print a user-fixable error in one line (exit 2); re-raise our own bugs."""
+    user = user_code_error(err, model_file) if model_file else None
+    if user is not None:
+        err = user
+    elif not isinstance(err, (ValueError, FileNotFoundError, DivergenceError, OSError)):
+        raise err
+    if isinstance(err, ModelFileError) and os.environ.get(TRACEBACK_VARIABLE):
+        raise err
+    if getattr(err, "quiet", False):  # data parallel: another process reported it
+        return 2
+    message = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+    print(f"pyro-lvm: error: {message}", file=sys.stderr)
+    return 2
 
 
 def _print_summary(metrics: dict, out) -> None:
@@ -552,6 +420,7 @@ def _print_summary(metrics: dict, out) -> None:
         "test_nelbo",
         "test_nll",
         "test_nll_per_dim",
+        "test_nll_fixed",
         "test_nll_ais",
         "accept_rate",
         "step_size",
@@ -603,10 +472,7 @@ def _add_compare_parser(sub) -> None:
 def _run_compare(args) -> None:
     from pyro_lvm.experiments.compare import compare
 
-    fields = _given(args)
-    fields.setdefault("likelihood", _DEFAULTS.likelihood)
-    settings = TrainConfig(**fields)
-    settings.validate()
+    settings = compare_config(vars(args))
 
     def show(event) -> None:
         where = f"[{event.index}/{event.total}] {event.model} seed {event.seed}"

@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # seeding, as under py
 from seeding import offset_seed  # noqa: E402
 
 from pyro_lvm.data import DataBundle  # noqa: E402
+from pyro_lvm.experiments.build import build_experiment  # noqa: E402
 from pyro_lvm.experiments.config import TrainConfig  # noqa: E402
-from pyro_lvm.experiments.lifecycle import build_experiment  # noqa: E402
+from pyro_lvm.experiments.recipes import Experiment  # noqa: E402
 from pyro_lvm.experiments.trainer import Trainer  # noqa: E402
 from pyro_lvm.infer import ModuleSVI  # noqa: E402
-from pyro_lvm.recipes import Experiment  # noqa: E402
 
 STEPS = int(__import__("os").environ.get("DP_STEPS", 10))
 BATCH = 20
@@ -86,9 +86,10 @@ def _experiment(case: str, data: DataBundle) -> Experiment:
     elif case == "nvil":
         config = TrainConfig(model="sbn", estimator="nvil", **settings)
     elif case == "lae":
-        config = TrainConfig(model="lae", langevin_steps=2, **settings)
+        config = TrainConfig(model="lae", num_steps=2, **settings)
     else:
         raise ValueError(f"unknown case {case!r}")
+    pyro.set_rng_seed(config.seed)  # the same initial weights in every process
     return build_experiment(config, data.data_dim)
 
 
@@ -111,16 +112,17 @@ def _train(case: str, collective) -> dict:
     data = _data(binary=case != "map")
     experiment = _experiment(case, data)
     accepted = []
-    kernel = getattr(experiment.inference, "kernel", None)
-    if kernel is not None:  # record every accept decision
-        transition = kernel.transition
+    if getattr(experiment.inference, "kernel", None) is not None:  # every accept decision
+        from pyro_lvm.infer.mcmc import ald
 
-        def recorded(**kw):
-            info = transition(**kw)
+        transition = ald.ald_transition
+
+        def recorded(*args, **kw):
+            state, info = transition(*args, **kw)
             accepted.append(bool(info.accepted))
-            return info
+            return state, info
 
-        kernel.transition = recorded
+        ald.ald_transition = recorded
     seed = offset_seed(43)
     trainer = Trainer(experiment, data, BATCH, None, seed, collective=collective)
     torch.manual_seed(seed)  # the global stream (binarization, chain noise)
@@ -144,7 +146,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from pyro_lvm.experiments.distributed import launch
+    from pyro_lvm.experiments.fabric import launch
 
     config = TrainConfig(devices=args.devices, batch_size=BATCH)
     collective = launch(config)

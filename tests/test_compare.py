@@ -15,7 +15,7 @@ TINY = dict(epochs=1, hidden_dim=32, depth=1, latent_dim=2, batch_size=32, eval_
 def test_compare_writes_every_row_and_seed_then_resumes_without_retraining(tmp_path):
     models, seeds = ["vae", "lae"], [offset_seed(0), offset_seed(1)]
     settings = TrainConfig(likelihood="logistic", eval_ais=2, **TINY)
-    events, own = [], {"lae": {"langevin_steps": 3}}
+    events, own = [], {"lae": {"num_steps": 3}}
     results = compare(
         models, seeds, settings, tmp_path, model_settings=own, callback=events.append
     )
@@ -34,7 +34,7 @@ def test_compare_writes_every_row_and_seed_then_resumes_without_retraining(tmp_p
     steps = {
         m: json.loads((tmp_path / f"{m}-seed{seeds[0]}/config.json").read_text()) for m in models
     }
-    assert steps["lae"]["langevin_steps"] == 3 and steps["vae"]["langevin_steps"] == 2
+    assert steps["lae"]["num_steps"] == 3 and steps["vae"]["num_steps"] == 2
     assert len(list(tmp_path.glob("frechet_classifier-digits-logistic-*.pt"))) == 1
 
     checkpoints = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*-seed*/checkpoint.pt")}
@@ -55,3 +55,35 @@ def test_compare_cli_and_changed_settings_are_refused(tmp_path, capsys):
     assert main([*argv, *tiny, "--no-progress", "--lr", "0.01"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "lr" in err and "another --out" in err
+
+
+def test_compare_reevaluates_what_it_cannot_reuse(tmp_path, capsys):
+    """Metrics evaluated with other settings (a ``pyro-lvm evaluate`` since), a failed
+    evaluation (``null``) and a damaged ``metrics.json`` are re-evaluated, never reused."""
+    settings = TrainConfig(**{**TINY, "eval_samples": 5})
+    run = tmp_path / "vae-seed0"
+    events = []
+    (first,) = compare(["vae"], [0], settings, tmp_path, sample_quality=False)
+
+    def again() -> dict:
+        events.clear()
+        (row,) = compare(
+            ["vae"], [0], settings, tmp_path, sample_quality=False, callback=events.append
+        )
+        return row
+
+    assert main(["evaluate", str(run), "--eval-samples", "7"]) == 0
+    capsys.readouterr()
+    row = again()
+    assert [e.kind for e in events if e.kind != "done"] == ["evaluate"]
+    assert row["eval_samples"] == 5 and row["test_nll"] == first["test_nll"]
+    assert "eval_samples=5" in (tmp_path / "compare.md").read_text()
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    for damaged in ({**metrics, "test_nll": None}, [metrics]):
+        (run / "metrics.json").write_text(json.dumps(damaged))
+        row = again()
+        assert [e.kind for e in events if e.kind != "done"] == ["evaluate"]
+        assert row["test_nll"] == first["test_nll"]
+    again()
+    assert [e.kind for e in events if e.kind != "done"] == ["reuse"]

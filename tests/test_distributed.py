@@ -26,14 +26,14 @@ import pytest
 import torch
 from seeding import offset_seed
 
-from pyro_lvm.infer.baselines import BaselineContext, RunningAverageBaseline, SignalNormalization
-from pyro_lvm.infer.distributed import (
+from pyro_lvm.collective import (
     all_gather_cat,
     all_reduce_gradients,
     data_parallel,
     global_mean,
     shard_bounds,
 )
+from pyro_lvm.infer.baselines import BaselineContext, RunningAverageBaseline, SignalNormalization
 from pyro_lvm.models.centering import FeatureCentering
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,3 +290,86 @@ def test_feature_centering_statistics_from_the_union_batch():
             assert torch.allclose(state[key], single_state[key], atol=1e-5), key
         for out, ref in zip(outputs, single_out):
             assert torch.allclose(out, _share(ref, rank, 2), atol=1e-5)
+
+
+# -- what data parallel refuses (one line, before any step) ------------------------------
+
+
+def _global_latent_experiment():
+    """``w`` ~ N(0, I) shared by every row (outside the data plate): its prior and guide
+    terms belong to the union batch once, but each rank's loss would carry them."""
+    import pyro
+    import pyro.distributions as dist
+    from torch import nn
+
+    from pyro_lvm.experiments.recipes import Experiment
+    from pyro_lvm.infer import ModuleSVI
+
+    class GlobalShift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.loc = nn.Parameter(torch.zeros(3))
+
+        def model(self, x):
+            w = pyro.sample("w", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+            with pyro.plate("data", x.shape[0]):
+                pyro.sample("x", dist.Normal(w, 1.0).to_event(1), obs=x)
+
+        def guide(self, x):
+            pyro.sample("w", dist.Normal(self.loc, 1.0).to_event(1))
+
+    lvm = GlobalShift()
+    optim = torch.optim.Adam(lvm.parameters(), lr=0.1)
+    return Experiment(lvm=lvm, inference=ModuleSVI(lvm.model, lvm.guide, optim), modules=lvm)
+
+
+def _bundle(rows: int, dim: int = 3):
+    from pyro_lvm.data import DataBundle
+
+    x = torch.randn(rows, dim, generator=torch.Generator().manual_seed(offset_seed(50)))
+    return DataBundle("toy", x, x[:4].clone(), binary_probs=False)
+
+
+def test_data_parallel_refuses_global_latents_dlgm_and_empty_shards():
+    from pyro_lvm.experiments.build import build_experiment
+    from pyro_lvm.experiments.config import TrainConfig
+    from pyro_lvm.experiments.fabric import check_data_parallel
+
+    config = TrainConfig(model="custom", devices=2, batch_size=10)
+    experiment = _global_latent_experiment()
+    before = {k: v.clone() for k, v in experiment.modules.state_dict().items()}
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match="latent site 'w' is not per datapoint") as info:
+        check_data_parallel(experiment, config, _bundle(40))
+    assert len(str(info.value).splitlines()) == 1
+    assert torch.equal(torch.get_rng_state(), rng)  # the probe leaves no trace
+    assert all(torch.equal(v, before[k]) for k, v in experiment.modules.state_dict().items())
+
+    vae_config = TrainConfig(model="vae", devices=2, batch_size=10, hidden_dim=8, latent_dim=2)
+    vae = build_experiment(vae_config, 3)
+    check_data_parallel(vae, vae_config, _bundle(40))  # local latents only: accepted
+    with pytest.raises(ValueError, match=r"has 1 row \(41 training rows in batches of 10\)"):
+        check_data_parallel(vae, vae_config, _bundle(41))
+
+    dlgm_config = TrainConfig(model="dlgm", devices=2, batch_size=10, hidden_dim=8, latent_dim=2)
+    dlgm = build_experiment(dlgm_config, 3)
+    with pytest.raises(ValueError, match="dlgm does not support --devices"):
+        check_data_parallel(dlgm, dlgm_config, _bundle(40))
+
+
+def test_cli_last_batch_smaller_than_the_ranks_is_one_line(tmp_path):
+    pytest.importorskip("lightning")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pyro_lvm.cli", "train", "vae", "--devices", "2"]
+    cmd += ["--accelerator", "cpu", "--validation", "99", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(
+        cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("pyro-lvm: error:")]
+    assert errors == [
+        "pyro-lvm: error: the last batch of each epoch has 1 row (1401 training rows in "
+        "batches of 100), fewer than the 2 processes; pass --batch-size 99 or 101 (or change "
+        "--validation)"
+    ], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not out.exists()

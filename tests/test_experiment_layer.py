@@ -171,8 +171,8 @@ def test_per_model_help_shows_only_its_flags_with_defaults(capsys):
     assert main(["train", "lae", "--help"]) == 0
     lae = capsys.readouterr().out
     assert vae != lae
-    assert "--estimator" not in vae and "--langevin-steps" not in vae
-    assert "--langevin-steps" in lae and "(default: 2)" in lae
+    assert "--estimator" not in vae and "--num-steps" not in vae
+    assert "--num-steps" in lae and "(default: 2)" in lae
     assert "--lr LR" in vae and "(default: 0.001)" in vae
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("pyro-lvm ")

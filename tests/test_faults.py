@@ -88,7 +88,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resume_continues(two_epoch_run
 
 
 def test_non_finite_parameters_are_never_saved(two_epoch_run, tmp_path):
-    from pyro_lvm.cli import setup_run
+    from pyro_lvm.experiments.build import setup_run
 
     run = tmp_path / "run"
     shutil.copytree(two_epoch_run, run)
@@ -157,7 +157,7 @@ def test_overwrite_replaces_and_resume_records_effective_settings(two_epoch_run,
     assert code == 0
     config = json.loads((run / "config.json").read_text())
     assert config["lr"] == 3e-4 and config["epochs"] == 3
-    from pyro_lvm.cli import setup_run
+    from pyro_lvm.experiments.build import setup_run
 
     experiment, data = setup_run(TrainConfig.load(run / "config.json"))
     Trainer(experiment, data, 100).restore(run / CHECKPOINT_NAME)

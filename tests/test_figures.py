@@ -83,7 +83,7 @@ def test_latent_scatter_gives_each_label_its_own_colour():
 
 def test_sampler_trace_draws_the_target_acceptance():
     steps = [{"step": i, "accept_rate": 0.5, "step_size": 0.1, "move": 0.2} for i in range(5)]
-    fig = F.sampler_trace(steps, target_accept=0.574)
+    fig = F.sampler_trace(steps, target_accept_prob=0.574)
     assert len(fig.axes) == 3
     targets = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("target")]
     assert targets and targets[0].get_ydata()[0] == pytest.approx(0.574)
@@ -92,7 +92,7 @@ def test_sampler_trace_draws_the_target_acceptance():
 def test_importing_figures_leaves_the_backend_alone():
     code = (
         "import matplotlib, sys; matplotlib.use('svg');"
-        "import pyro_lvm, pyro_lvm.viz.figures, pyro_lvm.figures, pyro_lvm.cli;"
+        "import pyro_lvm, pyro_lvm.cli;"
         "import pyro_lvm.experiments.figures;"
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend();"
         "assert 'matplotlib.pyplot' not in sys.modules"

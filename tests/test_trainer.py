@@ -2,8 +2,8 @@ import pytest
 import torch
 from seeding import offset_seed
 
-from pyro_lvm.cli import setup_run
 from pyro_lvm.data import DataBundle
+from pyro_lvm.experiments.build import setup_run
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer import DivergenceError
@@ -90,10 +90,21 @@ def test_batch_larger_than_data():
         ("lr", 0.0, "--lr"),
         ("batch_size", 0, "--batch-size"),
         ("step_size", -0.1, "--step-size"),
-        ("langevin_steps", 0, "--langevin-steps"),
+        ("num_steps", 0, "--num-steps"),
     ],
 )
 def test_impossible_hyperparameters(field, value, match):
     config = TrainConfig(**{field: value})
     with pytest.raises(ValueError, match=match):
         config.validate()
+
+
+def test_config_saved_under_former_names_loads_with_their_values(tmp_path):
+    import json
+
+    path = tmp_path / "config.json"
+    old = {"model": "lae", "langevin_steps": 5, "target_accept": 0.7, "adapt": False}
+    path.write_text(json.dumps(old))
+    config = TrainConfig.load(path)
+    assert (config.num_steps, config.target_accept_prob, config.adapt_step_size) == (5, 0.7, False)
+    assert config.project_noise is False  # a run saved before project_noise existed

@@ -217,8 +217,10 @@ def load_dataset(
         return _LOADERS[name](root, download)
     except (FileNotFoundError, ValueError):
         raise
-    except (RuntimeError, OSError, EOFError, IndexError) as err:
+    except (RuntimeError, OSError, EOFError, IndexError, KeyError, AssertionError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if isinstance(err, (AssertionError, KeyError)):  # torchvision checks a file's header
+            first = "unexpected file contents"
         if download:
             raise ValueError(
                 f"could not download {name} into {root} ({first}); without network access, "

@@ -23,6 +23,8 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "atomic_save",
     "load_checkpoint",
+    "preserved_rng",
     "rng_state",
     "set_rng_state",
 ]
@@ -108,18 +111,20 @@ def _load_one(path: Path, map_location) -> dict:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by the trainer, falling back to the previous slot.
+    """Load a checkpoint written by the trainer; a damaged :data:`CHECKPOINT_NAME` falls
+    back to the previous slot (the epoch before) with a one-line warning. Any other file
+    (:data:`BEST_NAME`) has no fallback: the previous epoch is not the best one.
 
     Raises
     ------
     FileNotFoundError
         Neither ``path`` nor its previous slot exists.
     CheckpointError
-        Both slots are unreadable (one line, naming the file).
+        Every slot is unreadable (one line, naming the file).
     """
     path = Path(path)
-    previous = path.with_name(PREVIOUS_NAME)
-    if not path.is_file() and not previous.is_file():
+    previous = path.with_name(PREVIOUS_NAME) if path.name == CHECKPOINT_NAME else None
+    if not path.is_file() and (previous is None or not previous.is_file()):
         raise FileNotFoundError(
             f"no checkpoint at {path}: is this a pyro-lvm run directory? (it must contain "
             f"{CHECKPOINT_NAME} and config.json)"
@@ -129,10 +134,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise CheckpointError(f"{path} is missing")
         return _load_one(path, map_location)
     except CheckpointError as err:
+        if previous is None:
+            raise CheckpointError(
+                f"{err}; load {CHECKPOINT_NAME} (the last epoch) instead, or retrain"
+            ) from None
         if not previous.is_file():
             raise CheckpointError(f"{err}; no previous checkpoint to fall back to") from None
         ckpt = _load_one(previous, map_location)
-        warnings.warn(f"{err}; using the previous checkpoint {previous.name}", stacklevel=2)
+        warnings.warn(
+            f"{err}; using the previous checkpoint {previous.name} (one epoch earlier)",
+            stacklevel=2,
+        )
         return ckpt
 
 
@@ -175,3 +187,14 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run the block and put Python's, NumPy's and torch's (CPU and CUDA) generators back
+    as they were: a library call that seeds or draws leaves the caller's streams alone."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)

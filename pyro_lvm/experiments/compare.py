@@ -15,9 +15,11 @@ evaluated the same way on the test split:
   within one dataset and classifier);
 - ``ms_per_step``: training time per optimizer step.
 
-Resumable: a folder whose ``metrics.json`` exists and whose ``config.json`` matches the
-requested settings is reused without retraining (re-evaluated only if the evaluation
-settings changed); a folder with a checkpoint but no metrics is resumed.
+Resumable: a folder whose ``config.json`` matches the requested settings and whose
+``metrics.json`` holds a finite ``test_nll`` evaluated with the requested evaluation
+settings is reused without retraining; with other evaluation settings, a failed (``null``)
+or a damaged evaluation it is re-evaluated from its checkpoint; a folder with a
+checkpoint but no metrics is resumed.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ import torch
 
 from pyro_lvm.data import DataBundle, load_dataset
 from pyro_lvm.data.bundle import prepare_for_likelihood
+from pyro_lvm.experiments.build import RunError
 from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME
-from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.experiments.lifecycle import RunError, run_evaluate, run_train
+from pyro_lvm.experiments.compare_figure import plot_comparison
+from pyro_lvm.experiments.config import TrainConfig, read_json_object
+from pyro_lvm.experiments.lifecycle import run_evaluate, run_train
 from pyro_lvm.experiments.rundir import write_json
 
 __all__ = [
@@ -55,6 +59,7 @@ DEFAULT_MODELS = ("vae", "vae-flow", "dlgm", "lae")
 COMPARE_KEYS = (
     "test_nelbo_per_dim",
     "test_nll",
+    "test_nll_fixed",
     "test_nll_ais",
     "test_nll_ais_per_dim",
     "sample_frechet",
@@ -116,7 +121,7 @@ def compare(
         ``compare.md``, ``compare.png`` and the cached feature classifier.
     model_settings : mapping, optional
         ``{model: {field: value}}``: settings of one model only (e.g. LAE's
-        ``langevin_steps``), recorded in its runs' ``config.json``; use sparingly, the
+        ``num_steps``), recorded in its runs' ``config.json``; use sparingly, the
         point of a comparison is the shared budget.
     sample_quality : bool
         Measure ``sample_frechet`` (labelled datasets only).
@@ -159,14 +164,12 @@ def compare(
         notify(CompareEvent("done", model, seed, index, total, Path(config.out), metrics))
         write_json(out / "compare.json", results)  # partial results survive an interrupt
     write_markdown(out / "compare.md", results, settings)
-    from pyro_lvm.experiments.compare_figure import plot_comparison
-
-    plot_comparison(results, out / "compare.png")
+    plot_comparison(results, summarize(results, COMPARE_KEYS), out / "compare.png")
     return results
 
 
 def _check(models: list[str], seeds: list[int], model_settings: Mapping) -> None:
-    from pyro_lvm.recipes import RECIPES
+    from pyro_lvm.experiments.recipes import RECIPES
 
     if not models or not seeds:
         raise RunError("compare needs at least one model (--models) and one seed (--seeds)")
@@ -190,11 +193,17 @@ def _training_settings(config: dict) -> dict:
 
 
 def _run_one(config: TrainConfig, data: DataBundle, progress: bool, notify) -> dict:
-    """Train, resume, re-evaluate or reuse the run in ``config.out``; its metrics."""
+    """Train, resume, re-evaluate or reuse the run in ``config.out``; its metrics.
+
+    Reused only when its ``metrics.json`` holds a finite ``test_nll`` evaluated with the
+    requested settings (the metrics record ``eval_samples`` and ``eval_ais``: a
+    ``pyro-lvm evaluate`` since training may have changed them); otherwise re-evaluated
+    from its checkpoint, whose failure is a one-line error.
+    """
     run = Path(config.out)
     metrics_path, config_path = run / "metrics.json", run / "config.json"
     if config_path.is_file():
-        recorded = json.loads(config_path.read_text())
+        recorded = read_json_object(config_path, "run config")
         wanted = _training_settings(config.to_dict())
         if _training_settings(recorded) != wanted:
             diff = sorted(k for k in wanted if recorded.get(k) != wanted[k])
@@ -202,20 +211,47 @@ def _run_one(config: TrainConfig, data: DataBundle, progress: bool, notify) -> d
                 f"{run} holds a run with other settings ({', '.join(diff)}); compare into "
                 "another --out, or delete that folder to retrain it"
             )
-        if metrics_path.is_file():
-            metrics = json.loads(metrics_path.read_text())
-            if all(recorded.get(k) == getattr(config, k) for k in _EVALUATION):
-                notify("reuse")
-                return metrics
-            notify("evaluate")
-            return run_evaluate(str(run), config.eval_samples, config.eval_ais, config.device)
+        metrics = _read_metrics(metrics_path)
+        if metrics is not None and _finished(metrics) and _evaluated_as(metrics, recorded, config):
+            notify("reuse")
+            return metrics
         if (run / CHECKPOINT_NAME).is_file():
+            if metrics is not None:  # evaluated otherwise, failed, or damaged: once more
+                notify("evaluate")
+                return run_evaluate(str(run), config.eval_samples, config.eval_ais, config.device)
             notify("resume")
             return run_train(config, resume=True, progress=progress, figures=False, data=data)
     notify("train")
     # a folder with config.json but neither metrics nor checkpoint died in its first epoch
     overwrite = config_path.is_file()
     return run_train(config, progress=progress, figures=False, data=data, overwrite=overwrite)
+
+
+def _read_metrics(path: Path) -> dict | None:
+    """``metrics.json``: ``None`` when absent, ``{}`` when damaged (not a JSON object)."""
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
+def _finished(metrics: dict) -> bool:
+    """Whether the run's evaluation succeeded (a failed one records ``null``)."""
+    value = metrics.get("test_nll")
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _evaluated_as(metrics: dict, recorded: dict, config: TrainConfig) -> bool:
+    """Whether ``metrics`` were evaluated with ``config``'s evaluation settings."""
+    return (
+        metrics.get("eval_samples") == config.eval_samples
+        and metrics.get("eval_ais", recorded.get("eval_ais")) == config.eval_ais
+        and recorded.get("device") == config.device
+        and ("test_nll_ais" in metrics) == (config.eval_ais > 0)
+    )
 
 
 class _SampleJudge:

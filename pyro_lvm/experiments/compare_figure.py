@@ -4,22 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pyro_lvm.experiments.compare import COMPARE_KEYS, summarize
-
 __all__ = ["plot_comparison"]
 
 #: the panels, when present (the rest of COMPARE_KEYS are in compare.md)
 PANELS = ("test_nelbo_per_dim", "test_nll_ais_per_dim", "sample_frechet", "ms_per_step")
 
 
-def plot_comparison(results: list[dict], path: str | Path) -> Path:
-    """Each seed as a dot and the mean +- std as a bar, per model and metric."""
+def plot_comparison(
+    results: list[dict], table: dict[str, dict[str, tuple]], path: str | Path
+) -> Path:
+    """Each seed as a dot and the mean +- std as a bar, per model and metric.
+
+    ``table`` is :func:`~pyro_lvm.experiments.compare.summarize` of ``results``:
+    ``{model: {key: (mean, std, n)}}``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = summarize(results, COMPARE_KEYS)
     panels = [k for k in PANELS if any(k in row for row in table.values())]
     models = list(table)
     fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(3.2 * max(len(panels), 1), 3))

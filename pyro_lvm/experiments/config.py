@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["TrainConfig"]
+from pyro_lvm.data import DATASETS
+from pyro_lvm.models.likelihoods import LIKELIHOODS
+
+__all__ = ["TrainConfig", "check_types"]
 
 
 #: fields whose absence from a saved config.json means the former behaviour: a run
 #: written before they existed resumes (and is re-evaluated) as it was trained
 FORMER_DEFAULTS = {"project_noise": False}
+
+#: settings renamed since a run may have been saved: old config.json key -> field
+RENAMED = {
+    "langevin_steps": "num_steps",
+    "target_accept": "target_accept_prob",
+    "adapt": "adapt_step_size",
+}
 
 
 @dataclass
@@ -72,20 +86,30 @@ class TrainConfig:
     num_flows: int = 2
     flow: str = "iaf"
     # Langevin (lae, dlgm)
-    langevin_steps: int = 2
+    num_steps: int = 2
     step_size: float | None = None
-    target_accept: float = 0.574
+    target_accept_prob: float = 0.574
     mh: bool = True
-    adapt: bool = True
+    adapt_step_size: bool = True
     test_scale: float = 0.05
-    refine_steps: int = 0
-    #: LAE feature preconditioning damping (None: plain ALD on the last-layer weight)
+    #: lae, dlgm: MALA steps from the encoder that fit the proposal of test_nll (0: the
+    #: encoder's fixed proposal, whose numbers are also reported under ``*_fixed`` keys)
+    refine_steps: int = 20
+    #: lae: feature preconditioning damping of the training chain (None: the paper's chain
+    #: on the head weight, as ``LAE``'s own default; AmortizedLangevin's MCMC default is
+    #: 1e-3, see docs/langevin.md "Training defaults")
     precondition: float | None = None
-    #: lae: encoder feature normalization before the chain layer (none|center|standardize)
+    #: lae: encoder feature normalization before the chain layer (none|center|standardize).
+    #: Differs from LangevinAutoencoder's "none" (the paper's encoder) on purpose: without
+    #: centring, the features' shared mode sets the step size and the chain freezes on
+    #: digits (docs/langevin.md, "Beating the VAE")
     feature_norm: str = "center"
-    #: lae: Jacobian correction of the trunk's gradient in the centring layer
+    #: lae: Jacobian correction of the trunk's gradient in the centring layer (on here, off
+    #: in FeatureCentering: it only applies with centring, the CLI's default; same doc)
     jacobian: bool = True
-    #: lae: proposal noise of the chain weight only in the batch's feature span
+    #: lae: proposal noise of the chain weight only in the batch's feature span (on here,
+    #: off in the kernel, which keeps the paper's chain: the weight's free random walk
+    #: outside the span is what inflates it over a long training run; same doc)
     project_noise: bool = True
     # Bernoulli latents (sbn)
     estimator: str = "nvil"
@@ -97,13 +121,31 @@ class TrainConfig:
     num_components: int = 10
 
     def validate(self) -> None:
-        """Raise a one-line ``ValueError`` for impossible settings."""
-        finite = ("lr", "step_size", "target_accept", "test_scale", "precondition")
+        """Raise a one-line ``ValueError`` for impossible settings (a value of the wrong
+        type first: :func:`check_types`)."""
+        check_types(self.to_dict(), "TrainConfig")
+        finite = ("lr", "step_size", "target_accept_prob", "test_scale", "precondition")
         for name in (*finite, "lr_gamma", "clip_norm"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"--{name.replace('_', '-')} must be finite, got {value}")
         checks = [
+            (
+                0 <= self.seed < 2**32,
+                f"--seed must be between 0 and 2**32 - 1, got {self.seed}",
+            ),
+            (
+                self.likelihood in LIKELIHOODS,
+                f"--likelihood must be {' or '.join(LIKELIHOODS)}, got {self.likelihood!r}",
+            ),
+            (
+                self.optimizer in ("adam", "sgd"),
+                f"--optimizer must be adam or sgd, got {self.optimizer!r}",
+            ),
+            (
+                self.dataset in DATASETS,
+                f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}",
+            ),
             (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.latent_dim > 0, f"--latent-dim must be positive, got {self.latent_dim}"),
@@ -113,16 +155,16 @@ class TrainConfig:
             (self.eval_samples > 0, f"--eval-samples must be positive, got {self.eval_samples}"),
             (self.eval_ais >= 0, f"--eval-ais must be >= 0, got {self.eval_ais}"),
             (
-                self.langevin_steps > 0,
-                f"--langevin-steps must be positive, got {self.langevin_steps}",
+                self.num_steps > 0,
+                f"--num-steps must be positive, got {self.num_steps}",
             ),
             (
                 self.step_size is None or self.step_size > 0,
                 f"--step-size must be positive, got {self.step_size}",
             ),
             (
-                0 < self.target_accept < 1,
-                f"--target-accept must be in (0, 1), got {self.target_accept}",
+                0 < self.target_accept_prob < 1,
+                f"--target-accept-prob must be in (0, 1), got {self.target_accept_prob}",
             ),
             (self.test_scale > 0, f"--test-scale must be positive, got {self.test_scale}"),
             (self.arch in ("mlp", "conv"), f"--arch must be mlp or conv, got {self.arch!r}"),
@@ -193,8 +235,106 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """The saved settings; a field added later with a default that changes the
-        algorithm takes the value the run was trained with (:data:`FORMER_DEFAULTS`)."""
-        data = json.loads(Path(path).read_text())
+        algorithm takes the value the run was trained with (:data:`FORMER_DEFAULTS`).
+
+        Raises a one-line ``ValueError`` naming ``path`` when it is not JSON, not an
+        object of settings, or holds a value of the wrong type.
+        """
+        data = read_json_object(path, "run config")
+        data = {RENAMED.get(k, k): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
-        fields = {k: v for k, v in data.items() if k in known}
+        fields = check_types({k: v for k, v in data.items() if k in known}, str(path))
         return cls(**{**FORMER_DEFAULTS, **fields})
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """The JSON object in ``path`` (one-line ``ValueError`` naming the file otherwise;
+    ``FileNotFoundError`` when it is missing)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not a valid {what} (not JSON: {err.msg} at line {err.lineno}, column "
+            f"{err.colno}); fix or restore the file"
+        ) from None
+    except UnicodeDecodeError:
+        raise ValueError(
+            f"{path} is not a valid {what} (not UTF-8 text); fix or restore the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} is not a valid {what} (a JSON {_json_kind(data)}, not an object of "
+            "settings); fix or restore the file"
+        )
+    return data
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number with a fraction" if not float(value).is_integer() else "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _shown(value: Any) -> str:
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def check_types(values: Mapping[str, Any], where: str) -> dict:
+    """``values`` (settings by :class:`TrainConfig` field name) checked against the
+    dataclass's field types; an integer where a number belongs becomes a float.
+
+    JSON has one number type and Python's ``bool`` is an ``int``, so the rules are
+    explicit: an ``int`` field takes only integers (not ``true``, not ``1.5``), a
+    ``float`` field any number but a boolean, a ``bool`` field only ``true``/``false``
+    (the string ``"false"`` is truthy), a ``str`` field only strings; ``None`` only where
+    the default allows it. Raises a one-line ``ValueError`` naming ``where``, the key and
+    the expected type.
+    """
+    hints = _field_types()
+    checked = {}
+    for key, value in values.items():
+        if key not in hints:
+            checked[key] = value
+            continue
+        base, optional = hints[key]
+        ok = (value is None and optional) or (
+            isinstance(value, base)
+            and not (isinstance(value, bool) and base is not bool)
+            or (base is float and isinstance(value, int) and not isinstance(value, bool))
+        )
+        if not ok:
+            expected = _KINDS[base] + (" or null" if optional else "")
+            raise ValueError(
+                f"{where}: {key} must be {expected}, got {_shown(value)} (a {_json_kind(value)})"
+            )
+        checked[key] = float(value) if base is float and value is not None else value
+    return checked
+
+
+@functools.cache
+def _field_types() -> dict[str, tuple[type, bool]]:
+    """``{field: (type, optional)}`` of :class:`TrainConfig`."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for name, hint in hints.items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+        out[name] = (args[0], type(None) in typing.get_args(hint))
+    return out

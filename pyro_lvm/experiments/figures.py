@@ -246,7 +246,7 @@ def _robust_ylim(ax, values: list[float]) -> None:
 
 
 def sampler_trace(
-    steps: list[dict], target_accept: float | None = None, title: str = ""
+    steps: list[dict], target_accept_prob: float | None = None, title: str = ""
 ) -> Figure:
     r"""MCMC diagnostics over training: acceptance (with the adaptation target), step
     size, and how far the chain moves per transition (``move``: the root-mean-square
@@ -256,9 +256,9 @@ def sampler_trace(
     axes = fig.subplots(3 if has_move else 2, 1, sharex=True)
     rows = [s for s in steps if "accept_rate" in s]
     axes[0].plot([s["step"] for s in rows], [s["accept_rate"] for s in rows], lw=0.7)
-    if target_accept is not None:
+    if target_accept_prob is not None:
         axes[0].axhline(
-            target_accept, color="C3", ls="--", lw=0.8, label=f"target {target_accept:g}"
+            target_accept_prob, color="C3", ls="--", lw=0.8, label=f"target {target_accept_prob:g}"
         )
         axes[0].legend(fontsize=8)
     axes[0].set_ylabel("acceptance rate")
@@ -320,7 +320,7 @@ def write_figures(experiment, data, state, out: Path, title: str = "") -> list[P
     device = next(experiment.modules.parameters()).device
     written = [_save(training_curves(state.steps, state.history, title), out / "training.png")]
     if any("accept_rate" in s for s in state.steps):
-        target = experiment.info.get("target_accept")
+        target = experiment.info.get("target_accept_prob")
         written.append(_save(sampler_trace(state.steps, target, title), out / "sampler.png"))
     test_x = data.test_x.to(device)
     try:

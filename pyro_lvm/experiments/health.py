@@ -10,17 +10,23 @@ catch what stays finite and is still useless, and report it as a warning (and un
     :math:`\bar L_e - L_0 > \text{LOSS\_GROWTH} \cdot \max(|L_0|, 1)`. Training should
     lower the loss; this is an order-of-magnitude increase (e.g. ``--lr 10``).
 ``step_size_collapsed``
-    A Langevin step size fell below ``STEP_SIZE_FLOOR``: the chain no longer moves, so
-    the "posterior samples" are the encoder's initial outputs.
+    A Langevin step size fell below ``STEP_SIZE_FLOOR``, or by more than
+    :data:`~pyro_lvm.infer.mcmc.mixing.MAX_STEP_SIZE_FALL` times from its first value:
+    the chain no longer moves, so the "posterior samples" are the encoder's outputs.
+``chain_frozen``
+    The latents move less than :data:`~pyro_lvm.infer.mcmc.mixing.MIN_RELATIVE_MOVE` of
+    their spread per transition (``move_ratio``, averaged over the latest transitions).
 ``no_acceptance``
     The Metropolis acceptance rate averaged over an epoch is below ``MIN_ACCEPT_RATE``
-    (e.g. ``--no-adapt`` with too large a ``--step-size``): every proposal was rejected.
+    (e.g. ``--no-adapt-step-size`` with too large a ``--step-size``): every proposal was rejected.
 """
 
 from __future__ import annotations
 
 import math
 from typing import NamedTuple
+
+from pyro_lvm.infer.mcmc.mixing import MAX_STEP_SIZE_FALL, MIN_RELATIVE_MOVE
 
 __all__ = ["LOSS_GROWTH", "MIN_ACCEPT_RATE", "STEP_SIZE_FLOOR", "HealthIssue", "check_epoch"]
 
@@ -36,9 +42,12 @@ class HealthIssue(NamedTuple):
     message: str
 
 
-def check_epoch(record: dict, first_loss: float | None) -> list[HealthIssue]:
+def check_epoch(
+    record: dict, first_loss: float | None, first_step_size: float | None = None
+) -> list[HealthIssue]:
     """The issues visible in one epoch record (``train_loss``, ``step_size``,
-    ``accept_rate``; absent keys are skipped)."""
+    ``accept_rate``, ``move_ratio``; absent keys are skipped), given the first step's
+    loss and step size."""
     issues = []
     epoch, loss = record.get("epoch"), record.get("train_loss")
     if first_loss is not None and loss is not None and math.isfinite(first_loss):
@@ -51,12 +60,24 @@ def check_epoch(record: dict, first_loss: float | None) -> list[HealthIssue]:
                 )
             )
     step = record.get("step_size")
-    if step is not None and math.isfinite(step) and step < STEP_SIZE_FLOOR:
+    fell = first_step_size is not None and step is not None
+    fell = fell and first_step_size > 0 and step < first_step_size / MAX_STEP_SIZE_FALL
+    if step is not None and math.isfinite(step) and (step < STEP_SIZE_FLOOR or fell):
+        since = f" (from {first_step_size:.2g} at the first step)" if fell else ""
         issues.append(
             HealthIssue(
                 "step_size_collapsed",
-                f"epoch {epoch}: Langevin step size {step:.2g} is below {STEP_SIZE_FLOOR:g}, "
-                "so the chain is frozen; lower --lr or set --step-size",
+                f"epoch {epoch}: Langevin step size {step:.2g}{since}: the chain is frozen; "
+                "precondition it (--precondition 1e-3), lower --lr or set --step-size",
+            )
+        )
+    ratio = record.get("move_ratio")
+    if ratio is not None and math.isfinite(ratio) and ratio < MIN_RELATIVE_MOVE:
+        issues.append(
+            HealthIssue(
+                "chain_frozen",
+                f"epoch {epoch}: the latents move {ratio:.2g} of their spread per Langevin "
+                "transition: the chain is frozen; precondition it (--precondition 1e-3)",
             )
         )
     accept = record.get("accept_rate")
@@ -65,7 +86,7 @@ def check_epoch(record: dict, first_loss: float | None) -> list[HealthIssue]:
             HealthIssue(
                 "no_acceptance",
                 f"epoch {epoch}: acceptance rate {accept:.2g}: every Langevin proposal was "
-                "rejected; lower --step-size or drop --no-adapt",
+                "rejected; lower --step-size or drop --no-adapt-step-size",
             )
         )
     return issues

@@ -16,15 +16,20 @@ import warnings
 from pathlib import Path
 
 import pyro
-import torch
 
 from pyro_lvm.data import DataBundle, load_dataset
-from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, atomic_save
+from pyro_lvm.experiments.build import RunError, check_device, setup_run
+from pyro_lvm.experiments.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_save,
+    preserved_rng,
+    set_rng_state,
+)
 from pyro_lvm.experiments.config import TrainConfig
-from pyro_lvm.experiments.distributed import agree_or_raise, check_data_parallel, launch
 from pyro_lvm.experiments.evaluation import evaluate
-from pyro_lvm.experiments.protocol import PlottableModel, missing
-from pyro_lvm.experiments.recipes import Experiment, get_recipe
+from pyro_lvm.experiments.fabric import agree_or_raise, check_data_parallel, launch
+from pyro_lvm.experiments.protocol import GenerativeModel, PlottableModel, missing
+from pyro_lvm.experiments.recipes import Experiment
 from pyro_lvm.experiments.rundir import (
     RunLock,
     check_run_dir,
@@ -34,69 +39,13 @@ from pyro_lvm.experiments.rundir import (
     prepare_run_dir,
     write_json,
 )
+from pyro_lvm.experiments.runs import load_run
 from pyro_lvm.experiments.schedules import make_schedulers, set_learning_rate
 from pyro_lvm.experiments.trainer import Trainer
 from pyro_lvm.infer.diagnostics import DivergenceError
-from pyro_lvm.models.likelihoods import LIKELIHOODS, make_likelihood
+from pyro_lvm.models.likelihoods import LIKELIHOODS
 
-__all__ = [
-    "RunError",
-    "build_experiment",
-    "run_evaluate",
-    "run_sample",
-    "run_train",
-    "sample_paths",
-    "setup_run",
-]
-
-
-class RunError(ValueError):
-    """A run that cannot go ahead as asked (printed by the CLI as one line, exit 2)."""
-
-
-def _check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RunError(f"--device {device} requested but CUDA is not available; use --device cpu")
-
-
-def setup_run(
-    config: TrainConfig, data: DataBundle | None = None
-) -> tuple[Experiment, DataBundle]:
-    """Seed, load the data and build the experiment described by ``config``."""
-    config.validate()
-    _check_device(config.device)
-    if data is None:
-        data = load_dataset(config.dataset, config.data_dir, config.download)
-    data = data.for_likelihood(LIKELIHOODS[config.likelihood])
-    return build_experiment(config, data.data_dim), data
-
-
-def build_experiment(config: TrainConfig, data_dim: int) -> Experiment:
-    """Seed and build the experiment described by ``config`` for ``data_dim`` inputs
-    (no data needed: :func:`pyro_lvm.load_run` rebuilds a trained run this way)."""
-    config.validate()
-    _check_device(config.device)
-    # the data are checked once up front; per-step argument validation only costs time
-    pyro.enable_validation(False)
-    pyro.set_rng_seed(config.seed)
-    likelihood = make_likelihood(config.likelihood)
-    experiment = get_recipe(config.model).build(config, data_dim, likelihood)
-    if config.clip_norm is not None:
-        if not hasattr(experiment.inference, "clip_norm"):
-            raise RunError(f"--clip-norm does not apply to {config.model} (no gradient steps)")
-        experiment.inference.clip_norm = config.clip_norm
-    experiment.modules.to(config.device)
-    return experiment
-
-
-def _read_config(run: Path) -> TrainConfig:
-    try:
-        return TrainConfig.load(run / "config.json")
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
-        raise RunError(
-            f"{run}/config.json is not a valid run config ({type(err).__name__}); restore it "
-            "or start a new run"
-        ) from None
+__all__ = ["run_evaluate", "run_sample", "run_train", "sample_paths"]
 
 
 def _tensorboard(out: Path):
@@ -124,22 +73,31 @@ def run_train(
     ``overwrite`` (replace it) is set; it is locked against a second writer while this
     runs. Raises :class:`RunError` (one line) for every failure the user can fix,
     including non-finite results (``metrics.json`` then records them as ``null``).
+
+    Training owns the process's random state: it seeds the global generators from
+    ``config.seed`` (and leaves them where the run ends). Pyro's argument validation is
+    off while it runs (the data are checked once up front) and restored afterwards.
     """
-    out = Path(config.out)
     # every check before anything is written: flags, folder, data, model
     config.validate()
-    _check_device(config.device)
+    check_device(config.device)
     collective = launch(config)  # --devices/--num-nodes: one process per device (Fabric)
+    with pyro.validation_enabled(False):
+        return _train(config, collective, resume, progress, figures, data, overwrite)
+
+
+def _train(config, collective, resume, progress, figures, data, overwrite) -> dict:
+    out = Path(config.out)
     # data parallel: rank 0 alone checks the folder (the others would race its writes)
     agree_or_raise(
         collective, lambda: check_run_dir(out, resume=resume, overwrite=overwrite), lead_only=True
     )
     experiment, data = setup_run(config, data)
-    if collective is not None:
-        agree_or_raise(collective, lambda: check_data_parallel(experiment, config))
     val_x = None
     if config.validation:
         data, val_x = data.holdout(config.validation, seed=config.seed)
+    if collective is not None:
+        agree_or_raise(collective, lambda: check_data_parallel(experiment, config, data))
     trainer = Trainer(
         experiment,
         data,
@@ -233,6 +191,8 @@ def _train_locked(config, experiment, data, trainer, out, resume, progress, figu
     if experiment.finalize is not None:  # post-training fits, e.g. ae-gmm's mixture prior
         experiment.finalize(data.train_x.to(config.device))
         trainer.save()  # evaluate/sample must see the fitted state
+    elif not (out / CHECKPOINT_NAME).is_file():
+        trainer.save()  # --epochs 0: the initial (or prepared) model, so the run loads
     metrics = _metrics(config, experiment, data, trainer)
     write_json(
         out / "history.json", {"epochs": trainer.state.history, "steps": trainer.state.steps}
@@ -361,6 +321,7 @@ def _metrics(config, experiment, data, trainer) -> dict:
                 device=config.device,
             )
         )
+    metrics["eval_ais"] = config.eval_ais  # what was evaluated (config.json: what was trained)
     metrics["eval_seconds"] = time.perf_counter() - t0
     metrics["warnings"] = [w["kind"] for w in trainer.state.warnings]
     metrics["best_epoch"] = trainer.state.best_epoch
@@ -373,8 +334,6 @@ def _metrics(config, experiment, data, trainer) -> dict:
 
 
 def _load_run(run_dir: str, device: str | None = None, model_file: str | None = None):
-    from pyro_lvm.experiments.runs import load_run
-
     run = load_run(run_dir, device=device, model_file=model_file)  # None: the run's device
     config = run.config
     data = load_dataset(config.dataset, config.data_dir, config.download).for_likelihood(
@@ -395,25 +354,38 @@ def run_evaluate(
     device: str | None = None,
     model_file: str | None = None,
 ) -> dict:
-    """Re-evaluate a run; updates and returns its ``metrics.json``."""
+    """Re-evaluate a run; updates and returns its ``metrics.json``.
+
+    The estimators draw from the random state saved with the checkpoint, so the same
+    settings reproduce the training run's own numbers; the caller's generators and Pyro's
+    validation setting are left as they were.
+    """
     run = Path(run_dir)
     if run.is_dir():  # fail before the (long) evaluation, not after it
         check_writable(run, "run folder")
-    config, experiment, data, trainer = _load_run(run_dir, device, model_file)
-    config.eval_samples, config.eval_ais = eval_samples, eval_ais
-    config.validate()
-    with RunLock(run):
-        metrics_path = run / "metrics.json"
-        try:
-            metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-        except json.JSONDecodeError:
-            metrics = {}  # replaced by the fresh evaluation below
-        fresh = _metrics(config, experiment, data, trainer)
-        for key in ("train_seconds", "ms_per_step"):  # keep the training run's timings
-            fresh[key] = metrics.get(key, fresh[key])
-        metrics.update(fresh)
-        _write_metrics(run, metrics)
+    with pyro.validation_enabled(False), preserved_rng():
+        config, experiment, data, trainer = _load_run(run_dir, device, model_file)
+        config.eval_samples, config.eval_ais = eval_samples, eval_ais
+        config.validate()
+        with RunLock(run):
+            metrics = _read_metrics(run / "metrics.json")
+            set_rng_state(trainer.saved_rng)
+            fresh = _metrics(config, experiment, data, trainer)
+            for key in ("train_seconds", "ms_per_step"):  # keep the training run's timings
+                fresh[key] = metrics.get(key, fresh[key])
+            metrics.update(fresh)
+            _write_metrics(run, metrics)
     return metrics
+
+
+def _read_metrics(path: Path) -> dict:
+    """A run's ``metrics.json``, or ``{}`` when it is missing or damaged (a re-evaluation
+    replaces it)."""
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def sample_paths(run_dir: str | Path, num: int, seed: int) -> tuple[Path, Path]:
@@ -424,19 +396,30 @@ def sample_paths(run_dir: str | Path, num: int, seed: int) -> tuple[Path, Path]:
 
 def run_sample(run_dir: str, num: int = 64, seed: int = 0, model_file: str | None = None) -> Path:
     """Draw ``num`` samples from a run: writes ``sample_nNUM_seedSEED.pt`` (and ``.png``
-    for images) in the run folder; returns the ``.pt`` path."""
+    for images) in the run folder, holding its lock; returns the ``.pt`` path. The
+    caller's random generators are left as they were."""
     if num <= 0:
         raise RunError(f"--num must be positive, got {num}")
+    if not 0 <= seed < 2**32:
+        raise RunError(f"--seed must be between 0 and 2**32 - 1, got {seed}")
     run = Path(run_dir)
     if run.is_dir():
         check_writable(run, "run folder")
-    config, experiment, data, _ = _load_run(run_dir, model_file=model_file)
-    pyro.set_rng_seed(seed)
-    x = experiment.lvm.generate(num).cpu()
-    pt, png = sample_paths(run, num, seed)
-    atomic_save(x, pt)
-    if data.image_shape is not None and _plottable(experiment, "the sample figure"):
-        from pyro_lvm.experiments.figures import save_sample_grid
+    with pyro.validation_enabled(False), preserved_rng():
+        config, experiment, data, _ = _load_run(run_dir, model_file=model_file)
+        if missing(experiment.lvm, GenerativeModel):
+            raise RunError(
+                f"the model of {run_dir} ({type(experiment.lvm).__name__}) has no generate(n), "
+                "so it cannot be sampled; add a generate(n) method to it "
+                "(pyro_lvm.experiments.protocol.GenerativeModel)"
+            )
+        with RunLock(run):
+            pyro.set_rng_seed(seed)
+            x = experiment.lvm.generate(num).cpu()
+            pt, png = sample_paths(run, num, seed)
+            atomic_save(x, pt)
+            if data.image_shape is not None and _plottable(experiment, "the sample figure"):
+                from pyro_lvm.experiments.figures import save_sample_grid
 
-        save_sample_grid(x, data, experiment, png, f"{num} samples, seed {seed}")
+                save_sample_grid(x, data, experiment, png, f"{num} samples, seed {seed}")
     return pt

@@ -1,6 +1,6 @@
 """Run folders: never overwritten, never mixed, never half-written.
 
-A run folder holds what :func:`pyro_lvm.cli.run_train` writes: ``config.json``,
+A run folder holds what :func:`pyro_lvm.experiments.lifecycle.run_train` writes: ``config.json``,
 ``checkpoint.pt`` (and the previous one, ``checkpoint.prev.pt``), ``metrics.json``,
 ``history.json``, figures and TensorBoard logs. The rules, enforced here:
 
@@ -40,7 +40,8 @@ __all__ = [
 #: files whose presence means "this folder holds a run"
 RUN_MARKERS = ("config.json", "checkpoint.pt", "checkpoint.prev.pt", "metrics.json")
 _RUN_FILES = (*RUN_MARKERS, "history.json")
-_RUN_GLOBS = ("*.png", "samples*.pt", "*.tmp")
+#: besides the figures: the draws of ``pyro-lvm sample`` (sample_nNUM_seedSEED.pt/.png)
+_RUN_GLOBS = ("*.png", "sample_n*_seed*.pt", "*.tmp")
 LOCK_NAME = ".lock"
 
 

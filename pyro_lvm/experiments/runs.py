@@ -9,9 +9,16 @@ from typing import Any
 
 from torch import nn
 
-from pyro_lvm.experiments.checkpoint import CHECKPOINT_NAME, PREVIOUS_NAME, load_checkpoint
+from pyro_lvm.experiments.build import build_experiment
+from pyro_lvm.experiments.checkpoint import (
+    CHECKPOINT_NAME,
+    PREVIOUS_NAME,
+    load_checkpoint,
+    preserved_rng,
+)
 from pyro_lvm.experiments.config import TrainConfig
 from pyro_lvm.experiments.recipes.base import Experiment
+from pyro_lvm.experiments.trainer import Trainer
 
 __all__ = ["Run", "load_run"]
 
@@ -57,6 +64,10 @@ def load_run(
 ) -> Run:
     """Load the run in ``run_dir`` without touching its dataset.
 
+    The caller's process is left as it was (random generators, Pyro's validation
+    setting), except that Pyro params the model keeps outside its modules
+    (``pyro.param``) are put into Pyro's param store, where the model reads them.
+
     Parameters
     ----------
     run_dir : path
@@ -75,9 +86,6 @@ def load_run(
     >>> run = load_run("runs/vae-digits")  # doctest: +SKIP
     >>> x = run.model.generate(16)  # doctest: +SKIP
     """
-    from pyro_lvm.experiments.lifecycle import RunError, build_experiment
-    from pyro_lvm.experiments.trainer import Trainer
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file() or not (
         (run_dir / CHECKPOINT_NAME).is_file() or (run_dir / PREVIOUS_NAME).is_file()
@@ -86,13 +94,7 @@ def load_run(
             f"{run_dir} is not a pyro-lvm run (needs config.json and {CHECKPOINT_NAME}); pass "
             "the --out folder of a training run"
         )
-    try:
-        config = TrainConfig.load(run_dir / "config.json")
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as err:
-        raise ValueError(
-            f"{run_dir}/config.json is not a valid run config ({type(err).__name__}); restore "
-            "it or start a new run"
-        ) from None
+    config = TrainConfig.load(run_dir / "config.json")
     if device is not None:
         config.device = device
     if config.model == "custom":
@@ -102,18 +104,23 @@ def load_run(
                 "(--model-file) to import that code: loading never runs code on its own"
             )
         config.model_file = model_file
+    try:
+        config.validate()
+    except ValueError as err:
+        raise ValueError(f"{run_dir}/config.json: {err}; restore the file") from None
     ckpt_path = run_dir / checkpoint
     meta = load_checkpoint(ckpt_path).get("metadata", {})
     metrics = _read_json(run_dir / "metrics.json")
     data_info = meta.get("data") or {"data_dim": metrics.get("data_dim")}
     if data_info.get("data_dim") is None:
         raise ValueError(f"{run_dir}: neither the checkpoint nor metrics.json records data_dim")
-    try:
+    # building draws initial weights from the global generators and restoring would set
+    # them to the checkpoint's: the caller's streams are put back (the weights are the
+    # checkpoint's either way)
+    with preserved_rng():
         experiment = build_experiment(config, int(data_info["data_dim"]))
-    except RunError as err:
-        raise ValueError(str(err)) from None
-    trainer = Trainer(experiment, None, config.batch_size, device=config.device)
-    trainer.restore(ckpt_path)
+        trainer = Trainer(experiment, None, config.batch_size, device=config.device)
+        trainer.restore(ckpt_path, set_rng=False)
     experiment.lvm.eval()
     shape = data_info.get("image_shape")
     return Run(

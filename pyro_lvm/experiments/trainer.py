@@ -19,6 +19,13 @@ from pathlib import Path
 
 import torch
 
+from pyro_lvm.collective import (
+    Collective,
+    data_parallel,
+    rank_seed,
+    reduce_sum,
+    shard_bounds,
+)
 from pyro_lvm.data.bundle import DataBundle, binarize
 from pyro_lvm.experiments.checkpoint import (
     BEST_NAME,
@@ -30,15 +37,9 @@ from pyro_lvm.experiments.checkpoint import (
     set_rng_state,
 )
 from pyro_lvm.experiments.health import check_epoch
+from pyro_lvm.experiments.params import load_param_store_state, param_store_state
 from pyro_lvm.experiments.recipes.base import Experiment
 from pyro_lvm.infer.diagnostics import DivergenceError
-from pyro_lvm.infer.distributed import (
-    Collective,
-    data_parallel,
-    rank_seed,
-    reduce_sum,
-    shard_bounds,
-)
 
 __all__ = ["Trainer", "TrainerState"]
 
@@ -97,13 +98,13 @@ class Trainer:
     schedulers : list of torch LR schedulers
         Stepped once per epoch; their state is checkpointed.
     collective : Collective, optional
-        Data parallel over these ranks (see :mod:`pyro_lvm.infer.distributed`; the CLI
+        Data parallel over these ranks (see :mod:`pyro_lvm.collective`; the CLI
         passes Lightning Fabric's). ``batch_size`` is then the *global* batch: every rank
         draws the same permutation and the same dynamic binarization of the union batch
         and keeps its contiguous share of the rows, so the run takes the single-process
         steps of the union batches. Inference whose random draws are per datapoint (SVI's
         guide noise) draws them on each rank from its own stream
-        (:func:`~pyro_lvm.infer.distributed.rank_seed` of seed, step and rank, so resume
+        (:func:`~pyro_lvm.collective.rank_seed` of seed, step and rank, so resume
         stays exact); inference with ``data_parallel_rng = "shared"`` (LAE: chain-shaped
         proposal noise and MH uniforms) draws from the global generator, in the same state
         on every rank. Only rank 0 writes checkpoints.
@@ -176,7 +177,9 @@ class Trainer:
         if self.checkpoint_path is None:
             return
         modules = self.experiment.modules.state_dict()
-        bad = [k for k, v in modules.items() if v.is_floating_point() and not v.isfinite().all()]
+        params = param_store_state(self.experiment.modules)
+        tensors = {**modules, **{name: entry["value"] for name, entry in params.items()}}
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all()]
         if bad:
             raise DivergenceError(
                 f"parameter {bad[0]!r} became non-finite by step {self.state.step}: training "
@@ -187,6 +190,7 @@ class Trainer:
         atomic_save(
             {
                 "modules": modules,
+                "params": params,
                 "inference": self.experiment.inference.state_dict(),
                 "trainer": asdict(self.state),
                 "shuffle": self.shuffle.get_state(),
@@ -198,16 +202,20 @@ class Trainer:
             keep_previous=name == CHECKPOINT_NAME,
         )
 
-    def restore(self, path: str | Path) -> dict:
+    def restore(self, path: str | Path, set_rng: bool = True) -> dict:
         """Load a checkpoint; the next :meth:`fit` continues exactly where it stopped.
 
-        Returns the checkpoint's ``metadata``. A checkpoint whose tensors do not fit the
-        experiment (another architecture) is a one-line
+        Restores the modules, the Pyro params outside them (into Pyro's param store:
+        :mod:`~pyro_lvm.experiments.params`), the inference state, the loop's position
+        and, with ``set_rng``, the global random generators (else they are kept in
+        :attr:`saved_rng`). Returns the checkpoint's ``metadata``. A checkpoint whose
+        tensors do not fit the experiment (another architecture) is a one-line
         :class:`~pyro_lvm.experiments.checkpoint.CheckpointError`.
         """
         ckpt = load_checkpoint(path, map_location=self.device)
         try:
             self.experiment.modules.load_state_dict(ckpt["modules"])
+            load_param_store_state(ckpt.get("params", {}), self.device)
             self.experiment.inference.load_state_dict(ckpt["inference"])
         except (RuntimeError, KeyError, ValueError) as err:
             first = str(err).strip().splitlines()
@@ -222,12 +230,16 @@ class Trainer:
             sched.load_state_dict(state)
         self.state = TrainerState(**ckpt["trainer"])
         self.shuffle.set_state(ckpt["shuffle"])
-        set_rng_state(ckpt["rng"])
+        #: the global generators' states saved with the restored checkpoint
+        self.saved_rng = ckpt["rng"]
+        if set_rng:
+            set_rng_state(ckpt["rng"])
         return ckpt.get("metadata", {})
 
     def _check_health(self, record: dict) -> None:
         seen = {w["kind"] for w in self.state.warnings}
-        for issue in check_epoch(record, self.state.first_loss):
+        steps = (r["step_size"] for r in self.state.steps if "step_size" in r)
+        for issue in check_epoch(record, self.state.first_loss, next(steps, None)):
             if issue.kind not in seen:
                 seen.add(issue.kind)
                 self.state.warnings.append(issue._asdict())

@@ -1,7 +1,6 @@
 """Inference algorithms and likelihood evaluation."""
 
 from pyro_lvm.infer.ais import AISResult, ais_log_likelihood, annealed_importance_sampling
-from pyro_lvm.infer.amortized_langevin import AmortizedLangevin, RankConditionWarning
 from pyro_lvm.infer.autoencoder import AutoencoderFit
 from pyro_lvm.infer.baselines import (
     Baseline,
@@ -21,18 +20,8 @@ from pyro_lvm.infer.importance import (
     log_importance_weights,
 )
 from pyro_lvm.infer.lae import LAE
-from pyro_lvm.infer.langevin import (
-    DualAveragingState,
-    LangevinInfo,
-    LangevinState,
-    dual_averaging_init,
-    dual_averaging_step_size,
-    dual_averaging_update,
-    langevin_init,
-    langevin_step,
-    potential_and_grad,
-)
 from pyro_lvm.infer.marginal import MarginalLikelihoodGD
+from pyro_lvm.infer.mcmc.amortized_langevin import AmortizedLangevin, RankConditionWarning
 from pyro_lvm.infer.nvil import TraceNVIL_ELBO
 from pyro_lvm.infer.optim import ParamOptimizer
 from pyro_lvm.infer.refine import (
@@ -70,21 +59,12 @@ __all__ = [
     "AmortizedLangevin",
     "ClosedFormFit",
     "DivergenceError",
-    "DualAveragingState",
     "LAE",
-    "LangevinInfo",
-    "LangevinState",
     "MarginalLikelihoodGD",
     "ModuleSVI",
     "OptimizerDriver",
     "RankConditionWarning",
-    "dual_averaging_init",
-    "dual_averaging_step_size",
-    "dual_averaging_update",
     "elbo_per_datapoint",
     "iwae_log_likelihood",
-    "langevin_init",
-    "langevin_step",
     "log_importance_weights",
-    "potential_and_grad",
 ]

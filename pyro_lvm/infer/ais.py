@@ -60,7 +60,6 @@ from typing import NamedTuple
 
 import torch
 
-from pyro_lvm.infer.latents import find_latents, log_densities, sample_prior
 from pyro_lvm.infer.mcmc.adaptation import dual_averaging_init, dual_averaging_step
 from pyro_lvm.infer.mcmc.hmc import hmc_step
 from pyro_lvm.infer.mcmc.langevin import (
@@ -68,6 +67,7 @@ from pyro_lvm.infer.mcmc.langevin import (
     langevin_init,
     langevin_step,
 )
+from pyro_lvm.infer.sites import find_latents, log_densities, sample_prior
 
 __all__ = ["AISResult", "ais_schedule", "annealed_importance_sampling", "ais_log_likelihood"]
 
@@ -174,7 +174,7 @@ def annealed_importance_sampling(
     adapt_step_size: bool = True,
     target_accept_prob: float = 0.574,
     num_tuning_chains: int = 2,
-    adapt_memory: int = 50,
+    adapt_window: int = 50,
     num_leapfrog: int = 1,
     max_plate_nesting: int = 1,
     **kwargs,
@@ -209,7 +209,7 @@ def annealed_importance_sampling(
         Target acceptance of the adaptation (0.574 is optimal for MALA).
     num_tuning_chains : int
         Extra chains per datapoint that drive the adaptation; their weights are discarded.
-    adapt_memory : int
+    adapt_window : int
         Dual-averaging iteration cap (``max_t``): memory of about this many steps.
     num_leapfrog : int
         1 (default): MALA transitions. More: HMC transitions with this many leapfrog steps
@@ -279,7 +279,7 @@ def annealed_importance_sampling(
         if adapt is not None:
             # tuning chains only, past steps only: the estimator chains stay exact AIS
             adapt, eta = dual_averaging_step(
-                adapt, info.accept_prob[:num_tune].mean(0), target_accept_prob, max_t=adapt_memory
+                adapt, info.accept_prob[:num_tune].mean(0), target_accept_prob, max_t=adapt_window
             )
     log_w = log_w[num_tune:]
     log_lik = log_w.logsumexp(0) - math.log(num_chains)

@@ -42,7 +42,7 @@ import torch
 from pyro.ops.provenance import detach_provenance
 from torch import nn
 
-from pyro_lvm.infer.distributed import all_gather_cat, current_collective, global_mean
+from pyro_lvm.collective import all_gather_cat, current_collective, global_mean
 
 __all__ = [
     "Baseline",
@@ -150,7 +150,7 @@ class RunningAverageBaseline(Baseline):
     after a few visits it is a blend of the global and the row's own history).
     With ``per_datapoint=False`` only the global average is kept (NVIL's :math:`c`).
 
-    Data parallel (:mod:`pyro_lvm.infer.distributed`): every rank predicts for its own
+    Data parallel (:mod:`pyro_lvm.collective`): every rank predicts for its own
     rows, then all ranks apply the *union* batch's update (the rows and indices of every
     shard are gathered, the global mean is the union mean), so the averages stay
     identical on every rank and equal to a single process's on the union batch; the

@@ -39,19 +39,19 @@ from pyro.poutine.util import site_is_subsample
 
 from pyro_lvm.infer.diagnostics import check_loss
 from pyro_lvm.infer.driver import OptimizerDriver
-from pyro_lvm.infer.latents import (
-    LatentSpec,
-    find_latents,
-    log_densities,
-    pack,
-    trace_log_densities,
-)
 from pyro_lvm.infer.mcmc.adaptation import (
     DualAveragingState,
     dual_averaging_init,
     dual_averaging_step,
 )
 from pyro_lvm.infer.mcmc.langevin import LangevinState, langevin_step
+from pyro_lvm.infer.sites import (
+    ModelSites,
+    find_latents,
+    log_densities,
+    pack,
+    trace_log_densities,
+)
 
 __all__ = ["DLGM"]
 
@@ -74,7 +74,7 @@ class DLGM(OptimizerDriver):
     mh : bool
         Metropolis-Hastings correction (default off, as in Hoffman's code).
     adapt_step_size : bool
-        Adapt one global step size by dual averaging (bounded memory ``adapt_memory``
+        Adapt one global step size by dual averaging (bounded memory ``adapt_window``
         steps) so the MALA acceptance probability tracks ``target_accept_prob``.
     guide_params : iterable of Tensor, optional
         The encoder's parameters (trained on the ELBO). Default: the optimizer's parameters
@@ -82,6 +82,14 @@ class DLGM(OptimizerDriver):
     clip_norm : float, optional
         Clip the global gradient norm before each step.
     """
+
+    #: data parallel is refused (:func:`~pyro_lvm.experiments.fabric.check_data_parallel`):
+    #: each process would adapt the shared step size from its own shard's acceptances
+    data_parallel_rng = None
+    data_parallel_refusal = (
+        "each process would adapt the Langevin step size from its own acceptances, so the "
+        "processes' step sizes would drift apart"
+    )
 
     def __init__(
         self,
@@ -94,7 +102,7 @@ class DLGM(OptimizerDriver):
         mh: bool = False,
         adapt_step_size: bool = False,
         target_accept_prob: float = 0.574,
-        adapt_memory: int = 100,
+        adapt_window: int = 100,
         latent_site: str | Sequence[str] | None = None,
         guide_params: Iterable[torch.Tensor] | None = None,
         max_plate_nesting: int = 1,
@@ -109,21 +117,22 @@ class DLGM(OptimizerDriver):
         super().__init__(optim, clip_norm)
         self.model, self.guide = model, guide
         self.num_steps, self.mh = num_steps, mh
-        self.target_accept_prob, self.adapt_memory = target_accept_prob, adapt_memory
+        self.target_accept_prob, self.adapt_window = target_accept_prob, adapt_window
+        self.adapt_step_size = adapt_step_size
         self.latent_site, self.max_plate_nesting = latent_site, max_plate_nesting
         self.step_size = float(step_size)
-        self.adapt: DualAveragingState | None = (
+        self._adapt: DualAveragingState | None = (
             dual_averaging_init(step_size) if adapt_step_size else None
         )
         self._guide_params = list(guide_params) if guide_params is not None else None
-        self._specs: dict[tuple, LatentSpec] = {}
+        self._specs: dict[tuple, ModelSites] = {}
         self._last = {"accept_rate": float("nan"), "step_size": self.step_size}
 
     # -- helpers ----------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
         return self._optimizer.torch_params()
 
-    def _spec(self, x: torch.Tensor) -> LatentSpec:
+    def _spec(self, x: torch.Tensor) -> ModelSites:
         key = tuple(x.shape)
         if key not in self._specs:
             self._specs[key] = find_latents(
@@ -175,7 +184,7 @@ class DLGM(OptimizerDriver):
     # -- the Inference protocol ---------------------------------------------------------
     def step(self, x: torch.Tensor) -> float:
         """One update; returns minus the ELBO summed over the batch (before the update)."""
-        return float(self._descend(lambda: self._losses(x)))
+        return float(self._descend(lambda: self._losses(x), ((x,), {})))
 
     def _losses(self, x: torch.Tensor):
         """The reported loss (minus the ELBO) and the backward of the two objectives."""
@@ -200,9 +209,9 @@ class DLGM(OptimizerDriver):
                 )
                 accept_prob = info.log_accept_ratio.clamp(max=0.0).exp().mean()
                 accept.append(float(accept_prob))
-                if self.adapt is not None:
-                    self.adapt, eta = dual_averaging_step(
-                        self.adapt, accept_prob, self.target_accept_prob, max_t=self.adapt_memory
+                if self._adapt is not None:
+                    self._adapt, eta = dual_averaging_step(
+                        self._adapt, accept_prob, self.target_accept_prob, max_t=self.adapt_window
                     )
                     eta = float(eta)
             # the kept graph of the last proposal serves every chain that accepted it; a
@@ -234,14 +243,14 @@ class DLGM(OptimizerDriver):
     def _extra_state(self) -> dict:
         return {
             "step_size": self.step_size,
-            "adapt": None if self.adapt is None else self.adapt._asdict(),
+            "adapt": None if self._adapt is None else self._adapt._asdict(),
             "last": dict(self._last),
         }
 
     def _load_extra_state(self, state: dict) -> None:
         self.step_size = float(state["step_size"])
         adapt = state.get("adapt")
-        self.adapt = None if adapt is None else DualAveragingState(**adapt)
+        self._adapt = None if adapt is None else DualAveragingState(**adapt)
         self._last = dict(state.get("last", self._last))
 
     def metrics(self) -> dict[str, float]:

@@ -12,7 +12,7 @@ differentiate. :class:`OptimizerDriver` owns what they share:
 3. refuse a non-finite loss *before* any parameter moves
    (:class:`~pyro_lvm.infer.diagnostics.DivergenceError`);
 4. backward, clip the global gradient norm, step; data parallel (inside
-   :func:`~pyro_lvm.infer.distributed.data_parallel`), the gradients and the loss are
+   :func:`~pyro_lvm.collective.data_parallel`), the gradients and the loss are
    summed over ranks before the check, so every rank takes the union batch's step;
 5. ``state_dict`` / ``load_state_dict`` of the optimizer plus the driver's own state.
 
@@ -31,8 +31,8 @@ import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
 
-from pyro_lvm.infer.diagnostics import check_loss, divergence_guard
-from pyro_lvm.infer.distributed import all_reduce_gradients, current_collective
+from pyro_lvm.collective import all_reduce_gradients, current_collective
+from pyro_lvm.infer.diagnostics import DivergenceError, check_loss, divergence_guard
 from pyro_lvm.infer.optim import ParamOptimizer
 
 __all__ = ["OptimizerDriver"]
@@ -84,6 +84,16 @@ class OptimizerDriver:
         #: global gradient norm of the latest step before clipping (NaN before any step, or
         #: when neither clipping nor ``track_grad_norm`` asks for it)
         self.grad_norm = float("nan")
+        #: whether the parameters may have moved (a step taken, or a state restored): a
+        #: non-finite loss before that cannot be the learning rate's doing
+        self._moved = False
+
+    def _exclude_more(self, tensors) -> None:
+        """Never step ``tensors`` from now on (a chain found on the first batch)."""
+        tensors = [t for t in tensors if all(t is not e for e in self._exclude)]
+        if tensors:
+            self._exclude = (*self._exclude, *tensors)
+            self._optimizer.exclude(tensors)
 
     @property
     def optim(self) -> torch.optim.Optimizer | PyroOptim:
@@ -108,9 +118,43 @@ class OptimizerDriver:
     # -- the shared step ------------------------------------------------------------------
     def step(self, *args, **kwargs) -> float:
         """One gradient step; returns the batch's loss before the step."""
-        return float(self._descend(lambda: self.objective(*args, **kwargs)))
+        return float(self._descend(lambda: self.objective(*args, **kwargs), (args, kwargs)))
 
-    def _descend(self, closure) -> Tensor:
+    def _descend(self, closure, inputs=((), {})) -> Tensor:
+        """:meth:`_step` of ``closure``; a non-finite loss is reported with its cause
+        where it can be told (non-finite ``inputs``, or before any update)."""
+        try:
+            loss = self._step(closure)
+        except DivergenceError as err:
+            raise self._diagnosed(err, inputs) from None
+        self._moved = True
+        return loss
+
+    def _diagnosed(self, err: DivergenceError, inputs) -> DivergenceError:
+        args, kwargs = inputs
+        for where, value in [*enumerate(args), *kwargs.items()]:
+            if torch.is_tensor(value) and value.is_floating_point():
+                bad = ~torch.isfinite(value)
+                if bad.any():
+                    row = (
+                        int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0]) if bad.dim() else 0
+                    )
+                    return DivergenceError(
+                        f"the {self.loss_name} is not finite because the data are not: "
+                        f"argument {where} of step() holds {int(bad.sum())} NaN or infinite "
+                        f"values (first in row {row}); clean or impute them (the learning "
+                        "rate is not the cause)"
+                    )
+        if not self._moved:
+            return DivergenceError(
+                f"the {self.loss_name} is not finite at the first step, before any update "
+                "(so not the learning rate's doing): the model maps finite data and its "
+                "initial parameters to NaN or infinity (e.g. NaN logits, a zero or negative "
+                "scale); check the model's output at initialisation"
+            )
+        return err
+
+    def _step(self, closure) -> Tensor:
         """Steps 1-4 of the module docstring around ``closure() -> loss``; returns the
         detached loss.
 
@@ -160,8 +204,10 @@ class OptimizerDriver:
         return {"optim": self._optimizer.state_dict(), **self._extra_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._optimizer.load_state_dict(state["optim"])
+        # the driver's own state first: it may decide what the optimizer holds (LAE)
         self._load_extra_state(state)
+        self._optimizer.load_state_dict(state["optim"])
+        self._moved = True
 
     def metrics(self) -> dict[str, float]:
         """Diagnostics of the latest steps, for logs and progress bars (default none)."""

@@ -5,7 +5,7 @@ minibatch :math:`x_1, \dots, x_n` it
 
 1. computes the encoder trunk features :math:`g(x_i; \psi)` once,
 2. runs :math:`T` MALA transitions of the chain :math:`\Phi` (the weight of the encoder's
-   final linear layer; see :class:`~pyro_lvm.infer.amortized_langevin.AmortizedLangevin`),
+   final linear layer; see :class:`~pyro_lvm.infer.mcmc.amortized_langevin.AmortizedLangevin`),
    the step size adapting towards the target acceptance throughout training,
 3. takes one optimizer step on every other parameter (decoder :math:`\theta`, likelihood
    scale, encoder trunk :math:`\psi` and the final layer's bias) on the mean potential at
@@ -19,7 +19,7 @@ minibatch :math:`x_1, \dots, x_n` it
 with :math:`\Phi_t` held constant. :math:`\Phi` never gets an optimizer step; the chain
 persists across minibatches.
 
-**Data parallel** (:mod:`pyro_lvm.infer.distributed`): each rank holds a shard of the
+**Data parallel** (:mod:`pyro_lvm.collective`): each rank holds a shard of the
 batch; the kernel sums the potential and its gradient over ranks, every rank draws the
 same proposal noise and MH uniform from the global generator (in the same state on every
 rank), so all ranks take the same accept decision and step-size update, and the decoder
@@ -44,7 +44,6 @@ Latent Variable Models", NeurIPS, Algorithm 2.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -53,9 +52,11 @@ import torch
 from pyro.optim import PyroOptim
 from torch import nn
 
-from pyro_lvm.infer.amortized_langevin import AmortizedLangevin
-from pyro_lvm.infer.distributed import reduce_potential
+from pyro_lvm.collective import reduce_potential
 from pyro_lvm.infer.driver import OptimizerDriver
+from pyro_lvm.infer.mcmc import ald
+from pyro_lvm.infer.mcmc.amortized_langevin import AmortizedLangevin
+from pyro_lvm.infer.mcmc.mixing import relative_move
 
 __all__ = ["LAE"]
 
@@ -65,37 +66,22 @@ DEFAULT_ADAPT_WINDOW = 1000
 METRICS_WINDOW = 100
 
 
-def _diagnostics(stats: list[tuple]) -> list[tuple[float, float, float]]:
-    """``(accept_prob, step_size, move)`` floats per transition from ``(accept_prob,
-    step_size, mean squared move)`` given as floats or (per-chain) tensors, with one host
-    sync for all of them, not one per transition."""
-    tensors = [v for row in stats for v in row if isinstance(v, torch.Tensor)]
-    means = [t if t.dim() == 0 else t.mean() for t in tensors]
-    values = iter(torch.stack(means).tolist() if tensors else [])
-    out = []
-    for row in stats:
-        a, eta, sq = (next(values) if isinstance(v, torch.Tensor) else float(v) for v in row)
-        out.append((a, eta, math.sqrt(sq)))
-    return out
-
-
 class LAE(OptimizerDriver):
     """SVI-like trainer for a Langevin autoencoder.
 
     Parameters
     ----------
     model : callable
-        Pyro model ``model(x)`` with a continuous latent site inside a full-size data plate.
+        Pyro model ``model(x)`` with continuous latent sites inside a full-size data plate.
     encoder : nn.Module
-        Deterministic encoder ``x -> z`` ending in an ``nn.Linear`` whose weight is the
-        chain state.
+        Deterministic encoder ``x -> z`` (see
+        :class:`~pyro_lvm.infer.mcmc.amortized_langevin.AmortizedLangevin` for the outputs
+        it may return and which of its parameters form the chain).
     optim : torch.optim.Optimizer or pyro.optim.PyroOptim
         Optimizer over the parameters to train (model and encoder). The chain parameters
-        are **removed** from its parameter groups here (they move only by MCMC), so
-        ``Adam([*model.parameters(), *encoder.parameters()])`` is fine. The Pyro params
-        that the model uses (``pyro.param``, ``pyro.module``) are trained too: a torch
-        optimizer adds those it lacks as a new parameter group; a
-        :class:`pyro.optim.PyroOptim` steps them and the encoder's parameters (see
+        are **removed** from its parameter groups on the first batch (they move only by
+        MCMC), so ``Adam([*model.parameters(), *encoder.parameters()])`` is fine. The Pyro
+        params the model uses (``pyro.param``, ``pyro.module``) are trained too (see
         :class:`~pyro_lvm.infer.optim.ParamOptimizer`).
     num_steps : int
         Kernel transitions :math:`T` per minibatch (the paper's default is 2).
@@ -104,16 +90,16 @@ class LAE(OptimizerDriver):
     clip_norm : float, optional
         Clip the global gradient norm of the optimizer's parameters.
     **kernel_options
-        Passed to :class:`~pyro_lvm.infer.amortized_langevin.AmortizedLangevin`
-        (``latent_site``, ``step_size``, ``mh``, ``adapt_step_size``,
-        ``target_accept_prob``, ``params``, ``adapt_window``; the latter defaults to
-        1000 here so the step size keeps tracking the target acceptance while the
-        decoder changes).
+        Passed to :class:`~pyro_lvm.infer.mcmc.amortized_langevin.AmortizedLangevin`.
+        Training defaults differ from the kernel's: ``adapt_window=1000`` (the step size
+        keeps tracking the target acceptance while the decoder changes) and
+        ``precondition=None`` (the paper's chain on the weights; see
+        ``docs/langevin.md`` for when to precondition in training).
     """
 
     loss_name = "LAE potential"
     #: data parallel: the chain's random draws are shared by every rank (the global
-    #: generator, in the same state everywhere; see :mod:`pyro_lvm.infer.distributed`);
+    #: generator, in the same state everywhere; see :mod:`pyro_lvm.collective`);
     #: the potentials are summed over ranks in the kernel, so the loss is already global
     data_parallel_rng = "shared"
     loss_is_global = True
@@ -133,6 +119,7 @@ class LAE(OptimizerDriver):
             raise ValueError(f"num_steps (T) must be a positive integer, got {num_steps}")
         if kernel is None:
             kernel_options.setdefault("adapt_window", DEFAULT_ADAPT_WINDOW)
+            kernel_options.setdefault("precondition", None)
             # data parallel: potential and gradient summed over ranks (identity otherwise)
             kernel_options.setdefault("reduce_fn", reduce_potential)
             kernel = AmortizedLangevin(model, encoder, **kernel_options)
@@ -143,14 +130,10 @@ class LAE(OptimizerDriver):
             )
         self.model, self.encoder = model, encoder
         self.kernel, self.num_steps = kernel, num_steps
-        # the chain parameters are never stepped; a PyroOptim trains the encoder's others
-        super().__init__(
-            optim,
-            clip_norm,
-            exclude=kernel.chain_params,
-            extra=dict(encoder.named_parameters()),
-        )
-        # (accept_prob, step_size, move) of the latest transitions, for metrics()
+        super().__init__(optim, clip_norm, extra=dict(encoder.named_parameters()))
+        if kernel.cache.spec is not None:
+            self._exclude_more(kernel.cache.spec.params)
+        # (accept_prob, step_size, squared move, squared spread) of the latest transitions
         self._recent: deque[tuple[float, ...]] = deque(maxlen=METRICS_WINDOW)
 
     def _params(self) -> list[torch.Tensor]:
@@ -160,35 +143,53 @@ class LAE(OptimizerDriver):
     def step(self, *args, **kwargs) -> float:
         """``T`` transitions, then one optimizer step; returns the mean batch-summed
         potential :math:`\\frac1T\\sum_t V_t`."""
-        return float(self._descend(lambda: self._transitions(args, kwargs)))
+        return float(self._descend(lambda: self._transitions(args, kwargs), (args, kwargs)))
 
     def _transitions(self, args, kwargs) -> torch.Tensor:
         """Run the ``T`` transitions on the batch; the mean potential, graph kept."""
         kernel = self.kernel
-        try:
-            kernel.prepare(*args, keep_graph=True, **kwargs)
-            potentials, stats = [], []
-            before = kernel.state.position.detach()
-            for _ in range(self.num_steps):
-                info = kernel.transition(adapt=kernel.adapt_step_size, keep_graph=True)
-                potentials.append(kernel.state.potential)
-                after = kernel.state.position.detach()
-                # how far the chain moved (0 for a rejection), in the kernel's coordinates
-                if info.accepted is False:  # one chain, rejected: nothing to compute
-                    move_sq = 0.0
-                else:
-                    move_sq = (after - before).square().mean()
-                stats.append((info.accept_prob, info.step_size, move_sq))
-                before = after
-            self._recent.extend(_diagnostics(stats))
-            # a state kept over several transitions appears several times: autograd sums
-            # its gradient and traverses its graph once
-            total = potentials[0]
-            for potential in potentials[1:]:
-                total = total + potential
-            return total / self.num_steps
-        finally:
-            kernel.release()
+        x = kernel.input_of(args, kwargs)
+        spec = kernel.chain_spec(x)
+        self._exclude_more(spec.params)  # found on the first batch: never stepped
+        batch = kernel.bind(*args, keep_graph=True, **kwargs)
+        langevin = ald.ald_init(batch, kernel.state, keep_graph=True, reduce_fn=kernel.reduce_fn)
+        kernel.check(batch, langevin, x)
+        kernel.start(batch, langevin)
+        state = kernel.state
+        potentials, stats = [], []
+        before = ald.local_latents(langevin, batch)
+        for _ in range(self.num_steps):
+            langevin, info = ald.ald_transition(
+                langevin,
+                batch,
+                state.step_size,
+                mh=kernel.mh,
+                keep_graph=True,
+                generator=kernel.generator,
+                reduce_fn=kernel.reduce_fn,
+            )
+            eta = state.step_size
+            state = state._replace(t=state.t + 1)
+            if kernel.adapt_step_size:
+                state = ald.ald_adapt(
+                    state,
+                    info.accept_prob,
+                    kernel.target_accept_prob,
+                    adapt_window=kernel.adapt_window,
+                )
+            potentials.append(langevin.potential)
+            after = before if info.accepted is False else ald.local_latents(langevin, batch)
+            stats.append((float(info.accept_prob), eta, *relative_move(before, after)))
+            before = after
+        self._recent.extend(stats)
+        held = ald.write_back(langevin, batch, spec.params)
+        kernel.state = state if held is None else state._replace(globals=held)
+        # a state kept over several transitions appears several times: autograd sums
+        # its gradient and traverses its graph once
+        total = potentials[0]
+        for potential in potentials[1:]:
+            total = total + potential
+        return total / self.num_steps
 
     @torch.no_grad()
     def evaluate_loss(self, *args, **kwargs) -> float:
@@ -196,22 +197,27 @@ class LAE(OptimizerDriver):
         return float(self.kernel.potential(*args, **kwargs))
 
     def metrics(self) -> dict[str, float]:
-        """Mean acceptance probability (a Rao-Blackwellized acceptance rate), step size
-        and ``move`` (root-mean-square change of the chain state per transition, 0 for a
-        rejection) over the latest transitions (at most ``METRICS_WINDOW``); reading them
-        changes nothing, so a progress bar may call this every step."""
+        """Over the latest transitions (at most ``METRICS_WINDOW``): the mean acceptance
+        probability (a Rao-Blackwellized acceptance rate), the step size, ``move`` (the
+        root-mean-square change of the latents per transition, 0 for a rejection) and
+        ``move_ratio`` (``move`` over the latents' spread across datapoints); reading
+        them changes nothing, so a progress bar may call this every step."""
         if not self._recent:
             return {"accept_rate": float("nan"), "step_size": float("nan")}
-        columns = list(zip(*self._recent))
-        out = {"accept_rate": columns[0], "step_size": columns[1]}
-        if len(columns) > 2:
-            out["move"] = columns[2]
-        return {k: sum(v) / len(v) for k, v in out.items()}
+        accept, step, move, spread = (sum(c) / len(c) for c in zip(*self._recent))
+        ratio = move / spread if spread > 0 else float("nan")
+        return {"accept_rate": accept, "step_size": step, "move": move, "move_ratio": ratio}
 
     def _extra_state(self) -> dict[str, Any]:
         """Kernel adaptation state (the chain itself is an encoder parameter)."""
         return {"kernel": self.kernel.state_dict(), "recent": list(self._recent)}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
+        # the chain parameters had left the optimizer when the checkpoint was written:
+        # leave them out before the optimizer's state (saved without them) is loaded
+        named = dict(self.encoder.named_parameters())
+        names = state["kernel"].get("param_names") or []
+        self._exclude_more([named[n] for n in names if n in named])
         self.kernel.load_state_dict(state["kernel"])
-        self._recent = deque(map(tuple, state.get("recent", [])), maxlen=METRICS_WINDOW)
+        recent = [tuple(r) for r in state.get("recent", []) if len(r) == 4]
+        self._recent = deque(recent, maxlen=METRICS_WINDOW)

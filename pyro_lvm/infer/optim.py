@@ -71,17 +71,26 @@ class ParamOptimizer:
             )
         self.optim = optim
         self.is_pyro = isinstance(optim, PyroOptim)
-        self._exclude_tensors = list(exclude)
-        self._exclude = {id(p) for p in self._exclude_tensors}
+        self._exclude_tensors: list[Tensor] = []
+        self._exclude: set[int] = set()
         self._extra = dict(extra or {})
         self._extra_name = extra_name
         self._pending_state: dict | None = None
+        self.exclude(exclude)
+
+    def exclude(self, tensors: Iterable[Tensor]) -> None:
+        """Never step ``tensors`` (removed from a torch optimizer's groups and state)."""
+        new = [p for p in tensors if id(p) not in self._exclude]
+        if not new:
+            return
+        self._exclude_tensors += new
+        self._exclude |= {id(p) for p in new}
         if not self.is_pyro:
-            for group in optim.param_groups:
+            for group in self.optim.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in self._exclude]
-            for p in list(optim.state):
+            for p in list(self.optim.state):
                 if id(p) in self._exclude:
-                    optim.state.pop(p)
+                    self.optim.state.pop(p)
 
     def _held(self) -> set[int]:
         return {id(p) for group in self.optim.param_groups for p in group["params"]}

@@ -39,9 +39,9 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 
-from pyro_lvm.infer.latents import LatentSpec, find_latents, log_densities
 from pyro_lvm.infer.mcmc.adaptation import dual_averaging_init, dual_averaging_step
 from pyro_lvm.infer.mcmc.langevin import langevin_init, langevin_step
+from pyro_lvm.infer.sites import ModelSites, find_latents, log_densities
 
 __all__ = [
     "RefineInfo",
@@ -171,13 +171,13 @@ class GaussianProposal:
 
     Parameters
     ----------
-    spec : LatentSpec
-        The model's latent sites (from :func:`pyro_lvm.infer.latents.find_latents`).
+    spec : ModelSites
+        The model's latent sites (from :func:`pyro_lvm.infer.sites.find_latents`).
     loc, scale : Tensor
         Packed ``(B, latent_size)`` mean and standard deviation.
     """
 
-    def __init__(self, spec: LatentSpec, loc: torch.Tensor, scale: torch.Tensor):
+    def __init__(self, spec: ModelSites, loc: torch.Tensor, scale: torch.Tensor):
         if loc.shape != (spec.batch_size, spec.size) or scale.shape != loc.shape:
             raise ValueError(
                 f"loc and scale must have shape ({spec.batch_size}, {spec.size}), got "

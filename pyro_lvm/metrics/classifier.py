@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -140,10 +141,9 @@ def feature_classifier(
     if cache_dir is not None:
         path = Path(cache_dir) / _cache_name(name, x, y, settings)
         if path.is_file():
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            net = FeatureClassifier(x.shape[1], saved["num_classes"], settings.hidden_dim)
-            net.load_state_dict(saved["state_dict"])
-            return net.eval()
+            net = _load_cached(path, x.shape[1], settings)
+            if net is not None:
+                return net
     net = train_classifier(x, y, settings)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,3 +151,24 @@ def feature_classifier(
         torch.save({"num_classes": net.head.out_features, "state_dict": net.state_dict()}, tmp)
         tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return net
+
+
+def _load_cached(
+    path: Path, data_dim: int, settings: ClassifierSettings
+) -> FeatureClassifier | None:
+    """The cached classifier, or ``None`` (with a one-line warning) when the file is
+    damaged, truncated or not a classifier's: it is derived data, retrained and
+    replaced. Loading is ``weights_only``, so a planted file runs no code."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        net = FeatureClassifier(data_dim, int(saved["num_classes"]), settings.hidden_dim)
+        net.load_state_dict(saved["state_dict"])
+    except Exception as err:  # any unreadable cache: retrain (the file is only a cache)
+        kind = type(err).__name__
+        warnings.warn(
+            f"{path} is not a usable classifier cache ({kind}); retraining it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return net.eval()

@@ -39,6 +39,7 @@ Burda, Grosse, Salakhutdinov (2016), "Importance Weighted Autoencoders", ICLR.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -66,16 +67,14 @@ class AEGMM(LatentVariableModel):
         Data and latent dimensions.
     num_components : int
         Mixture components ``K`` of the prior.
-    hidden_dim, depth : int
-        Width and number of hidden layers of encoder and decoder.
     likelihood : Likelihood, optional
         Observation model and reconstruction loss (default Bernoulli).
-    layer_norm, orthogonal_init : bool
-        Network options (see :class:`~pyro_lvm.models.nets.MLP`).
-    activation : str
-        Hidden activation.
     proposal_scale : float
         Scale :math:`s` of the evaluation proposal until :meth:`fit_proposal_scale` runs.
+    **net
+        Network options of encoder and decoder (``hidden_dim``, ``depth``,
+        ``layer_norm``, ``orthogonal_init``, ``activation``;
+        :data:`~pyro_lvm.models.base.NETWORK_DEFAULTS`).
 
     Notes
     -----
@@ -89,33 +88,19 @@ class AEGMM(LatentVariableModel):
         data_dim: int,
         latent_dim: int,
         num_components: int = 10,
-        hidden_dim: int = 256,
-        depth: int = 2,
         likelihood: Likelihood | None = None,
-        layer_norm: bool = False,
-        orthogonal_init: bool = False,
-        activation: str = "relu",
         proposal_scale: float = 0.1,
+        **net: Any,
     ):
         if num_components <= 0:
             raise ValueError(
                 f"num_components must be a positive integer, got {num_components}; pass e.g. "
                 "--num-components 10"
             )
-        if latent_dim <= 0:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
         if not proposal_scale > 0:
             raise ValueError(f"proposal_scale must be positive, got {proposal_scale}")
-        net = dict(
-            hidden_dim=hidden_dim,
-            depth=depth,
-            layer_norm=layer_norm,
-            orthogonal_init=orthogonal_init,
-            activation=activation,
-        )
-        decoder = MLP(latent_dim, data_dim, **net)
-        super().__init__(data_dim, latent_dim, decoder, likelihood or BernoulliLikelihood())
-        self.encoder = MLP(data_dim, latent_dim, **net)
+        super().__init__(data_dim, latent_dim, None, likelihood, **net)
+        self.encoder = MLP(data_dim, latent_dim, **self.net)
         self.num_components = num_components
         k, z = num_components, latent_dim
         self.register_buffer("mixture_logits", torch.full((k,), -math.log(k)))

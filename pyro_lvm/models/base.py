@@ -21,6 +21,8 @@ dimensions to the left of the data plate (vectorized particles).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -28,13 +30,24 @@ from pyro.params import param_with_module_name
 from torch import nn
 
 from pyro_lvm._registration import all_held
-from pyro_lvm.models.likelihoods import Likelihood
+from pyro_lvm.models.likelihoods import BernoulliLikelihood, Likelihood
+from pyro_lvm.models.nets import MLP
 
-__all__ = ["LatentVariableModel"]
+__all__ = ["LatentVariableModel", "NETWORK_DEFAULTS"]
+
+#: the MLP options of the ready models (decoder and encoder alike)
+NETWORK_DEFAULTS = {
+    "hidden_dim": 256,
+    "depth": 2,
+    "layer_norm": False,
+    "orthogonal_init": False,
+    "activation": "relu",
+}
 
 
 class LatentVariableModel(nn.Module):
-    """Base class: prior, decoder and likelihood; subclasses add a ``guide``.
+    """Base class: prior, decoder and likelihood; subclasses add a :meth:`posterior`
+    (which :meth:`guide` samples) or their own ``guide``.
 
     Parameters
     ----------
@@ -42,10 +55,15 @@ class LatentVariableModel(nn.Module):
         Dimension ``D`` of a (flattened) datapoint.
     latent_dim : int
         Dimension of ``z``.
-    decoder : nn.Module
-        Maps ``(..., latent_dim)`` to likelihood parameters ``(..., data_dim)``.
-    likelihood : Likelihood
-        Observation model.
+    decoder : nn.Module, optional
+        Maps ``(..., latent_dim)`` to likelihood parameters ``(..., data_dim)``; default
+        an :class:`~pyro_lvm.models.nets.MLP` with the network options.
+    likelihood : Likelihood, optional
+        Observation model (default Bernoulli).
+    **net
+        The network options every ready model shares (``hidden_dim``, ``depth``,
+        ``layer_norm``, ``orthogonal_init``, ``activation``; :data:`NETWORK_DEFAULTS`),
+        kept as ``self.net`` for the subclass's encoder.
     """
 
     latent_site = "z"
@@ -56,15 +74,27 @@ class LatentVariableModel(nn.Module):
     #: ``None``: the class name
     pyro_name: str | None = None
 
-    def __init__(self, data_dim: int, latent_dim: int, decoder: nn.Module, likelihood: Likelihood):
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        decoder: nn.Module | None = None,
+        likelihood: Likelihood | None = None,
+        **net: Any,
+    ):
         super().__init__()
         if latent_dim <= 0:
             raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
         if data_dim <= 0:
             raise ValueError(f"data_dim must be a positive integer, got {data_dim}")
+        unknown = sorted(set(net) - set(NETWORK_DEFAULTS))
+        if unknown:
+            raise TypeError(f"unknown network options {unknown}; use {sorted(NETWORK_DEFAULTS)}")
         self.data_dim, self.latent_dim = data_dim, latent_dim
-        self.decoder = decoder
-        self.likelihood = likelihood
+        #: the network options, for the subclass's encoder
+        self.net = {**NETWORK_DEFAULTS, **net}
+        self.decoder = decoder if decoder is not None else MLP(latent_dim, data_dim, **self.net)
+        self.likelihood = likelihood if likelihood is not None else BernoulliLikelihood()
 
     # -- Pyro's param store -------------------------------------------------------------
     def register(self) -> None:
@@ -112,8 +142,15 @@ class LatentVariableModel(nn.Module):
             z = pyro.sample(self.latent_site, self.prior(x.shape[0]))
             pyro.sample(self.data_site, self.decode(z), obs=x)
 
-    def guide(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+    def posterior(self, x: torch.Tensor) -> dist.Distribution:
+        r""":math:`q(z \mid x)` with one event dim (the guide's distribution)."""
         raise NotImplementedError(f"{type(self).__name__} has no variational guide")
+
+    def guide(self, x: torch.Tensor) -> None:
+        """Pyro guide: ``z`` from :meth:`posterior` inside the data plate."""
+        self.register()
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample(self.latent_site, self.posterior(x))
 
     # -- conveniences used by evaluation and figures -----------------------------------
     def check_data(self, x: torch.Tensor) -> None:

@@ -38,10 +38,8 @@ so :math:`z = \Phi (g - m)/s + b` is the same function of :math:`x` before and a
 only the chain's geometry follows the new statistics. Without it the running mean *undoes*
 the trunk's own training with a lag: when the optimizer moves the features' mean to move
 the latents, the mean catches up a few dozen batches later and moves every latent back,
-the optimizer pushes again, and the features run away (measured on the default
-``pyro-lvm train lae`` on digits: mean feature norm 2.3 -> 15 within 250 steps from step
-~480, the centred Gram matrix's top eigenvalue 22 -> 1150, the epoch loss 23.6 -> 41.5 and
-the step size down 10x, in 3 of 3 seeds; docs/langevin.md).
+the optimizer pushes again, and the features run away (the measurements are in
+``docs/langevin.md``, "A stable default").
 
 **Jacobian correction** (``jacobian=True``, opt-in; needs the chain layer attached). LAE trains the
 trunk on the potential at the chain's states, i.e. (on average over the chain's stationary
@@ -75,7 +73,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pyro_lvm.infer.distributed import current_collective, reduce_sum
+from pyro_lvm.collective import current_collective, reduce_sum
 
 __all__ = ["FeatureCentering"]
 

@@ -165,7 +165,7 @@ def fit_gaussian_mixture(
     )
     std = ((z64 - shift) / unit).numpy()
     # EM's matrices are (N, K, Z) with small Z: BLAS threads buy little, and on a busy
-    # machine their spin-waiting made a 1500-point fit 20x slower
+    # machine their spin-waiting slows a fit down many times over
     with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
         # reported through GaussianMixtureInfo.converged instead
         warnings.simplefilter("ignore", ConvergenceWarning)

@@ -19,14 +19,15 @@ Latent Variable Models", NeurIPS.
 
 from __future__ import annotations
 
-import pyro
+from typing import Any
+
 import pyro.distributions as dist
 import torch
 from torch import nn
 
 from pyro_lvm.models.base import LatentVariableModel
 from pyro_lvm.models.centering import FeatureCentering
-from pyro_lvm.models.likelihoods import BernoulliLikelihood, Likelihood
+from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.nets import MLP
 
 __all__ = ["LangevinAutoencoder", "FEATURE_NORMS"]
@@ -42,13 +43,8 @@ class LangevinAutoencoder(LatentVariableModel):
     ----------
     data_dim, latent_dim : int
         Data and latent dimensions.
-    hidden_dim, depth : int
-        Width and number of hidden layers of both networks. ALD needs the encoder's last
-        hidden width to be at least the batch size (the rank condition).
     likelihood : Likelihood, optional
         Observation model (default Bernoulli).
-    layer_norm, orthogonal_init : bool
-        The LAE paper's network options.
     test_scale : float
         Standard deviation :math:`s` of the evaluation proposal
         :math:`\\mathcal N(\\text{encoder}(x), s^2 I)`.
@@ -64,27 +60,26 @@ class LangevinAutoencoder(LatentVariableModel):
         the centred features to zero volume (see
         :class:`~pyro_lvm.models.centering.FeatureCentering`). Default off.
     decoder, encoder : nn.Module, optional
-        Replace the MLPs (the encoder must end in an ``nn.Linear``).
+        Replace the MLPs (the encoder must output the latents from an ``nn.Linear``).
+    **net
+        Network options of both MLPs (``hidden_dim``, ``depth``, ``layer_norm``,
+        ``orthogonal_init``, ``activation``; :data:`~pyro_lvm.models.base.NETWORK_DEFAULTS`).
+        ALD needs the encoder's last hidden width to be at least the batch size (the rank
+        condition).
     """
 
     def __init__(
         self,
         data_dim: int,
         latent_dim: int,
-        hidden_dim: int = 256,
-        depth: int = 2,
         likelihood: Likelihood | None = None,
-        layer_norm: bool = False,
-        orthogonal_init: bool = False,
-        activation: str = "relu",
         test_scale: float = 0.05,
         decoder: nn.Module | None = None,
         encoder: nn.Module | None = None,
         feature_norm: str = "none",
         jacobian: bool = False,
+        **net: Any,
     ):
-        if latent_dim <= 0:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
         if feature_norm not in FEATURE_NORMS:
             raise ValueError(
                 f"unknown feature_norm {feature_norm!r}; choose one of {list(FEATURE_NORMS)}"
@@ -96,20 +91,11 @@ class LangevinAutoencoder(LatentVariableModel):
             )
         if not test_scale > 0:
             raise ValueError(f"test_scale must be positive, got {test_scale}")
-        net = dict(
-            hidden_dim=hidden_dim,
-            depth=depth,
-            layer_norm=layer_norm,
-            orthogonal_init=orthogonal_init,
-            activation=activation,
-        )
-        if decoder is None:
-            decoder = MLP(latent_dim, data_dim, **net)
-        super().__init__(data_dim, latent_dim, decoder, likelihood or BernoulliLikelihood())
+        super().__init__(data_dim, latent_dim, decoder, likelihood, **net)
         if encoder is None:
-            encoder = MLP(data_dim, latent_dim, **net)
+            encoder = MLP(data_dim, latent_dim, **self.net)
             if feature_norm != "none":
-                width = hidden_dim if depth > 0 else data_dim
+                width = self.net["hidden_dim"] if self.net["depth"] > 0 else data_dim
                 centering = FeatureCentering(
                     width, standardize=feature_norm == "standardize", jacobian=jacobian
                 )
@@ -123,12 +109,6 @@ class LangevinAutoencoder(LatentVariableModel):
         """The evaluation proposal :math:`\\mathcal N(\\text{encoder}(x), s^2 I)`."""
         loc = self.encoder(x)
         return dist.Normal(loc, torch.full_like(loc, self.test_scale)).to_event(1)
-
-    def guide(self, x: torch.Tensor) -> None:
-        """Pyro guide: the evaluation proposal (not used for training)."""
-        self.register()
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample(self.latent_site, self.posterior(x))
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -394,12 +394,6 @@ class PPCA(LatentVariableModel):
         r""":math:`q(z \mid x) = \mathcal N(A x + b, L L^\top)`, one event dim."""
         return dist.MultivariateNormal(self.encoder(x), scale_tril=self.guide_scale_tril())
 
-    def guide(self, x: torch.Tensor) -> None:
-        """Amortized Pyro guide (linear mean, learned global full covariance)."""
-        self.register()
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample(self.latent_site, self.posterior(x))
-
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Exact posterior mean :math:`M^{-1} W^\\top (x - \\mu)`."""

@@ -14,13 +14,14 @@ Kingma, Welling (2014), "Auto-Encoding Variational Bayes", ICLR.
 
 from __future__ import annotations
 
-import pyro
+from typing import Any
+
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 
 from pyro_lvm.models.base import LatentVariableModel
-from pyro_lvm.models.likelihoods import BernoulliLikelihood, Likelihood
+from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.nets import MLP
 
 __all__ = ["VAE", "GaussianEncoder"]
@@ -45,59 +46,38 @@ class VAE(LatentVariableModel):
     ----------
     data_dim, latent_dim : int
         Data and latent dimensions.
-    hidden_dim, depth : int
-        Width and number of hidden layers of both networks.
     likelihood : Likelihood, optional
         Observation model (default Bernoulli).
-    layer_norm, orthogonal_init : bool
-        The LAE paper's network options.
     decoder : nn.Module, optional
         Replace the MLP decoder (e.g. a linear one for PPCA-like models).
     encoder : nn.Module, optional
         Replace the MLP encoder: a module mapping ``x`` to ``(loc, scale)``, e.g. a
         :class:`~pyro_lvm.models.nets.GaussianHead` around a
         :class:`~pyro_lvm.models.conv.ConvEncoder`.
+    **net
+        Network options of both MLPs: ``hidden_dim``, ``depth``, ``layer_norm``,
+        ``orthogonal_init`` (the LAE paper's), ``activation``; defaults in
+        :data:`~pyro_lvm.models.base.NETWORK_DEFAULTS`.
     """
 
     def __init__(
         self,
         data_dim: int,
         latent_dim: int,
-        hidden_dim: int = 256,
-        depth: int = 2,
         likelihood: Likelihood | None = None,
-        layer_norm: bool = False,
-        orthogonal_init: bool = False,
         decoder: torch.nn.Module | None = None,
-        activation: str = "relu",
         encoder: torch.nn.Module | None = None,
+        **net: Any,
     ):
-        net = dict(
-            hidden_dim=hidden_dim,
-            depth=depth,
-            layer_norm=layer_norm,
-            orthogonal_init=orthogonal_init,
-            activation=activation,
-        )
-        if latent_dim <= 0:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
-        if decoder is None:
-            decoder = MLP(latent_dim, data_dim, **net)
-        super().__init__(data_dim, latent_dim, decoder, likelihood or BernoulliLikelihood())
+        super().__init__(data_dim, latent_dim, decoder, likelihood, **net)
         self.encoder = (
-            encoder if encoder is not None else GaussianEncoder(data_dim, latent_dim, **net)
+            encoder if encoder is not None else GaussianEncoder(data_dim, latent_dim, **self.net)
         )
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         r""":math:`q_\phi(z \mid x)` as a distribution with one event dim."""
         loc, scale = self.encoder(x)
         return dist.Normal(loc, scale).to_event(1)
-
-    def guide(self, x: torch.Tensor) -> None:
-        """Pyro guide :math:`q_\\phi(z \\mid x)`."""
-        self.register()
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample(self.latent_site, self.posterior(x))
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

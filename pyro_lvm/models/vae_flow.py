@@ -35,7 +35,8 @@ Inference with Inverse Autoregressive Flow", NeurIPS.
 
 from __future__ import annotations
 
-import pyro
+from typing import Any
+
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyro_lvm.models.base import LatentVariableModel
-from pyro_lvm.models.likelihoods import BernoulliLikelihood, Likelihood
+from pyro_lvm.models.likelihoods import Likelihood
 from pyro_lvm.models.nets import MLP
 
 __all__ = ["VAEFlow", "FLOWS"]
@@ -89,11 +90,15 @@ class VAEFlow(LatentVariableModel):
     flow_hidden_dim : int, optional
         Hidden width of each flow's network (default ``max(4 * latent_dim + context_dim,
         32)``; IAF needs at least ``latent_dim``).
-    hidden_dim, depth, likelihood, layer_norm, orthogonal_init, activation
-        As for :class:`~pyro_lvm.models.vae.VAE`.
+    likelihood : Likelihood, optional
+        Observation model (default Bernoulli).
     decoder, encoder : nn.Module, optional
         Replace the MLPs; ``encoder`` maps ``x`` to ``2 * latent_dim + context_dim``
         outputs, read as ``(loc, softplus -> scale, context)``.
+    **net
+        Network options of both MLPs: ``hidden_dim``, ``depth``, ``layer_norm``,
+        ``orthogonal_init`` (the LAE paper's), ``activation``; defaults in
+        :data:`~pyro_lvm.models.base.NETWORK_DEFAULTS`.
     """
 
     def __init__(
@@ -104,36 +109,21 @@ class VAEFlow(LatentVariableModel):
         flow: str = "iaf",
         context_dim: int = 16,
         flow_hidden_dim: int | None = None,
-        hidden_dim: int = 256,
-        depth: int = 2,
         likelihood: Likelihood | None = None,
-        layer_norm: bool = False,
-        orthogonal_init: bool = False,
-        activation: str = "relu",
         decoder: nn.Module | None = None,
         encoder: nn.Module | None = None,
         min_scale: float = 1e-4,
+        **net: Any,
     ):
-        if latent_dim <= 0:
-            raise ValueError(f"latent_dim must be a positive integer, got {latent_dim}")
         if num_flows < 0:
             raise ValueError(f"num_flows must be >= 0, got {num_flows}")
         if context_dim < 0:
             raise ValueError(f"context_dim must be >= 0, got {context_dim}")
         if flow not in FLOWS:
             raise ValueError(f"unknown flow {flow!r}; choose one of {', '.join(FLOWS)}")
-        net = dict(
-            hidden_dim=hidden_dim,
-            depth=depth,
-            layer_norm=layer_norm,
-            orthogonal_init=orthogonal_init,
-            activation=activation,
-        )
-        if decoder is None:
-            decoder = MLP(latent_dim, data_dim, **net)
-        super().__init__(data_dim, latent_dim, decoder, likelihood or BernoulliLikelihood())
+        super().__init__(data_dim, latent_dim, decoder, likelihood, **net)
         if encoder is None:
-            encoder = MLP(data_dim, 2 * latent_dim + context_dim, **net)
+            encoder = MLP(data_dim, 2 * latent_dim + context_dim, **self.net)
         self.encoder = encoder
         if flow_hidden_dim is None:
             flow_hidden_dim = max(4 * latent_dim + context_dim, 32)
@@ -163,12 +153,6 @@ class VAEFlow(LatentVariableModel):
         if not self.flows:
             return base
         return dist.TransformedDistribution(base, self.transforms(context))
-
-    def guide(self, x: torch.Tensor) -> None:
-        """Pyro guide :math:`q_\\phi(z \\mid x)`."""
-        self.register()
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample(self.latent_site, self.posterior(x))
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,13 +14,15 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from ald_driver import Chain
+from ald_problem import LATENT, D, N, Z, check_posterior, make_problem
 from pyro.infer import HMC, MCMC
 from pyro.ops.stats import effective_sample_size
 from seeding import offset_seed
 from torch import nn
 
 from pyro_lvm.infer import AmortizedLangevin, RankConditionWarning
-from pyro_lvm.infer.langevin import dual_averaging_init
+from pyro_lvm.infer.mcmc import dual_averaging_init
 
 
 @pytest.fixture(autouse=True)
@@ -28,56 +30,6 @@ def _one_thread():
     # small tensors: one thread is ~10x faster than two on a shared, busy CPU
     # (the conftest fixture restores the thread count after each test)
     torch.set_num_threads(1)
-
-
-Z = 4.5
-N, D, LATENT = 3, 4, 2
-
-
-def make_problem(orthonormal: bool = True, width: int = N):
-    """Data, model, encoder (trunk frozen, head weight = chain) and the exact posterior."""
-    gen = torch.Generator().manual_seed(offset_seed(1))
-    W = torch.randn(D, LATENT, generator=gen)
-    mu = torch.randn(D, generator=gen)
-    sigma = 0.6
-    x = torch.randn(N, D, generator=gen) * 2
-
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], LATENT), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ W.T + mu, sigma).to_event(1), obs=x)
-
-    trunk = nn.Linear(D, width)
-    head = nn.Linear(width, LATENT)
-    with torch.no_grad():
-        if orthonormal:  # trunk features of the data = an orthogonal matrix: G G^T = I
-            q, _ = torch.linalg.qr(torch.randn(N, N, generator=gen))
-            trunk.weight.copy_((torch.linalg.pinv(x) @ q).T)
-            trunk.bias.zero_()
-        head.weight.normal_(generator=gen)
-        head.bias.copy_(torch.randn(LATENT, generator=gen))
-    encoder = nn.Sequential(trunk, head) if orthonormal else nn.Sequential(trunk, nn.Tanh(), head)
-    for p in trunk.parameters():
-        p.requires_grad_(False)
-    cov = sigma**2 * torch.linalg.inv(W.T @ W + sigma**2 * torch.eye(LATENT))
-    mean = (x - mu) @ W @ cov / sigma**2
-    return x, model, encoder, mean, cov
-
-
-def check_posterior(samples, mean, cov):
-    """Every datapoint's mean and covariance entries within Z standard errors."""
-    for i in range(N):
-        z = samples[:, i]
-        for a in range(LATENT):
-            ess = effective_sample_size(z[None, :, a], 0, 1)
-            se = (cov[a, a] / ess).sqrt()
-            assert abs(z[:, a].mean() - mean[i, a]) < Z * se, (i, a)
-            for b in range(a, LATENT):
-                prod = (z[:, a] - mean[i, a]) * (z[:, b] - mean[i, b])
-                # Var[(za - ma)(zb - mb)] = C_aa C_bb + C_ab^2 for a Gaussian
-                sd = (cov[a, a] * cov[b, b] + cov[a, b] ** 2).sqrt()
-                ess = effective_sample_size(prod[None], 0, 1)
-                assert abs(prod.mean() - cov[a, b]) < Z * sd / ess.sqrt(), (i, a, b)
 
 
 def test_exact_posterior_every_datapoint(float64):
@@ -148,24 +100,24 @@ def test_one_leapfrog_hmc_on_the_same_potential(float64):
     x, model, encoder, mean, cov = make_problem()
     eta = 0.05
     kernel = AmortizedLangevin(model, encoder, step_size=eta, adapt_step_size=False)
-    kernel.prepare(x)
+    chain = Chain(kernel, x)
     hmc = HMC(
-        potential_fn=lambda p: kernel.potential_fn(p["phi"]),
+        potential_fn=lambda p: chain.batch.potential_fn(p["phi"]),
         step_size=math.sqrt(2 * eta),
         num_steps=1,
         adapt_step_size=False,
     )
-    phi0 = kernel.state.position.clone()
+    phi0 = chain.position.clone()
     mcmc = MCMC(
         hmc, num_samples=800, warmup_steps=100, initial_params={"phi": phi0}, disable_progbar=True
     )
     mcmc.run()
-    z_hmc = torch.stack([kernel.latents(p) for p in mcmc.get_samples()["phi"]])
-    kernel.prepare(x)
+    z_hmc = torch.stack([chain.latents(p) for p in mcmc.get_samples()["phi"]])
+    chain = Chain(kernel, x)
     z_ald = []
     for _ in range(900):
-        kernel.transition()
-        z_ald.append(kernel.latents().detach())
+        chain.step()
+        z_ald.append(chain.latents())
     z_ald = torch.stack(z_ald[100:])
     for z in (z_hmc, z_ald):
         check_posterior(z, mean, cov)
@@ -198,11 +150,10 @@ def test_warmup_adapts_then_freezes(float64):
     kernel = AmortizedLangevin(model, encoder, step_size=1e-5)
     mcmc = MCMC(kernel, num_samples=20, warmup_steps=100, disable_progbar=True)
     mcmc.run(x)
-    assert kernel.step_size > 1e-3  # adapted away from a far-too-small start
-    frozen = kernel.step_size
-    kernel.prepare(x)
-    kernel.transition()
-    assert kernel.step_size == frozen  # no adaptation after warmup
+    assert kernel.state.step_size > 1e-3  # adapted away from a far-too-small start
+    frozen = kernel.state.step_size
+    Chain(kernel, x).step()
+    assert kernel.state.step_size == frozen  # no adaptation after warmup
 
 
 def test_default_step_size_search(float64):
@@ -215,10 +166,10 @@ def test_default_step_size_search(float64):
         pyro.set_rng_seed(offset_seed(100 + r))
         x, model, encoder, _, _ = make_problem()
         kernel = AmortizedLangevin(model, encoder, adapt_step_size=False)
-        kernel.prepare(x)
+        chain = Chain(kernel, x)
         for _ in range(200):
-            kernel.transition()
-        rates.append(kernel.accept_rate())
+            chain.step()
+        rates.append(chain.accept_rate())
     assert 0.1 < sorted(rates)[3] < 0.98, rates
 
 
@@ -246,13 +197,12 @@ def test_nan_potential_is_rejected():
 
 def test_chain_params_by_name_match_fast_path(float64):
     x, model, encoder, _, _ = make_problem(orthonormal=False, width=6)
-    fast = AmortizedLangevin(model, encoder)
-    generic = AmortizedLangevin(model, encoder, params=["2.weight"])
-    torch.testing.assert_close(fast.potential(x), generic.potential(x))
-    fast.prepare(x)
-    generic.prepare(x)
-    assert fast.matmul_path and not generic.matmul_path
-    torch.testing.assert_close(fast.state.potential, generic.state.potential)
+    named = AmortizedLangevin(model, encoder, params=["2.weight"])  # the head, named
+    generic = AmortizedLangevin(model, encoder, params=["2.weight", "2.bias"])
+    torch.testing.assert_close(named.potential(x), generic.potential(x))
+    fast, slow = Chain(named, x), Chain(generic, x)
+    assert fast.batch.chain.matmul and not slow.batch.chain.matmul
+    torch.testing.assert_close(fast.langevin.potential, slow.langevin.potential)
     kernel = AmortizedLangevin(model, encoder, params=["2.weight", "2.bias"], step_size=1e-3)
     mcmc = MCMC(kernel, num_samples=3, warmup_steps=2, disable_progbar=True)
     mcmc.run(x)
@@ -264,7 +214,7 @@ def test_rank_condition_warning():
     x, encoder = x.float(), encoder.float()
     kernel = AmortizedLangevin(model, encoder)
     with pytest.warns(RankConditionWarning, match="2 features for a batch of 3"):
-        kernel.prepare(x)
+        kernel.bind(x)
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -286,17 +236,18 @@ def test_missing_latent_site():
     x, model, encoder, _, _ = make_problem()
     kernel = AmortizedLangevin(model, encoder.float(), latent_site="w")
     with pytest.raises(ValueError, match="no sample site 'w'"):
-        kernel.prepare(x.float())
+        kernel.bind(x.float())
 
 
-def test_encoder_without_final_linear():
-    _, model, encoder, _, _ = make_problem()
-    with pytest.raises(ValueError, match="no final nn.Linear"):
-        AmortizedLangevin(model, nn.Sequential(nn.Linear(D, LATENT), nn.Tanh()))
-    with pytest.raises(ValueError, match="no final nn.Linear"):
-        AmortizedLangevin(model, nn.Tanh())
-    with pytest.raises(ValueError, match="precondition needs"):
-        AmortizedLangevin(model, encoder, params=["1.weight"], precondition=1e-3)
+def test_encoders_without_a_usable_head():
+    x, model, encoder, _, _ = make_problem()
+    x = x.float()
+    tanh_head = AmortizedLangevin(model, nn.Sequential(nn.Linear(D, LATENT), nn.Tanh()))
+    with pytest.raises(ValueError, match="not affine in the chain parameters") as err:
+        tanh_head.bind(x)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="no nn.Linear layer"):
+        AmortizedLangevin(model, nn.Tanh()).bind(x)
     with pytest.raises(ValueError, match="precondition"):
         AmortizedLangevin(model, encoder, precondition=0.0)
     with pytest.raises(ValueError, match="not parameters of the encoder"):
@@ -313,7 +264,7 @@ def test_discrete_latent_site():
 
     kernel = AmortizedLangevin(model, nn.Linear(D, LATENT))
     with pytest.raises(ValueError, match="discrete"):
-        kernel.prepare(x)
+        kernel.bind(x)
 
 
 def test_subsampled_plate_is_refused():
@@ -326,14 +277,14 @@ def test_subsampled_plate_is_refused():
 
     kernel = AmortizedLangevin(model, nn.Linear(D, LATENT))
     with pytest.raises(ValueError, match="subsamples 3 of 100 rows"):
-        kernel.prepare(x)
+        kernel.bind(x)
 
 
 def test_encoder_shape_mismatch():
     x, model, _, _, _ = make_problem()
     kernel = AmortizedLangevin(model, nn.Linear(D, LATENT + 1))
     with pytest.raises(ValueError, match="encoder outputs shape"):
-        kernel.prepare(x.float())
+        kernel.bind(x.float())
 
 
 def test_projected_noise_is_exact_and_leaves_the_unconstrained_weight_alone(float64):
@@ -347,31 +298,33 @@ def test_projected_noise_is_exact_and_leaves_the_unconstrained_weight_alone(floa
     drift = {}
     for project in (False, True):
         pyro.set_rng_seed(offset_seed(0))
-        kernel = AmortizedLangevin(model, encoder, project_noise=project)
-        kernel.prepare(x)
+        kernel = AmortizedLangevin(model, encoder, precondition=None, project_noise=project)
+        chain = Chain(kernel, x, adapt=True)
         for _ in range(300):
-            kernel.transition(adapt=True)
+            chain.step()
+        chain.write_back()
         drift[project] = ((encoder[-1].weight.detach() - phi0) @ null).norm()
         with torch.no_grad():
             encoder[-1].weight.copy_(phi0)
     assert drift[True] < 1e-10 < 1e-2 < drift[False]
     pyro.set_rng_seed(offset_seed(1))
-    kernel = AmortizedLangevin(model, encoder, project_noise=True)
+    kernel = AmortizedLangevin(model, encoder, precondition=None, project_noise=True)
     mcmc = MCMC(kernel, num_samples=1200, warmup_steps=200, disable_progbar=True)
     mcmc.run(x)
     check_posterior(mcmc.get_samples()["z"], mean, cov)
 
 
 def test_projected_noise_refuses_what_it_cannot_project():
-    _, model, encoder, _, _ = make_problem()
-    with pytest.raises(ValueError, match="project_noise needs the chain"):
-        AmortizedLangevin(model, encoder, params=["1.weight"], project_noise=True)
-    with pytest.raises(ValueError, match="project_noise needs the chain"):
-        AmortizedLangevin(model, encoder, precondition=1e-3, project_noise=True)
+    x, model, encoder, _, _ = make_problem()
+    kernel = AmortizedLangevin(
+        model, encoder, params=["1.weight", "1.bias"], precondition=None, project_noise=True
+    )
+    with pytest.raises(ValueError, match="project_noise needs every latent site"):
+        kernel.bind(x)
 
 
 def test_row_space_basis_is_rank_revealing():
-    from pyro_lvm.infer.mcmc.amortized_langevin import row_space_basis
+    from pyro_lvm.infer.mcmc.ald import row_space_basis
 
     g = torch.randn(20, 32, generator=torch.Generator().manual_seed(offset_seed(3)))
     for features, rank in ((g, 20), (g - g.mean(0), 19), (g[:, :8], 8)):

@@ -8,6 +8,7 @@ import copy
 import pyro
 import pyro.distributions as dist
 import torch
+from ald_driver import Chain
 from torch import nn
 
 from pyro_lvm.infer import AmortizedLangevin
@@ -46,11 +47,12 @@ def _counting(monkeypatch) -> list[int]:
 def _states(kernel, x, batches: int = 3) -> list[tuple]:
     out = []
     for _ in range(batches):
-        state = kernel.prepare(x)
+        chain = Chain(kernel, x)
+        start = chain.langevin
         torch.manual_seed(1)
-        kernel.transition()
-        out.append((state.potential, state.grad, kernel.state.position))
-        kernel.release()
+        chain.step()
+        out.append((start.potential, start.grad, chain.position))
+        chain.write_back()
     return out
 
 
@@ -60,9 +62,10 @@ def test_a_sequential_encoder_runs_its_trunk_alone_with_the_hooks_numbers(monkey
     hooked_encoder[-1].register_forward_hook(lambda module, inputs, output: None)
     calls = _counting(monkeypatch)
     fast = _states(AmortizedLangevin(model, fast_encoder, step_size=0.05), x)
-    assert calls[0] == 1  # the first batch checks the layout; the others skip the hook
+    # finding the head, then the first batch checks the layout; the others skip the hook
+    assert calls[0] == 2
     hooked = _states(AmortizedLangevin(model, hooked_encoder, step_size=0.05), x)
-    assert calls[0] == 1 + 3  # a hook on the head: the encoder runs whole every batch
+    assert calls[0] == 2 + 1 + 3  # a hook on the head: the encoder runs whole every batch
     for a, b in zip(fast, hooked):
         for u, v in zip(a, b):
             assert torch.equal(u, v)
@@ -73,9 +76,8 @@ def test_a_new_batch_shape_is_checked_again(monkeypatch):
     kernel = AmortizedLangevin(model, _encoder(), step_size=0.05)
     calls = _counting(monkeypatch)
     for rows in (20, 20, 7, 7, 20):
-        kernel.prepare(torch.randn(rows, 3))
-        kernel.release()
-    assert calls[0] == 2
+        kernel.bind(torch.randn(rows, 3))
+    assert calls[0] == 1 + 2  # finding the head, then once per batch shape
 
 
 def test_encoders_that_may_differ_from_head_of_trunk_keep_the_hook():
@@ -97,7 +99,5 @@ def test_encoders_that_may_differ_from_head_of_trunk_keep_the_hook():
     kernel = AmortizedLangevin(model, doubled, step_size=0.05)
     x = torch.randn(20, 3)
     for _ in range(2):
-        kernel.prepare(x)
-        features = kernel._batch.chain.features
+        (features,) = kernel.bind(x).chain.features
         assert torch.equal(features, doubled[1](doubled[0](2 * x)))
-        kernel.release()

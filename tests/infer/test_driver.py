@@ -51,9 +51,21 @@ def test_clip_norm_bounds_the_update():
 
 def test_non_finite_loss_raises_before_any_parameter_moves():
     d, w = _driver(scale=float("nan"))
-    with pytest.raises(DivergenceError, match="lower the learning rate"):
+    # NaN before any update: the model's output, not the learning rate, is named
+    with pytest.raises(DivergenceError, match="not finite at the first step, before any update"):
         d.step(torch.zeros(2))
     assert torch.equal(w.detach(), torch.zeros(4))
+    d, w = _driver()
+    d.step(torch.zeros(2))
+    moved = w.detach().clone()
+    d.scale = float("nan")  # after an update: the step may have diverged
+    with pytest.raises(DivergenceError, match="lower the learning rate"):
+        d.step(torch.zeros(2))
+    assert torch.equal(w.detach(), moved)
+    x = torch.zeros(3, 2)
+    x[2, 1] = float("inf")  # non-finite data are named as such
+    with pytest.raises(DivergenceError, match=r"argument 0 of step\(\) holds 1 NaN or infinite"):
+        _driver()[0].step(x)
 
 
 def test_state_round_trip_continues_identically():

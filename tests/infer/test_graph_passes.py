@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from pyro_lvm.infer import compile as compile_module
+from pyro_lvm.infer import sites as ap
 from pyro_lvm.infer.compile import CompiledFunction
 from pyro_lvm.infer.graph_passes import simplify
-from pyro_lvm.infer.mcmc import ald_potential as ap
 from pyro_lvm.models import LangevinAutoencoder
 
 
@@ -34,7 +34,7 @@ def test_lae_log_joint_loses_pyros_bookkeeping_and_keeps_value_and_gradients():
     torch.manual_seed(0)
     lvm = LangevinAutoencoder(6, 3, hidden_dim=8)
     x = torch.bernoulli(torch.full((5, 6), 0.4))
-    spec = ap.inspect_model(lvm.model, ["z"], (x,), {})[0]
+    spec = ap.inspect_model(lvm.model, (x,), {}, local_sites=["z"])[0]
 
     def log_joint(z, x):
         return ap.log_joint(lvm.model, spec, {"z": z}, (x,), {})

@@ -11,7 +11,7 @@ import torch
 from pyro.infer import HMC, MCMC
 from pyro.ops.stats import effective_sample_size
 
-from pyro_lvm.infer.langevin import (
+from pyro_lvm.infer.mcmc import (
     LangevinState,
     dual_averaging_init,
     dual_averaging_step_size,

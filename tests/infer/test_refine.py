@@ -24,7 +24,7 @@ from pyro_lvm.infer import (
     log_importance_weights,
     refine_latents,
 )
-from pyro_lvm.infer.latents import find_latents
+from pyro_lvm.infer.sites import find_latents
 
 
 @pytest.fixture(autouse=True)

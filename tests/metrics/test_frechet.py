@@ -12,6 +12,7 @@ from pyro_lvm.metrics import (
     frechet_distance,
     frechet_distance_from_features,
 )
+from pyro_lvm.metrics.classifier import ClassifierSettings
 
 
 def _rotation(dim, rng):
@@ -81,3 +82,29 @@ def test_sample_quality_is_zero_on_itself_within_bias_on_halves_and_grows_with_n
     distances = [frechet_distance_from_features(fa, net.features(b + s * noise)) for s in scales]
     assert all(d1 < d2 for d1, d2 in zip(distances, distances[1:])), distances
     assert distances[-1] > bound
+
+
+@pytest.mark.parametrize("damage", ["truncated", "planted"])
+def test_a_damaged_classifier_cache_is_retrained_and_replaced(tmp_path, damage):
+    import os
+
+    settings = ClassifierSettings(hidden_dim=8, epochs=1)
+    x = torch.rand(40, 6)
+    y = torch.arange(40) % 3
+    net = feature_classifier(x, y, tmp_path, "toy", settings)
+    (path,) = tmp_path.glob("frechet_classifier-toy-*.pt")
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+
+        class Planted:
+            def __reduce__(self):
+                return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+        torch.save({"num_classes": 3, "state_dict": Planted()}, path)
+    with pytest.warns(RuntimeWarning, match="not a usable classifier cache"):
+        again = feature_classifier(x, y, tmp_path, "toy", settings)
+    assert not (tmp_path / "pwned").exists()
+    assert torch.equal(again.features(x), net.features(x))  # seeded: the same network
+    cached = feature_classifier(x, y, tmp_path, "toy", settings)  # the cache is whole again
+    assert torch.equal(cached.features(x), net.features(x))

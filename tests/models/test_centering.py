@@ -138,16 +138,16 @@ def test_centred_encoder_keeps_the_chain_layer_last_and_conditions_the_chain_bet
         lvm, lae = make_lae(norm)
         assert isinstance(lvm.encoder[-1], nn.Linear)
         assert isinstance(lvm.encoder[-2], FeatureCentering) == (norm == "center")
-        assert lae.kernel.chain_params == [lvm.encoder[-1].weight]
         lae.step(x)
-        step[norm] = lae.kernel.step_size
+        assert lae.kernel.chain_params == [lvm.encoder[-1].weight]
+        step[norm] = lae.kernel.state.step_size
         if norm == "center":
             assert "encoder.2.running_mean" in lvm.state_dict()
             # the chain sees centred features (the mean is from before one optimizer step)
             lvm.eval()
             with torch.no_grad():
                 raw = nn.Sequential(*list(lvm.encoder)[:-2])(x)
-                g = lae.kernel.features(x)
+                (g,) = lae.kernel.bind(x).chain.features
             assert g.mean(0).norm() < 0.05 * raw.mean(0).norm()
             # the chain's potential is quadratic in the last-layer weight with curvature
             # set by the features' Gram matrix; centring by the mean m subtracts

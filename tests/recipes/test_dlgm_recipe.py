@@ -35,9 +35,9 @@ def test_dlgm_recipe_trains_and_evaluates():
 
 def test_dlgm_recipe_refined_eval_guide():
     torch.set_num_threads(1)
-    exp = _build(refine_steps=4, step_size=0.01, mh=False, adapt=False)
+    exp = _build(refine_steps=4, step_size=0.01, mh=False, adapt_step_size=False)
     assert isinstance(exp.guide, LangevinProposalGuide)
-    assert not exp.inference.mh and exp.inference.adapt is None
+    assert not exp.inference.mh and not exp.inference.adapt_step_size
     x = torch.randint(0, 2, (10, 12)).float()
     out = evaluate(exp, x, eval_samples=8)
     assert math.isfinite(out["test_nll"]) and out["test_nll"] <= out["test_nelbo"] + 1e-4

@@ -33,7 +33,8 @@ def test_lae_recipe_feature_norm():
     centering = exp.lvm.encoder[-2]
     assert isinstance(centering, FeatureCentering) and centering.standardize
     assert isinstance(exp.lvm.encoder[-1], nn.Linear)
-    assert exp.inference.kernel.chain_params == [exp.lvm.encoder[-1].weight]
+    spec = exp.inference.kernel.chain_spec(torch.rand(5, 64))  # found on a batch
+    assert spec.params == (exp.lvm.encoder[-1].weight,)
     default = get_recipe("lae").build(TrainConfig(model="lae"), 64, make_likelihood("logistic"))
     # centring is the default: without it the chain freezes (docs/langevin.md)
     assert sum(isinstance(m, FeatureCentering) for m in default.lvm.modules()) == 1

@@ -40,7 +40,9 @@ COMMON_FLAGS = frozenset(
     accelerator num_nodes""".split()
 )
 _NETWORK = frozenset("hidden_dim depth layer_norm orthogonal_init arch".split())
-_LANGEVIN = frozenset("langevin_steps step_size target_accept mh adapt refine_steps".split())
+_LANGEVIN = frozenset(
+    "num_steps step_size target_accept_prob mh adapt_step_size refine_steps".split()
+)
 
 #: the model-specific settings of each recipe (a flag outside them is refused)
 MODEL_FLAGS: dict[str, frozenset[str]] = {
@@ -53,6 +55,9 @@ MODEL_FLAGS: dict[str, frozenset[str]] = {
     "dlgm": _NETWORK | _LANGEVIN,
     "sbn": frozenset({"hidden_dim", "depth", "estimator", "num_particles", "num_layers"}),
     "ae-gmm": frozenset({"hidden_dim", "depth", "layer_norm", "num_components"}),
+    # your build(config, ...) reads the network settings if it likes; another recipe's
+    # flags (an estimator, Langevin steps) would be recorded and silently ignored
+    "custom": _NETWORK | {"model_file"},
 }
 
 

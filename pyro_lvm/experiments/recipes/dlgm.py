@@ -2,10 +2,10 @@
 
 The model is :class:`~pyro_lvm.models.VAE` with the same networks as the ``vae`` recipe
 (``--hidden-dim``, ``--depth``, ``--layer-norm``), trained by :class:`pyro_lvm.infer.DLGM`
-with ``--langevin-steps`` steps of size ``--step-size`` (default 0.005, the authors'),
-MALA and step-size adaptation towards ``--target-accept`` unless ``--no-mh`` /
-``--no-adapt``. The Hoffman/LAE papers' exact setting is
-``--no-mh --no-adapt --step-size 0.005``; the default gives the Langevin baselines
+with ``--num-steps`` steps of size ``--step-size`` (default 0.005, the authors'),
+MALA and step-size adaptation towards ``--target-accept-prob`` unless ``--no-mh`` /
+``--no-adapt-step-size``. The Hoffman/LAE papers' exact setting is
+``--no-mh --no-adapt-step-size --step-size 0.005``; the default gives the Langevin baselines
 (DLGM, LAE) the same sampler treatment (MH, adapted steps) so the comparison is about
 what they train, not how well their step size was guessed.
 
@@ -44,11 +44,11 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         vae.model,
         vae.guide,
         make_optimizer(vae.parameters(), config),
-        num_steps=config.langevin_steps,
+        num_steps=config.num_steps,
         step_size=config.step_size if config.step_size is not None else DEFAULT_STEP_SIZE,
         mh=config.mh,
-        adapt_step_size=config.adapt,
-        target_accept_prob=config.target_accept,
+        adapt_step_size=config.adapt_step_size,
+        target_accept_prob=config.target_accept_prob,
         guide_params=list(vae.encoder.parameters()),
     )
     return langevin_experiment(config, vae, inference)

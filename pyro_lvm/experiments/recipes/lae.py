@@ -3,9 +3,9 @@
 The model is :class:`~pyro_lvm.models.LangevinAutoencoder`: the VAE recipe's decoder
 (``--hidden-dim``, ``--depth``, ``--layer-norm``) and a deterministic MLP encoder with the
 same trunk, trained by :class:`pyro_lvm.infer.LAE` (Algorithm 2 of Taniguchi et al. 2022)
-with ``--langevin-steps`` MALA transitions per minibatch (``--no-mh``: unadjusted), step
+with ``--num-steps`` MALA transitions per minibatch (``--no-mh``: unadjusted), step
 size ``--step-size`` (default: found by a doubling/halving search at the first step, then)
-adapted towards ``--target-accept`` throughout training unless ``--no-adapt``.
+adapted towards ``--target-accept-prob`` throughout training unless ``--no-adapt-step-size``.
 
 ``--feature-norm center`` centres the encoder features with running means before the
 chain layer (:class:`~pyro_lvm.models.centering.FeatureCentering`): without it the
@@ -78,11 +78,11 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         lvm.model,
         lvm.encoder,
         make_optimizer(lvm.parameters(), config),
-        num_steps=config.langevin_steps,
+        num_steps=config.num_steps,
         step_size=config.step_size,
         mh=config.mh,
-        adapt_step_size=config.adapt,
-        target_accept_prob=config.target_accept,
+        adapt_step_size=config.adapt_step_size,
+        target_accept_prob=config.target_accept_prob,
         precondition=config.precondition,
         project_noise=config.project_noise,
         jit_compile=config.jit_compile,

@@ -8,7 +8,10 @@ module                             contents
 :mod:`.langevin`                   ``LangevinState``/``LangevinInfo``, ``langevin_step``
 :mod:`.hmc`                        ``hmc_step`` (AIS's HMC transitions)
 :mod:`.adaptation`                 dual averaging ``init/update/final``, step-size search
-:mod:`.ald_potential`              ALD's model inspection and per-batch potential closure
+:mod:`.chain`                      which encoder parameters form the ALD chain, per batch
+:mod:`.ald`                        the pure ALD transition over a bound batch
+:mod:`.mixing`                     mixing summaries (ESS, moves) and their warnings
+:mod:`.inference_data`             ``to_inference_data``: any MCMC run for ArviZ
 :mod:`.amortized_langevin`         the ``AmortizedLangevin`` kernel shell
 =================================  ======================================================
 
@@ -33,6 +36,7 @@ from pyro_lvm.infer.mcmc.adaptation import (
 )
 from pyro_lvm.infer.mcmc.amortized_langevin import AmortizedLangevin, RankConditionWarning
 from pyro_lvm.infer.mcmc.hmc import hmc_step
+from pyro_lvm.infer.mcmc.inference_data import to_inference_data
 from pyro_lvm.infer.mcmc.langevin import (
     LangevinInfo,
     LangevinState,
@@ -55,6 +59,7 @@ __all__ = [
     "mala_log_accept_ratio",
     "langevin_step",
     "hmc_step",
+    "to_inference_data",
     "mh_accept",
     "finite_log_ratio",
     "select",

@@ -5,11 +5,10 @@ recursion of :class:`pyro.ops.dual_averaging.DualAveraging` and BlackJAX's
 ``dual_averaging``) drives :math:`\log\eta` towards a target acceptance :math:`\delta`
 with the statistic :math:`g_t = \delta - \alpha_t`. It is written BlackJAX-style as
 ``init / update / final`` pure functions of a :class:`DualAveragingState`: with Python
-floats for one chain (no device operation, no host sync: 0-d tensor bookkeeping cost
-7-11% of an LAE step, see issue 9) or with tensors, per chain, for batched samplers
-(AIS, test-time refinement). :func:`dual_averaging_step` is the one update-then-read loop
-body that every sampler in :mod:`pyro_lvm.infer` uses (the ALD kernel, ``DLGM``,
-``refine_latents``, AIS).
+floats for one chain (no device operation, no host sync per transition) or with tensors,
+per chain, for batched samplers (AIS, test-time refinement). :func:`dual_averaging_step`
+is the one update-then-read loop body that every sampler in :mod:`pyro_lvm.infer` uses
+(the ALD kernel, ``DLGM``, ``refine_latents``, AIS).
 
 **Step-size search** (:func:`find_step_size`, Hoffman & Gelman 2014, Algorithm 4; Pyro's
 ``HMC._find_reasonable_step_size``, BlackJAX's ``find_reasonable_step_size``): double or
@@ -128,8 +127,7 @@ def dual_averaging_update(
         for a *fixed* target distribution and becomes ever slower to react (its step
         shrinks like :math:`t^{-1/2}`); a cap keeps it a fixed-gain tracker with a memory
         of about ``max_t`` steps, for targets that keep changing (a decoder in training).
-        The samplers call this knob ``adapt_window`` (ALD, LAE), ``adapt_memory`` (DLGM,
-        AIS).
+        The samplers call this knob ``adapt_window``.
     """
     if not 0.0 < target < 1.0:
         raise ValueError(f"target acceptance must be in (0, 1), got {target}")

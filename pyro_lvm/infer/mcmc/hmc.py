@@ -21,6 +21,7 @@ from pyro_lvm.infer.mcmc.langevin import (
     PotentialFn,
     ReduceFn,
     potential_and_grad,
+    standard_normal,
 )
 from pyro_lvm.infer.mcmc.mh import finite_log_ratio, mh_accept, select
 
@@ -40,11 +41,7 @@ def hmc_step(
     r"""One HMC transition of every chain (event dim 1, step sizes per chain, shape
     ``batch_shape``) with ``num_leapfrog`` leapfrog steps of size :math:`\sqrt{2\eta}`."""
     eps = (2 * step_size).sqrt().unsqueeze(-1)
-    if generator is None:
-        momentum = torch.randn_like(state.position)
-    else:
-        shape, device = state.position.shape, generator.device
-        momentum = torch.randn(shape, generator=generator, device=device).to(state.position)
+    momentum = standard_normal(state.position, generator)
     p = momentum - 0.5 * eps * state.grad
     position = state.position
     for i in range(num_leapfrog):

@@ -16,7 +16,7 @@ plate) would be counted once per rank; the ready models have none.
 
 The library never imports a launcher: the trainer enters :func:`data_parallel` with a
 :class:`Collective` (the Lightning Fabric one lives in
-:mod:`pyro_lvm.experiments.distributed`) and the pieces that must agree across ranks ask
+:mod:`pyro_lvm.experiments.fabric`) and the pieces that must agree across ranks ask
 for it with :func:`current_collective`:
 
 * :meth:`~pyro_lvm.infer.optim.ParamOptimizer.reduce_gradients` sums the gradients (and
