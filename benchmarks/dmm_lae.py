@@ -15,6 +15,7 @@ Variants (``--variants``):
 ``svi``                 the example's SVI
 ``lae``                 LAE with the kernel's defaults (what a user gets today)
 ``lae-frozen-trunk``    ... with the trunk's learning rate 0 (random features)
+``lae-frozen-center-proj`` ... and centred features and ``project_noise=True``
 ``lae-precondition``    ... with ``precondition=1e-3``
 ``lae-center``          ... with a :class:`~pyro_lvm.models.centering.FeatureCentering`
                         layer before the head (running mean, updates absorbed)
@@ -60,13 +61,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from outside_models import dmm as D  # noqa: E402
 from outside_models.wrappers import DictEncoder, DMMEncoder, dmm_encoder_input  # noqa: E402
 
-from pyro_lvm.infer import LAE, ais_log_likelihood  # noqa: E402
+from pyro_lvm.infer import LAE, DivergenceError, ais_log_likelihood  # noqa: E402
 from pyro_lvm.models.centering import FeatureCentering  # noqa: E402
 
 VARIANTS = [
     "svi",
     "lae",
     "lae-frozen-trunk",
+    "lae-frozen-center-proj",
     "lae-precondition",
     "lae-center",
     "lae-center-jac",
@@ -123,7 +125,7 @@ class Run:
                 nn.Identity(), num_train, dict.fromkeys(sites(T), args.z_dim)
             )
             kernel["project_noise"] = True
-        elif variant.startswith("lae-center"):
+        elif "center" in variant:
             self.encoder = CenteredDMMEncoder(self.dmm, T, jacobian="jac" in variant)
             kernel["project_noise"] = variant.endswith("proj")
         else:
@@ -136,7 +138,7 @@ class Run:
             {"params": [p for p in params if id(p) not in trunk]},
             {
                 "params": [p for p in params if id(p) in trunk],
-                "lr": 0.0 if variant == "lae-frozen-trunk" else args.lr,
+                "lr": 0.0 if variant.startswith("lae-frozen") else args.lr,
             },
         ]
         optim = torch.optim.Adam(groups, lr=args.lr)
@@ -243,7 +245,11 @@ def diagnostics(run: Run, index: torch.Tensor, batch: tuple) -> dict:
     return out
 
 
-def train(variant: str, args, seed: int, sequences, lengths) -> tuple[Run, list[dict], float]:
+def train(
+    variant: str, args, seed: int, sequences, lengths
+) -> tuple[Run, list[dict], float, str | None]:
+    """Train one variant; the run, its trajectory, seconds, and why it stopped early
+    (``None`` if it did not)."""
     run = Run(variant, args, seed, len(sequences))
     gen = torch.Generator().manual_seed(seed)  # the same minibatches for every variant
     history, start = [], time.perf_counter()
@@ -255,10 +261,13 @@ def train(variant: str, args, seed: int, sequences, lengths) -> tuple[Run, list[
         if step % args.log_every == 0:
             history.append({"step": step, **diagnostics(run, index, batch)})
         if step < args.steps:
-            loss = run.step(index, batch)
+            try:
+                loss = run.step(index, batch)
+            except DivergenceError as err:  # recorded as the run's outcome, not raised
+                return run, history, time.perf_counter() - start, f"step {step}: {err}"
             if not math.isfinite(loss):
-                raise FloatingPointError(f"{variant} seed {seed}: loss {loss} at step {step}")
-    return run, history, time.perf_counter() - start
+                return run, history, time.perf_counter() - start, f"step {step}: loss {loss}"
+    return run, history, time.perf_counter() - start, None
 
 
 def evaluate(run: Run, args, test_batch, seed: int) -> torch.Tensor:
@@ -314,33 +323,36 @@ def main(argv=None) -> dict:
         args.num_test, args.T, args.input_dim, min_length=min_length, seed=1
     )
     test_batch = D.get_mini_batch(torch.arange(args.num_test), test, test_lengths)
-    rows = []
+    rows, out = [], Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for seed in args.seeds:
         ais = {}
         for variant in args.variants:
-            run, history, seconds = train(variant, args, seed, sequences, lengths)
-            ais[variant] = evaluate(run, args, test_batch, seed)
-            row = {
-                "variant": variant,
-                "seed": seed,
-                "train_seconds": seconds,
-                "ais_mean": float(ais[variant].mean()),
-                "ais_se": float(ais[variant].std() / math.sqrt(args.num_test)),
-                "history": history,
-            }
-            if "svi" in ais and variant != "svi":
-                diff = ais[variant] - ais["svi"]
-                row["minus_svi_mean"] = float(diff.mean())
-                row["minus_svi_se"] = float(diff.std() / math.sqrt(args.num_test))
+            run, history, seconds, failure = train(variant, args, seed, sequences, lengths)
+            row = {"variant": variant, "seed": seed, "train_seconds": seconds}
+            row["history"] = history
+            if failure is not None:
+                row["error"] = failure
+            else:
+                ais[variant] = evaluate(run, args, test_batch, seed)
+                row["ais_mean"] = float(ais[variant].mean())
+                row["ais_se"] = float(ais[variant].std() / math.sqrt(args.num_test))
+                if "svi" in ais and variant != "svi":
+                    diff = ais[variant] - ais["svi"]
+                    row["minus_svi_mean"] = float(diff.mean())
+                    row["minus_svi_se"] = float(diff.std() / math.sqrt(args.num_test))
             rows.append(row)
             last = history[-1]
             print(
-                f"seed {seed} {variant:20s} AIS {row['ais_mean']:8.3f} +- {row['ais_se']:.3f}"
-                f"  - SVI {row.get('minus_svi_mean', 0.0):7.3f}"
+                f"seed {seed} {variant:22s} AIS {row.get('ais_mean', float('nan')):8.3f} "
+                f"+- {row.get('ais_se', float('nan')):.3f}"
+                f"  - SVI {row.get('minus_svi_mean', float('nan')):7.3f}"
                 f"  step {last.get('step_size', float('nan')):.2e}"
-                f"  sigma {last['sigma_median']:.3f}  {seconds:.0f}s",
+                f"  sigma {last['sigma_median']:.3f}  {seconds:.0f}s  {failure or ''}",
                 flush=True,
             )
+            # written after every run: a long benchmark interrupted keeps what it measured
+            out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     lines = [
         f"DMM ({args.num_train} train / {args.num_test} test sequences, T = {args.T}, ragged "
         f"from length {args.min_length or args.T}), {args.steps} steps, batch "
@@ -352,7 +364,15 @@ def main(argv=None) -> dict:
         "|---|---|---|---|---|---|---|---|",
     ]
     for variant in args.variants:
-        sel = [r for r in rows if r["variant"] == variant]
+        failed = [
+            f"seed {r['seed']}: {r['error']}"
+            for r in rows
+            if r["variant"] == variant and "error" in r
+        ]
+        sel = [r for r in rows if r["variant"] == variant and "error" not in r]
+        if not sel:
+            lines.append(f"| {variant} | failed: {'; '.join(failed)} |")
+            continue
         last = [r["history"][-1] for r in sel]
         gram = [h["gram_eig_median"] / h["gram_eig_max"] for h in last if "gram_eig_max" in h]
         lines.append(
@@ -365,10 +385,13 @@ def main(argv=None) -> dict:
             + f" | {_fmt([h['padding_abs_max'] for h in last], 1)} |"
         )
     table = "\n".join(lines)
+    failures = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in rows if "error" in r]
+    if failures:
+        table += "\n\nStopped early (DivergenceError or a non-finite loss):\n" + "\n".join(
+            f"- {f}" for f in failures
+        )
     print(table)
     result = {"args": vars(args), "rows": rows, "table": table}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     return result
 

@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from seeding import offset_seed
 
@@ -71,6 +72,9 @@ def test_eval_time_reports_both_estimators():
         assert row["cpu_s"] > 0 and row["cpu_min_10k"] > 0 and row["images"] in (2, 4)
 
 
+# the DMM's masked padding steps have a flat potential by design: the benchmark reports
+# how far they wander, the kernel warns about them
+@pytest.mark.filterwarnings("ignore::pyro_lvm.infer.mcmc.checks.FlatPotentialWarning")
 def test_ald_vs_nuts_runs_every_case_and_records_refusals(tmp_path):
     import ald_vs_nuts
 
@@ -84,18 +88,18 @@ def test_ald_vs_nuts_runs_every_case_and_records_refusals(tmp_path):
         (c, s) for c in ("vae3", "dmm") for s in ("nuts", "default", "precondition")
     }
     for (case, sampler), row in rows.items():
-        if sampler != "nuts":
-            assert row["num_coordinates"] == (30 if case == "vae3" else 4 * (6 + 6 + 4 + 3))
-            assert row["min_ess"] > 0 and row["cpu_s"] > 0
+        if sampler == "nuts" or "error" in row:  # a refusal is recorded, not raised
+            continue
+        assert row["num_coordinates"] == (30 if case == "vae3" else 4 * (6 + 6 + 4 + 3))
+        assert row["min_ess"] > 0 and row["cpu_s"] > 0
     assert rows[("dmm", "default")]["flat_abs_max"] > 0  # the padding steps are reported
     assert json.loads(out.read_text())["table"] == result["table"]
-    # the VAE example's encoder as written returns (loc, scale): today's kernel refuses it
-    written = ald_vs_nuts.main(
-        [*tiny, "--cases", "vae3", "--encoder", "as-written", "--out", str(out)]
-    )
-    assert all("error" in r for r in written["rows"] if r["sampler"] != "nuts")
+    bad = ["--cases", "dmm", "--settings", "default", "--kernel-arg", "step_size=-1.0"]
+    refused = ald_vs_nuts.main([*tiny, *bad, "--out", str(out)])
+    assert "step_size" in refused["rows"][-1]["error"] and "refused" in refused["table"]
 
 
+@pytest.mark.filterwarnings("ignore::pyro_lvm.infer.mcmc.checks.FlatPotentialWarning")
 def test_dmm_lae_trains_every_variant_and_evaluates_by_ais(tmp_path):
     import dmm_lae
 
