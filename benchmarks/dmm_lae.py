@@ -35,6 +35,10 @@ step at the chain's latents.
 
     python benchmarks/dmm_lae.py [--steps 2000] [--seeds 0 1 2] [--variants svi lae ...]
 
+``--fixed-transition-scale S`` is a mechanism check, not a fix: it replaces the learned
+scale of :math:`p(z_t \\mid z_{t-1})` by ``S`` (a different model), to see whether LAE
+still collapses when the prior's scale cannot shrink.
+
 Prints a table (AIS per test sequence, mean and standard error; the paired difference to
 SVI) and writes JSON to ``benchmarks/results/dmm_lae.json``. Run on a shared CPU; the
 numbers are seeded, the times are not.
@@ -89,6 +93,12 @@ class CenteredDMMEncoder(DMMEncoder):
         return self.center(super().features(x))
 
 
+def fix_transition_scale(dmm: D.DMM, scale: float) -> None:
+    """Mechanism check (changes the model): ``p(z_t | z_{t-1})`` with a fixed scale."""
+    forward = dmm.trans.forward
+    dmm.trans.forward = lambda z: (forward(z)[0], torch.full_like(z, scale))
+
+
 def sites(T: int) -> list[str]:
     return [f"z_{t}" for t in range(1, T + 1)]
 
@@ -112,6 +122,8 @@ class Run:
             transition_dim=args.transition_dim,
             rnn_dim=args.rnn_dim,
         )
+        if args.fixed_transition_scale is not None:
+            fix_transition_scale(self.dmm, args.fixed_transition_scale)
         T = args.T
         self.onehot = variant == "lae-onehot"
         if variant == "svi":
@@ -291,6 +303,50 @@ def _fmt(values: list[float], digits: int = 2) -> str:
     )
 
 
+def make_table(rows: list[dict], args) -> str:
+    """The markdown table of ``rows`` (median [min, max] over the seeds present)."""
+    seeds = sorted({r["seed"] for r in rows})
+    variants = [v for v in args.variants if any(r["variant"] == v for r in rows)]
+    lines = [
+        f"DMM ({args.num_train} train / {args.num_test} test sequences, T = {args.T}, ragged "
+        f"from length {args.min_length or args.T}), {args.steps} steps, batch "
+        f"{args.batch_size}, Adam {args.lr}; AIS {args.ais_steps} steps x {args.ais_chains} "
+        f"chains per test sequence; median [min, max] over seeds {seeds}",
+        "",
+        "| variant | AIS per sequence | minus SVI (paired) | final step size | sigma median "
+        "| Hessian max | Gram median/max | padding max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for variant in variants:
+        failed = [
+            f"seed {r['seed']}: {r['error']}"
+            for r in rows
+            if r["variant"] == variant and "error" in r
+        ]
+        sel = [r for r in rows if r["variant"] == variant and "error" not in r]
+        if not sel:
+            lines.append(f"| {variant} | failed: {'; '.join(failed)} |")
+            continue
+        last = [r["history"][-1] for r in sel]
+        gram = [h["gram_eig_median"] / h["gram_eig_max"] for h in last if "gram_eig_max" in h]
+        lines.append(
+            f"| {variant} | {_fmt([r['ais_mean'] for r in sel])} | "
+            + (_fmt([r["minus_svi_mean"] for r in sel]) if "minus_svi_mean" in sel[0] else "-")
+            + f" | {_fmt([h.get('step_size', float('nan')) for h in last], 7)} | "
+            f"{_fmt([h['sigma_median'] for h in last], 3)} | "
+            f"{_fmt([h['hessian_z_max'] for h in last], 1)} | "
+            + (_fmt(gram, 6) if gram else "-")
+            + f" | {_fmt([h['padding_abs_max'] for h in last], 1)} |"
+        )
+    table = "\n".join(lines)
+    failures = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in rows if "error" in r]
+    if failures:
+        table += "\n\nStopped early (DivergenceError or a non-finite loss):\n" + "\n".join(
+            f"- {f}" for f in failures
+        )
+    return table
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
@@ -310,10 +366,24 @@ def main(argv=None) -> dict:
     p.add_argument("--rnn-dim", type=int, default=32)
     p.add_argument("--ais-steps", type=int, default=1000)
     p.add_argument("--ais-chains", type=int, default=16)
+    p.add_argument(
+        "--fixed-transition-scale",
+        type=float,
+        default=None,
+        help="mechanism check: the transition's scale fixed to this value (a different model)",
+    )
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--hessian-iters", type=int, default=30, help="power iterations")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "dmm_lae.json"))
+    p.add_argument(
+        "--table-from", default=None, help="print the table of an existing JSON (e.g. partial)"
+    )
     args = p.parse_args(argv)
+    if args.table_from:
+        saved = json.loads(Path(args.table_from).read_text())
+        table = make_table(saved["rows"], argparse.Namespace(**saved["args"]))
+        print(table)
+        return {**saved, "table": table}
     torch.set_num_threads(1)
     min_length = args.min_length or None
     sequences, lengths = D.synthetic_sequences(
@@ -353,43 +423,7 @@ def main(argv=None) -> dict:
             )
             # written after every run: a long benchmark interrupted keeps what it measured
             out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    lines = [
-        f"DMM ({args.num_train} train / {args.num_test} test sequences, T = {args.T}, ragged "
-        f"from length {args.min_length or args.T}), {args.steps} steps, batch "
-        f"{args.batch_size}, Adam {args.lr}; AIS {args.ais_steps} steps x {args.ais_chains} "
-        f"chains per test sequence; median [min, max] over seeds {args.seeds}",
-        "",
-        "| variant | AIS per sequence | minus SVI (paired) | final step size | sigma median "
-        "| Hessian max | Gram median/max | padding max |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for variant in args.variants:
-        failed = [
-            f"seed {r['seed']}: {r['error']}"
-            for r in rows
-            if r["variant"] == variant and "error" in r
-        ]
-        sel = [r for r in rows if r["variant"] == variant and "error" not in r]
-        if not sel:
-            lines.append(f"| {variant} | failed: {'; '.join(failed)} |")
-            continue
-        last = [r["history"][-1] for r in sel]
-        gram = [h["gram_eig_median"] / h["gram_eig_max"] for h in last if "gram_eig_max" in h]
-        lines.append(
-            f"| {variant} | {_fmt([r['ais_mean'] for r in sel])} | "
-            + (_fmt([r["minus_svi_mean"] for r in sel]) if "minus_svi_mean" in sel[0] else "-")
-            + f" | {_fmt([h.get('step_size', float('nan')) for h in last], 7)} | "
-            f"{_fmt([h['sigma_median'] for h in last], 3)} | "
-            f"{_fmt([h['hessian_z_max'] for h in last], 1)} | "
-            + (_fmt(gram, 6) if gram else "-")
-            + f" | {_fmt([h['padding_abs_max'] for h in last], 1)} |"
-        )
-    table = "\n".join(lines)
-    failures = [f"{r['variant']} seed {r['seed']}: {r['error']}" for r in rows if "error" in r]
-    if failures:
-        table += "\n\nStopped early (DivergenceError or a non-finite loss):\n" + "\n".join(
-            f"- {f}" for f in failures
-        )
+    table = make_table(rows, args)
     print(table)
     result = {"args": vars(args), "rows": rows, "table": table}
     out.write_text(json.dumps(result, indent=1))
