@@ -13,14 +13,16 @@ weight.
 Variants (``--variants``):
 
 ``svi``                 the example's SVI
-``lae``                 LAE with the kernel's defaults (what a user gets today)
+``lae``                 LAE with the library's defaults (the trunk's gradient corrected
+                        for the Jacobian of the chain layer, ``jacobian=True``)
+``lae-no-jacobian``     ... without that correction (the default before it)
+``lae-project-noise``   ... with ``project_noise=True``
 ``lae-frozen-trunk``    ... with the trunk's learning rate 0 (random features)
 ``lae-frozen-center-proj`` ... and centred features and ``project_noise=True``
 ``lae-precondition``    ... with ``precondition=1e-3``
 ``lae-center``          ... with a :class:`~pyro_lvm.models.centering.FeatureCentering`
                         layer before the head (running mean, updates absorbed)
-``lae-center-jac``      ... and its Jacobian correction of the trunk's gradient
-``lae-center-jac-proj`` ... and ``project_noise=True`` (the digits recipe's defaults)
+``lae-center-proj``     ... and ``project_noise=True`` (the digits recipe's defaults)
 ``lae-onehot``          per-sequence persistent chains: features :math:`e_i` (one-hot
                         sequence index), no trunk, projected noise: plain Langevin
                         dynamics, the non-amortized reference
@@ -71,12 +73,13 @@ from pyro_lvm.models.centering import FeatureCentering  # noqa: E402
 VARIANTS = [
     "svi",
     "lae",
+    "lae-no-jacobian",
+    "lae-project-noise",
     "lae-frozen-trunk",
     "lae-frozen-center-proj",
     "lae-precondition",
     "lae-center",
-    "lae-center-jac",
-    "lae-center-jac-proj",
+    "lae-center-proj",
     "lae-onehot",
 ]
 
@@ -84,9 +87,9 @@ VARIANTS = [
 class CenteredDMMEncoder(DMMEncoder):
     """:class:`DMMEncoder` with a :class:`FeatureCentering` layer before the head."""
 
-    def __init__(self, dmm: D.DMM, T_max: int, jacobian: bool):
+    def __init__(self, dmm: D.DMM, T_max: int):
         super().__init__(dmm, T_max)
-        self.center = FeatureCentering(self.head.in_features, jacobian=jacobian)
+        self.center = FeatureCentering(self.head.in_features)
         self.center.compensate(self.head)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,12 +141,16 @@ class Run:
             )
             kernel["project_noise"] = True
         elif "center" in variant:
-            self.encoder = CenteredDMMEncoder(self.dmm, T, jacobian="jac" in variant)
+            self.encoder = CenteredDMMEncoder(self.dmm, T)
             kernel["project_noise"] = variant.endswith("proj")
         else:
             self.encoder = DMMEncoder(self.dmm, T)
         if variant == "lae-precondition":
             kernel["precondition"] = 1e-3
+        if variant == "lae-no-jacobian":
+            kernel["jacobian"] = False
+        if variant == "lae-project-noise":
+            kernel["project_noise"] = True
         trunk = {id(p) for p in trunk_parameters(self.dmm)}
         params = list(dict.fromkeys([*self.dmm.parameters(), *self.encoder.parameters()]))
         groups = [

@@ -196,8 +196,8 @@ _TRAIN_FLAGS = [
         ("--jacobian",),
         dict(
             action="store_true",
-            help="correct the trunk's gradient for the chain layer's Jacobian (centred "
-            "features; the default; docs/langevin.md)",
+            help="correct the trunk's gradient for the chain layer's Jacobian (the "
+            "default; docs/langevin.md)",
         ),
         "langevin",
     ),

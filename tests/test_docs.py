@@ -82,6 +82,9 @@ def test_custom_models_tutorial_runs_and_its_results_hold():
     assert ns["z"].shape == (1000, 4, ns["LATENT"])
     assert ns["ess"].min() > 25  # enough for the ESS-based standard errors below
     assert (ns["mean_z_scores"].abs() < Z).all(), ns["mean_z_scores"]
+    # the same with an encoder as Pyro's VAE example writes it, (loc, scale)
+    assert ns["ess_vae"].min() > 25
+    assert (ns["vae_z_scores"].abs() < Z).all(), ns["vae_z_scores"]
     assert (ns["rate"] > 0).all()
     assert (ns["rate_z_scores"].abs() < Z).all(), ns["rate_z_scores"]
     # Predictive drew new data (uncondition), one draw per posterior sample

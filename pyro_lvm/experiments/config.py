@@ -116,8 +116,7 @@ class TrainConfig:
     #: centring, the features' shared mode sets the step size and the chain freezes on
     #: digits (docs/langevin.md, "Beating the VAE")
     feature_norm: str = "center"
-    #: lae: Jacobian correction of the trunk's gradient in the centring layer (on here, off
-    #: in FeatureCentering: it only applies with centring, the CLI's default; same doc)
+    #: lae: Jacobian correction of the trunk's gradient (LAE's default too; same doc)
     jacobian: bool = True
     #: lae: proposal noise of the chain weight only in the batch's feature span (on here,
     #: off in the kernel, which keeps the paper's chain: the weight's free random walk

@@ -57,6 +57,7 @@ from pyro_lvm.infer.driver import OptimizerDriver
 from pyro_lvm.infer.mcmc import ald
 from pyro_lvm.infer.mcmc.amortized_langevin import AmortizedLangevin
 from pyro_lvm.infer.mcmc.mixing import move_and_spread
+from pyro_lvm.infer.trunk_jacobian import jacobian_term
 
 __all__ = ["LAE"]
 
@@ -73,7 +74,7 @@ def _latents(langevin, batch) -> dict[str, torch.Tensor]:
 
 
 class LAE(OptimizerDriver):
-    """SVI-like trainer for a Langevin autoencoder.
+    r"""SVI-like trainer for a Langevin autoencoder.
 
     Parameters
     ----------
@@ -95,6 +96,13 @@ class LAE(OptimizerDriver):
         A ready kernel (then ``kernel_options`` must be empty).
     clip_norm : float, optional
         Clip the global gradient norm of the optimizer's parameters.
+    jacobian : bool
+        Correct the trunk's gradient for the Jacobian of the chain layer (the weight
+        :math:`\Phi \mapsto z`), which otherwise rewards the trunk for shrinking its
+        features until the chain freezes and training becomes MAP
+        (:mod:`~pyro_lvm.infer.trunk_jacobian`). Applies where the chain is the weight of
+        ``nn.Linear`` layers fed by a trained trunk and ``precondition`` is ``None``; the
+        loss value is unchanged. Default on.
     **kernel_options
         Passed to :class:`~pyro_lvm.infer.mcmc.amortized_langevin.AmortizedLangevin`.
         Training defaults differ from the kernel's: ``adapt_window=1000`` (the step size
@@ -119,6 +127,7 @@ class LAE(OptimizerDriver):
         num_steps: int = 2,
         kernel: AmortizedLangevin | None = None,
         clip_norm: float | None = None,
+        jacobian: bool = True,
         **kernel_options: Any,
     ):
         if not isinstance(num_steps, int) or num_steps < 1:
@@ -136,6 +145,7 @@ class LAE(OptimizerDriver):
             )
         self.model, self.encoder = model, encoder
         self.kernel, self.num_steps = kernel, num_steps
+        self.jacobian = bool(jacobian)
         super().__init__(optim, clip_norm, extra=dict(encoder.named_parameters()))
         if kernel.cache.spec is not None:
             self._exclude_more(kernel.cache.spec.params)
@@ -197,7 +207,16 @@ class LAE(OptimizerDriver):
         total = potentials[0]
         for potential in potentials[1:]:
             total = total + potential
-        return total / self.num_steps
+        return total / self.num_steps + self._jacobian_term(batch.chain, spec)
+
+    def _jacobian_term(self, chain, spec) -> torch.Tensor | float:
+        """The trunk's Jacobian correction (:mod:`~pyro_lvm.infer.trunk_jacobian`) on the
+        chain layers' inputs; none when preconditioned (the chain's coordinates are then
+        the latents themselves, up to the damping) or when the encoder is re-run."""
+        if not self.jacobian or chain.features is None or self.kernel.precondition is not None:
+            return 0.0
+        columns = [sum(b - a for a, b in head.sites.values()) for head in spec.heads]
+        return jacobian_term(chain.features, columns)
 
     @torch.no_grad()
     def evaluate_loss(self, *args, **kwargs) -> float:

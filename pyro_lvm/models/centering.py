@@ -41,32 +41,10 @@ the latents, the mean catches up a few dozen batches later and moves every laten
 the optimizer pushes again, and the features run away (the measurements are in
 ``docs/langevin.md``, "A stable default").
 
-**Jacobian correction** (``jacobian=True``, opt-in; needs the chain layer attached). LAE trains the
-trunk on the potential at the chain's states, i.e. (on average over the chain's stationary
-law :math:`\pi(\Phi) \propto e^{-V(\Phi)}`) on :math:`-\log Z` with
-:math:`Z = \int e^{-V(\Phi)}\,d\Phi`. Changing variables :math:`\Phi \mapsto z`
-(:math:`z_i = \Phi \tilde g_i + b`, per latent dimension a linear map with volume factor
-:math:`\det(\tilde G \tilde G^\top)^{1/2}`) gives
-
-.. math::
-
-    -\log Z = -\log p(x_{1:n}) + \tfrac{d_z}{2} \log\det(\tilde G \tilde G^\top) + \text{const},
-
-so besides the evidence (independent of the trunk when the rank condition holds) the trunk
-descends :math:`\tfrac{d_z}{2}\log\det(\tilde G \tilde G^\top)`: it shrinks the centred
-features and collapses their smallest directions first (the gradient is
-:math:`d_z (\tilde G \tilde G^\top)^{-1} \tilde G`), the chain weight grows to keep
-:math:`z` in place and the step size adapts up. Measured on the LAE paper's digits protocol
-(logistic likelihood, LayerNorm, depth 3, seed 0): feature norm 6.1 -> 0.09, smallest
-singular value 0.54 -> 1e-4, effective rank 20 -> 2, step size 3e-4 -> 0.9, and the loss
-jumps 155 -> 196 at epoch ~40 (docs/langevin.md). The backward pass of this layer adds
-:math:`-\tfrac{d_z}{2}\nabla \log\det(\tilde G \tilde G^\top + \epsilon I)` (``jitter``
-:math:`\epsilon` relative to the mean squared norm of a row; the same gradient as that of
-:math:`\log\det(\tilde G^\top \tilde G + \epsilon I)`), which cancels that term exactly;
-the forward values, the chain's potential and the reported loss are unchanged. In one process
-it factors the smaller of :math:`\tilde G \tilde G^\top` and :math:`\tilde G^\top \tilde G`
-(the same gradient); data parallel it factors :math:`\tilde G^\top \tilde G`, a sum over rows,
-so that it is the union batch's (one collective).
+The chain's geometry is the centring's only business: the correction of the trunk's
+gradient for the Jacobian of :math:`\Phi \mapsto z` is the trainer's
+(:class:`~pyro_lvm.infer.LAE`, ``jacobian=True``; :mod:`pyro_lvm.infer.trunk_jacobian`),
+and applies to any encoder whose chain is an ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -92,55 +70,6 @@ def _batch_moments(flat: Tensor) -> tuple[Tensor, Tensor]:
     return mean, (q - n * mean**2) / (n - 1)
 
 
-class _LogDetCorrection(torch.autograd.Function):
-    r"""Identity forward; backward adds the gradient of
-    :math:`-c \log\det(\tilde G^\top \tilde G + \epsilon I)` with respect to the rows of
-    :math:`\tilde G` (the batch's centred features): :math:`-2c\,\tilde G S^{-1}` with
-    :math:`S = \tilde G^\top \tilde G + \epsilon I`, the Jacobian correction of
-    :class:`FeatureCentering`. By the push-through identity it equals
-    :math:`-2c\,(\tilde G \tilde G^\top + \epsilon I)^{-1} \tilde G`, the gradient of
-    :math:`-c\log\det(\tilde G \tilde G^\top + \epsilon I)`, whichever of the batch and the
-    width is larger: :func:`_factor` factors the smaller matrix (Cholesky, float64)."""
-
-    @staticmethod
-    def forward(ctx, out: Tensor, factor: Tensor, by_rows: bool, coef: float) -> Tensor:
-        ctx.save_for_backward(out, factor)
-        ctx.by_rows, ctx.coef = by_rows, coef
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        out, factor = ctx.saved_tensors
-        with torch.no_grad():
-            flat = out.reshape(-1, out.shape[-1]).to(factor.dtype)
-            if ctx.by_rows:  # (G G^T + eps I)^{-1} G
-                solved = torch.cholesky_solve(flat, factor)
-            else:  # G (G^T G + eps I)^{-1}
-                solved = torch.cholesky_solve(flat.T, factor).T
-            extra = (-2.0 * ctx.coef) * solved
-        return grad + extra.to(grad.dtype).reshape(grad.shape), None, None, None
-
-
-def _factor(flat: Tensor, jitter: float) -> tuple[Tensor, bool]:
-    r"""The Cholesky factor of :math:`\tilde G \tilde G^\top + \epsilon I` (``by_rows``:
-    fewer rows than features, one process) or of :math:`\tilde G^\top \tilde G + \epsilon I`
-    (a sum over rows, so data parallel it is summed over every rank's rows), in float64;
-    :math:`\epsilon` is ``jitter`` times the mean squared row norm (the mean diagonal of
-    :math:`\tilde G \tilde G^\top`)."""
-    rows = flat.detach().double()
-    n, width = rows.shape
-    if current_collective() is None and n < width:
-        gram = rows @ rows.T
-        eps = jitter * gram.diagonal().sum().clamp_min(1e-30) / n
-        eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-        return torch.linalg.cholesky(gram + eps * eye), True
-    total = reduce_sum(torch.cat([rows.T @ rows, rows.new_tensor([[n]]).expand(-1, width)]))
-    gram, count = total[:-1], total[-1, 0]
-    eps = jitter * gram.diagonal().sum().clamp_min(1e-30) / count
-    eye = torch.eye(width, dtype=gram.dtype, device=gram.device)
-    return torch.linalg.cholesky(gram + eps * eye), False
-
-
 class FeatureCentering(nn.Module):
     """``h -> (h - running_mean) [/ sqrt(running_var + eps)]``, statistics from past batches.
 
@@ -158,12 +87,6 @@ class FeatureCentering(nn.Module):
         Also divide by the running per-feature standard deviation.
     eps : float
         Added to the variance before the square root.
-    jacobian : bool
-        With a chain layer attached (:meth:`compensate`), correct the trunk's gradient
-        for the Jacobian of :math:`\\Phi \\mapsto z` (module docstring, "Jacobian
-        correction"); training mode only, the forward values are unchanged.
-    jitter : float
-        Relative damping of the Gram matrix in that correction (times its mean diagonal).
     """
 
     def __init__(
@@ -172,8 +95,6 @@ class FeatureCentering(nn.Module):
         momentum: float = 0.5,
         standardize: bool = False,
         eps: float = 1e-5,
-        jacobian: bool = False,
-        jitter: float = 1e-6,
     ):
         super().__init__()
         if num_features <= 0:
@@ -182,7 +103,6 @@ class FeatureCentering(nn.Module):
             raise ValueError(f"momentum must be in (0, 1], got {momentum}")
         self.num_features, self.momentum = num_features, momentum
         self.standardize, self.eps = standardize, eps
-        self.jacobian, self.jitter = jacobian, jitter
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
         self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
@@ -220,10 +140,6 @@ class FeatureCentering(nn.Module):
                 self.pending_mean.copy_(self.running_mean.lerp(mean, self.momentum))
                 self.pending_var.copy_(self.running_var.lerp(var, self.momentum))
             self.num_batches_tracked += 1
-            if self.jacobian and self._heads and torch.is_grad_enabled() and out.requires_grad:
-                factor, by_rows = _factor(out.reshape(-1, self.num_features), self.jitter)
-                coef = 0.5 * self._heads[0].out_features
-                out = _LogDetCorrection.apply(out, factor, by_rows, coef)
             return out
         return self._apply_stats(h)
 
@@ -259,7 +175,4 @@ class FeatureCentering(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.num_features}, momentum={self.momentum}, standardize={self.standardize}, "
-            f"jacobian={self.jacobian}"
-        )
+        return f"{self.num_features}, momentum={self.momentum}, standardize={self.standardize}"

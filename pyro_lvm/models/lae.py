@@ -54,11 +54,6 @@ class LangevinAutoencoder(LatentVariableModel):
         for ``"standardize"``, per-feature scaling) of the features :math:`g(x)`, which
         removes the common mode that dominates :math:`G G^\\top` and dictates the ALD
         step size. Default ``"none"`` (the paper's encoder).
-    jacobian : bool
-        With ``feature_norm`` other than ``"none"``: the centring layer corrects the
-        trunk's gradient for the Jacobian of :math:`\\Phi \\mapsto z`, which otherwise pulls
-        the centred features to zero volume (see
-        :class:`~pyro_lvm.models.centering.FeatureCentering`). Default off.
     decoder, encoder : nn.Module, optional
         Replace the MLPs (the encoder must output the latents from an ``nn.Linear``).
     **net
@@ -77,7 +72,6 @@ class LangevinAutoencoder(LatentVariableModel):
         decoder: nn.Module | None = None,
         encoder: nn.Module | None = None,
         feature_norm: str = "none",
-        jacobian: bool = False,
         **net: Any,
     ):
         if feature_norm not in FEATURE_NORMS:
@@ -96,9 +90,7 @@ class LangevinAutoencoder(LatentVariableModel):
             encoder = MLP(data_dim, latent_dim, **self.net)
             if feature_norm != "none":
                 width = self.net["hidden_dim"] if self.net["depth"] > 0 else data_dim
-                centering = FeatureCentering(
-                    width, standardize=feature_norm == "standardize", jacobian=jacobian
-                )
+                centering = FeatureCentering(width, standardize=feature_norm == "standardize")
                 encoder.insert(len(encoder) - 1, centering)  # the last module stays Linear
                 centering.compensate(encoder[-1])  # updates keep the encoder's function
         self.encoder = encoder

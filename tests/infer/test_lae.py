@@ -103,8 +103,14 @@ def test_gradient_is_the_mean_potential_at_the_chain_states(
     float64, num_steps, precondition, monkeypatch
 ):
     x = data()[:BATCH]
+    # the paper's gradient: without the trunk's Jacobian correction (tested on its own in
+    # test_trunk_jacobian.py)
     lvm, encoder, lae = make(
-        num_steps=num_steps, step_size=1e-3, adapt_step_size=False, precondition=precondition
+        num_steps=num_steps,
+        step_size=1e-3,
+        adapt_step_size=False,
+        precondition=precondition,
+        jacobian=False,
     )
     lae.step(x)  # finds the chain, which leaves the optimizer
     lae.optim = torch.optim.SGD(lae._params(), lr=0.0)  # keep the gradients, move nothing

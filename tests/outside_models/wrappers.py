@@ -1,53 +1,22 @@
-"""Encoder adapters that today's :class:`~pyro_lvm.infer.AmortizedLangevin` needs on the ports.
+r"""What running pyro_lvm on the ports needs beyond the ports themselves.
 
-Not ports: each adapter exists because the kernel refuses the encoder as its authors
-wrote it, and says which refusal it works around, so that each can be deleted when the
-kernel accepts the original (issue 20: tuple encoders, automatic chain parameters,
-preconditioning for any chain). The adapters share the wrapped modules' parameters
-(nothing is copied), so a chain step moves the original layer.
-
-=========================  ==============================================  ===============
-adapter                    works around                                    chain
-=========================  ==============================================  ===============
-:class:`LocEncoder`        "the encoder returned tuple" (``(loc, scale)``)  ``params=``
-:func:`sequential_loc`     ``precondition=`` needs the final ``nn.Linear``  default
-                           of an encoder with ``params=None``
-:class:`DMMEncoder`        the combiner: tuple input, a chain that does      default
-                           not reach every site, not affine (its ``loc``
-                           at ``t`` feeds ``t + 1``)
-:class:`DictEncoder`       the sparse gamma DEF has no encoder (its guide   default
-                           is per-datapoint ``pyro.param``)
-=========================  ==============================================  ===============
+Not ports: :class:`DMMEncoder` and :class:`DictEncoder` give ALD an encoder
+:math:`x \mapsto z` where the authors wrote none (the DMM's guide samples :math:`z_t`
+from :math:`z_{t-1}`; the sparse gamma DEF's guide is per-datapoint ``pyro.param``);
+they share the wrapped modules' parameters (nothing is copied). :class:`UnmaskLatents`
+makes NUTS a usable reference on ragged DMM batches. Pyro's VAE example needs nothing:
+the kernel takes its ``(loc, scale)`` encoder as written.
 """
 
 from __future__ import annotations
 
+import pyro
 import torch
+from pyro.distributions.torch_distribution import MaskedDistribution
+from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from .dmm import DMM
-
-
-class LocEncoder(nn.Module):
-    """``encoder(x)[0]``: the ``loc`` of an encoder returning ``(loc, scale)``.
-
-    With Pyro's VAE example: ``AmortizedLangevin(vae.model, LocEncoder(vae.encoder),
-    latent_site="latent", params=["enc.fc21.weight"])``.
-    """
-
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.enc = encoder
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.enc(x)[0]
-
-
-def sequential_loc(encoder: nn.Module) -> nn.Sequential:
-    """The VAE example's ``loc`` path rebuilt as ``nn.Sequential(fc1, Softplus(), fc21)``
-    (the same layer objects): a final ``nn.Linear`` with ``params=None``, which
-    ``precondition=`` requires today."""
-    return nn.Sequential(encoder.fc1, nn.Softplus(), encoder.fc21)
 
 
 class DMMEncoder(nn.Module):
@@ -146,10 +115,19 @@ class DictEncoder(nn.Module):
         return out
 
 
-__all__ = [
-    "DMMEncoder",
-    "DictEncoder",
-    "LocEncoder",
-    "dmm_encoder_input",
-    "sequential_loc",
-]
+class UnmaskLatents(Messenger):
+    """Give masked latent sites their unmasked prior: ``Independent(Masked(base))`` ->
+    ``Independent(base)``. For a NUTS reference on ragged DMM batches: a masked latent
+    has a flat (improper) potential, along which NUTS trajectories never turn (every
+    draw at the maximal tree depth); with its proper prior back, and nothing else
+    depending on it, the posterior of the unmasked coordinates is unchanged."""
+
+    def _pyro_sample(self, msg):
+        fn = msg["fn"]
+        if msg["is_observed"] or not isinstance(fn, pyro.distributions.Independent):
+            return
+        if isinstance(fn.base_dist, MaskedDistribution):
+            msg["fn"] = fn.base_dist.base_dist.to_event(fn.reinterpreted_batch_ndims)
+
+
+__all__ = ["DMMEncoder", "DictEncoder", "UnmaskLatents", "dmm_encoder_input"]

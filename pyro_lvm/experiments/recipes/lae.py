@@ -10,13 +10,12 @@ adapted towards ``--target-accept-prob`` throughout training unless ``--no-adapt
 ``--feature-norm center`` centres the encoder features with running means before the
 chain layer (:class:`~pyro_lvm.models.centering.FeatureCentering`): without it the
 features' shared direction dictates a tiny step size (see docs/langevin.md, "Beating the
-VAE"). By default the centring layer also applies the Jacobian correction of the
-trunk's gradient (``--no-jacobian`` drops it; without it the trunk pulls the centred
-features to zero volume; docs/langevin.md, "The trunk descends a log-determinant"), and
-the chain's proposal noise is projected onto the batch's feature span
-(``--no-project-noise``: the paper's isotropic noise; docs/langevin.md, "Projected
-proposal noise"). ``--orthogonal-init`` gives every network the
-paper's initialisation.
+VAE"). LAE corrects the trunk's gradient for the Jacobian of the chain layer
+(``--no-jacobian`` drops it; without it the trunk pulls the features to zero volume;
+docs/langevin.md, "The trunk descends a log-determinant"), and the chain's proposal
+noise is projected onto the batch's feature span (``--no-project-noise``: the paper's
+isotropic noise; docs/langevin.md, "Projected proposal noise"). ``--orthogonal-init``
+gives every network the paper's initialisation.
 
 The chain's potential is the plain minibatch sum (temperature 1, as in the paper). ALD
 needs the encoder's last hidden width (``--hidden-dim``) to be at least the batch size
@@ -55,9 +54,7 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         encoder, nets["decoder"] = conv_networks(config, data_dim, config.latent_dim)
         if feature_norm != "none":  # as the MLP encoder: centring right before the chain layer
             centering = FeatureCentering(
-                config.hidden_dim,
-                standardize=feature_norm == "standardize",
-                jacobian=config.jacobian,
+                config.hidden_dim, standardize=feature_norm == "standardize"
             )
             encoder.insert(len(encoder) - 1, centering)
             centering.compensate(encoder[-1])  # updates keep the encoder's function
@@ -69,7 +66,6 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         **network_options(config),
         test_scale=config.test_scale,
         feature_norm=feature_norm,
-        jacobian=config.jacobian,
         **nets,
     )
     lvm.feature_norm = config.feature_norm
@@ -85,6 +81,7 @@ def build(config: TrainConfig, data_dim: int, likelihood: Likelihood) -> Experim
         target_accept_prob=config.target_accept_prob,
         precondition=config.precondition,
         project_noise=config.project_noise,
+        jacobian=config.jacobian,
         jit_compile=config.compile_backend(),
     )
     return langevin_experiment(config, lvm, inference)

@@ -254,7 +254,7 @@ class AmortizedLangevin(MCMCKernel):
         if key in self.cache.verified:
             return
         check_potential(batch, langevin, (self.encoder, getattr(self.model, "__self__", None)))
-        check_flat(batch, langevin)
+        self.cache.flat[tuple(x.shape)] = check_flat(batch, langevin)
         self.cache.verified.add(key)
 
     def start(self, batch: ald.ALDBatch, langevin: LangevinState) -> None:
@@ -290,6 +290,7 @@ class AmortizedLangevin(MCMCKernel):
         self._stats: dict[str, Any] = {"accept_prob": 0.0, "accepted": 0.0, "n": 0}
         self._divergences: list[int] = []
         self._tracked: list[Tensor] = []
+        self._free: Tensor | None = None
         self._moves: list[tuple[float, float]] = []
         self._first_step_size: float | None = None
 
@@ -328,6 +329,7 @@ class AmortizedLangevin(MCMCKernel):
         self.check(batch, langevin, x)
         self.start(batch, langevin)
         self._batch, self._langevin = batch, langevin
+        self._free = ~self.cache.flat[tuple(x.shape)]  # mixing ignores flat coordinates
         self._last = ald.local_latents(langevin, batch)
         self._first_step_size = self.state.step_size
 
@@ -378,7 +380,7 @@ class AmortizedLangevin(MCMCKernel):
         local = {n: after[n] for n in self.latent_sites}
         flat = torch.cat([v.reshape(-1) for v in local.values()])
         if not self._tracked:
-            self._track = M.tracked_coordinates(flat.numel())
+            self._track = M.tracked_coordinates(flat.numel(), where=self._free)
         self._tracked.append(flat[self._track])
         self._moves.append(M.relative_move({n: before[n] for n in local}, local))
 

@@ -67,10 +67,14 @@ def check_potential(
         )
 
 
-def check_flat(batch: ALDBatch, langevin: LangevinState) -> None:
+def check_flat(batch: ALDBatch, langevin: LangevinState) -> Tensor:
     """Warn once (one line) about local latent coordinates with an exactly zero gradient
     of the potential at a random point near the state: no prior or likelihood term
-    reaches them (masked padding), so the chain moves them as a free random walk."""
+    reaches them (masked padding), so the chain moves them as a free random walk.
+
+    Returns the flat coordinates as a boolean vector over the local latents' values,
+    concatenated in site order (the mixing summaries leave them out: a free random walk
+    never mixes, and says nothing about the rest)."""
     gen = torch.Generator().manual_seed(0)  # a private draw: the caller's stream is untouched
     u = {}
     for name, value in _local_at(batch, langevin).items():
@@ -81,8 +85,11 @@ def check_flat(batch: ALDBatch, langevin: LangevinState) -> None:
         # the potential as a function of the site values themselves
         potential = batch.potential_of({**u, **globals_}, batch.args, batch.kwargs)
         grads = torch.autograd.grad(potential.sum(), list(u.values()), allow_unused=True)
+    masks = []
     for (name, value), grad in zip(u.items(), grads):
-        flat = value.numel() if grad is None else int((grad == 0).sum())
+        mask = torch.ones_like(value, dtype=torch.bool) if grad is None else grad == 0
+        masks.append(mask.reshape(-1))
+        flat = int(mask.sum())
         if flat:
             warnings.warn(
                 f"{flat} of {value.numel()} coordinates of latent site {name!r} have a flat "
@@ -92,6 +99,7 @@ def check_flat(batch: ALDBatch, langevin: LangevinState) -> None:
                 FlatPotentialWarning,
                 stacklevel=4,
             )
+    return torch.cat(masks)
 
 
 def _local_at(batch: ALDBatch, langevin: LangevinState) -> dict[str, Tensor]:

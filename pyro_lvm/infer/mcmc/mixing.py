@@ -47,11 +47,15 @@ class MixingWarning(UserWarning):
     """The chain barely moves: its draws are not a usable posterior sample."""
 
 
-def tracked_coordinates(size: int, count: int = 16) -> Tensor:
-    """``count`` fixed indices into a flat latent vector of ``size`` entries (a private
-    generator: the caller's random stream is untouched)."""
+def tracked_coordinates(size: int, count: int = 16, where: Tensor | None = None) -> Tensor:
+    """``count`` fixed indices into a flat latent vector of ``size`` entries, among those
+    where ``where`` (a boolean vector of ``size``; empty or ``None``: all) is true; a
+    private generator leaves the caller's random stream untouched."""
     gen = torch.Generator().manual_seed(0)
-    return torch.randperm(size, generator=gen)[: min(count, size)]
+    order = torch.randperm(size, generator=gen)
+    if where is not None and where.numel() == size:
+        order = order[where.cpu()[order]]
+    return order[: min(count, order.numel())]
 
 
 def ess_per_draw(draws: Tensor) -> float:
