@@ -21,6 +21,15 @@ def test_a_step_size_fallen_by_orders_of_magnitude_has_collapsed():
     assert _kinds({"epoch": 2, "step_size": 1e-9}) == ["step_size_collapsed"]  # the floor
 
 
+def test_a_fallen_step_size_with_latents_still_moving_is_no_collapse():
+    # the DMM's LAE run with the trunk's Jacobian correction: the features grow, the
+    # weight step falls 1.1e-2 -> 1.8e-6, the latents move 0.06 -> 0.12 per transition
+    record = {"epoch": 9, "step_size": 1.8e-6, "move": 0.12}
+    assert check_epoch(record, 100.0, 1.1e-2, 0.06) == []
+    collapsed = {"epoch": 9, "step_size": 1.8e-6, "move": 0.0007}  # and without it
+    assert [i.kind for i in check_epoch(collapsed, 100.0, 1.1e-2, 0.06)] == ["step_size_collapsed"]
+
+
 def test_latents_that_do_not_move_are_a_frozen_chain():
     assert _kinds({"epoch": 1, "move_ratio": 2e-4}) == ["chain_frozen"]
     assert _kinds({"epoch": 1, "move_ratio": float("nan")}) == []

@@ -11,8 +11,12 @@ catch what stays finite and is still useless, and report it as a warning (and un
     lower the loss; this is an order-of-magnitude increase (e.g. ``--lr 10``).
 ``step_size_collapsed``
     A Langevin step size fell below ``STEP_SIZE_FLOOR``, or by more than
-    :data:`~pyro_lvm.infer.mcmc.mixing.MAX_STEP_SIZE_FALL` times from its first value:
-    the chain no longer moves, so the "posterior samples" are the encoder's outputs.
+    :data:`~pyro_lvm.infer.mcmc.mixing.MAX_STEP_SIZE_FALL` times from its first value,
+    and the latents' RMS move per transition (``move``) fell with it, by more than
+    :math:`\sqrt{\text{MAX\_STEP\_SIZE\_FALL}}` times its first value: the chain no
+    longer moves, so the "posterior samples" are the encoder's outputs. (The step size
+    is in the chain's coordinates, the weights: features that grow during training
+    lower it while the latents move as before, which is no collapse.)
 ``chain_frozen``
     The latents move less than :data:`~pyro_lvm.infer.mcmc.mixing.MIN_RELATIVE_MOVE` of
     their spread per transition (``move_ratio``, averaged over the latest transitions).
@@ -43,11 +47,14 @@ class HealthIssue(NamedTuple):
 
 
 def check_epoch(
-    record: dict, first_loss: float | None, first_step_size: float | None = None
+    record: dict,
+    first_loss: float | None,
+    first_step_size: float | None = None,
+    first_move: float | None = None,
 ) -> list[HealthIssue]:
-    """The issues visible in one epoch record (``train_loss``, ``step_size``,
+    """The issues visible in one epoch record (``train_loss``, ``step_size``, ``move``,
     ``accept_rate``, ``move_ratio``; absent keys are skipped), given the first step's
-    loss and step size."""
+    loss, step size and latent move."""
     issues = []
     epoch, loss = record.get("epoch"), record.get("train_loss")
     if first_loss is not None and loss is not None and math.isfinite(first_loss):
@@ -62,7 +69,11 @@ def check_epoch(
     step = record.get("step_size")
     fell = first_step_size is not None and step is not None
     fell = fell and first_step_size > 0 and step < first_step_size / MAX_STEP_SIZE_FALL
-    if step is not None and math.isfinite(step) and (step < STEP_SIZE_FLOOR or fell):
+    move = record.get("move")
+    moving = move is not None and first_move is not None and math.isfinite(move)
+    moving = moving and first_move > 0 and move >= first_move / math.sqrt(MAX_STEP_SIZE_FALL)
+    collapsed = step is not None and math.isfinite(step) and (step < STEP_SIZE_FLOOR or fell)
+    if collapsed and not moving:
         since = f" (from {first_step_size:.2g} at the first step)" if fell else ""
         issues.append(
             HealthIssue(

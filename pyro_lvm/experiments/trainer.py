@@ -239,7 +239,9 @@ class Trainer:
     def _check_health(self, record: dict) -> None:
         seen = {w["kind"] for w in self.state.warnings}
         steps = (r["step_size"] for r in self.state.steps if "step_size" in r)
-        for issue in check_epoch(record, self.state.first_loss, next(steps, None)):
+        moves = (r["move"] for r in self.state.steps if "move" in r)
+        firsts = next(steps, None), next(moves, None)
+        for issue in check_epoch(record, self.state.first_loss, *firsts):
             if issue.kind not in seen:
                 seen.add(issue.kind)
                 self.state.warnings.append(issue._asdict())
