@@ -101,14 +101,15 @@ class LAE(OptimizerDriver):
         :math:`\Phi \mapsto z`), which otherwise rewards the trunk for shrinking its
         features until the chain freezes and training becomes MAP
         (:mod:`~pyro_lvm.infer.trunk_jacobian`). Applies where the chain is the weight of
-        ``nn.Linear`` layers fed by a trained trunk and ``precondition`` is ``None``; the
-        loss value is unchanged. Default on.
+        ``nn.Linear`` layers fed by a trained trunk and ``precondition`` is ``None`` (the
+        training default); the loss value is unchanged. Default on.
     **kernel_options
         Passed to :class:`~pyro_lvm.infer.mcmc.amortized_langevin.AmortizedLangevin`.
         Training defaults differ from the kernel's: ``adapt_window=1000`` (the step size
         keeps tracking the target acceptance while the decoder changes) and
-        ``precondition=None`` (the paper's chain on the weights; see
-        ``docs/langevin.md`` for when to precondition in training).
+        ``precondition=None`` (the paper's chain on the weights, which the Jacobian
+        correction makes stable; preconditioned training collapsed on Pyro's DMM, see
+        ``docs/langevin.md``, "Training defaults").
     """
 
     loss_name = "LAE potential"
@@ -210,9 +211,10 @@ class LAE(OptimizerDriver):
         return total / self.num_steps + self._jacobian_term(batch.chain, spec)
 
     def _jacobian_term(self, chain, spec) -> torch.Tensor | float:
-        """The trunk's Jacobian correction (:mod:`~pyro_lvm.infer.trunk_jacobian`) on the
-        chain layers' inputs; none when preconditioned (the chain's coordinates are then
-        the latents themselves, up to the damping) or when the encoder is re-run."""
+        r"""The trunk's Jacobian correction (:mod:`~pyro_lvm.infer.trunk_jacobian`) on the
+        chain layers' inputs; not applied to a preconditioned chain (its volume factor
+        :math:`\det(G G^\top (G G^\top + \lambda \bar e I)^{-1})` is left uncorrected)
+        nor to an encoder re-run per proposal."""
         if not self.jacobian or chain.features is None or self.kernel.precondition is not None:
             return 0.0
         columns = [sum(b - a for a, b in head.sites.values()) for head in spec.heads]
