@@ -47,6 +47,7 @@ from pyro_lvm.infer.mcmc.adaptation import (
 from pyro_lvm.infer.mcmc.langevin import LangevinState, langevin_step
 from pyro_lvm.infer.sites import (
     ModelSites,
+    check_vectorized,
     find_latents,
     log_densities,
     pack,
@@ -135,12 +136,14 @@ class DLGM(OptimizerDriver):
     def _spec(self, x: torch.Tensor) -> ModelSites:
         key = tuple(x.shape)
         if key not in self._specs:
-            self._specs[key] = find_latents(
+            spec = find_latents(
                 self.model,
                 x,
                 latent_site=self.latent_site,
                 max_plate_nesting=self.max_plate_nesting,
             )
+            # a model written for one draw gets one call per chain
+            self._specs[key] = check_vectorized(self.model, spec, x)
         return self._specs[key]
 
     def _elbo_traces(self, x: torch.Tensor):

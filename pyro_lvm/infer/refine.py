@@ -41,7 +41,7 @@ from pyro import poutine
 
 from pyro_lvm.infer.mcmc.adaptation import dual_averaging_init, dual_averaging_step
 from pyro_lvm.infer.mcmc.langevin import langevin_init, langevin_step
-from pyro_lvm.infer.sites import ModelSites, find_latents, log_densities
+from pyro_lvm.infer.sites import ModelSites, check_vectorized, find_latents, log_densities
 
 __all__ = [
     "RefineInfo",
@@ -125,6 +125,8 @@ def refine_latents(
     if not 0 <= num_warmup < num_steps:
         raise ValueError(f"num_warmup must be in [0, num_steps), got {num_warmup}")
     spec = find_latents(model, x, latent_site=latent_site, max_plate_nesting=max_plate_nesting)
+    # a model written for one draw (.expand to the batch, BatchNorm) gets one call per chain
+    spec = check_vectorized(model, spec, x)
     squeeze = z_init.dim() == 2
     z = z_init.detach().unsqueeze(0) if squeeze else z_init.detach()
     if z.dim() != 3 or z.shape[1:] != (spec.batch_size, spec.size):

@@ -145,3 +145,21 @@ def test_refine_bad_input():
         proposal(torch.zeros(4, 4))
     with pytest.raises(ValueError, match="num_steps must be >= 2"):
         LangevinProposalGuide(vae.model, vae.encode, 1)
+
+
+def test_a_model_written_for_one_draw_is_refined_chain_by_chain(float64):
+    """``.expand`` to the batch's rows (as written for one draw) cannot take the chains'
+    dimension: refinement evaluates it one chain at a time and gets the same chains as
+    the same model written with broadcasting."""
+    import written_models as wm
+
+    A, c, _ = wm.params()
+    x = wm.data(4, seed=offset_seed(1))
+    z_init = torch.zeros(3, 4, wm.L)
+    chains = {}
+    for model in (wm.model_plate, wm.model_expand):
+        torch.manual_seed(offset_seed(2))
+        z, _ = refine_latents(lambda x, m=model: m(x, A, c), x, z_init, 20, step_size=0.05)
+        chains[model.__name__] = z
+    torch.testing.assert_close(chains["model_expand"], chains["model_plate"])
+    assert not torch.equal(chains["model_plate"], z_init)  # the chains moved
