@@ -112,9 +112,10 @@ def test_resume_continues(vae_run, tmp_path):
         ),
     ],
 )
-def test_bad_input_is_one_line(argv, match, capsys, tmp_path):
+def test_bad_input_is_one_line(argv, match, capsys, tmp_path, monkeypatch):
     if argv[1] == "vae" and torch.cuda.is_available() and "cuda" in argv:
         pytest.skip("CUDA is available on this machine")
+    monkeypatch.chdir(tmp_path)  # the default --out (runs/...) must not meet a user's run
     code = main([*argv, "--no-progress"] if argv[0] == "train" else argv)
     err = capsys.readouterr().err.strip()
     assert code != 0

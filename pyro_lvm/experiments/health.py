@@ -11,8 +11,8 @@ catch what stays finite and is still useless, and report it as a warning (and un
     lower the loss; this is an order-of-magnitude increase (e.g. ``--lr 10``).
 ``step_size_collapsed``
     A Langevin step size fell below ``STEP_SIZE_FLOOR``, or by more than
-    :data:`~pyro_lvm.infer.mcmc.mixing.MAX_STEP_SIZE_FALL` times from its first value,
-    and the latents' RMS move per transition (``move``) fell with it, by more than
+    :data:`~pyro_lvm.infer.mcmc.mixing.MAX_STEP_SIZE_FALL` times from its first value
+    while the latents' RMS move per transition (``move``) fell with it, by more than
     :math:`\sqrt{\text{MAX\_STEP\_SIZE\_FALL}}` times its first value: the chain no
     longer moves, so the "posterior samples" are the encoder's outputs. (The step size
     is in the chain's coordinates, the weights: features that grow during training
@@ -72,8 +72,8 @@ def check_epoch(
     move = record.get("move")
     moving = move is not None and first_move is not None and math.isfinite(move)
     moving = moving and first_move > 0 and move >= first_move / math.sqrt(MAX_STEP_SIZE_FALL)
-    collapsed = step is not None and math.isfinite(step) and (step < STEP_SIZE_FLOOR or fell)
-    if collapsed and not moving:
+    finite = step is not None and math.isfinite(step)
+    if finite and (step < STEP_SIZE_FLOOR or (fell and not moving)):
         since = f" (from {first_step_size:.2g} at the first step)" if fell else ""
         issues.append(
             HealthIssue(

@@ -44,6 +44,7 @@ Latent Variable Models", NeurIPS, Algorithm 2.
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -147,6 +148,7 @@ class LAE(OptimizerDriver):
         self.model, self.encoder = model, encoder
         self.kernel, self.num_steps = kernel, num_steps
         self.jacobian = bool(jacobian)
+        self._jacobian_warned = False
         super().__init__(optim, clip_norm, extra=dict(encoder.named_parameters()))
         if kernel.cache.spec is not None:
             self._exclude_more(kernel.cache.spec.params)
@@ -215,10 +217,30 @@ class LAE(OptimizerDriver):
         chain layers' inputs; not applied to a preconditioned chain (its volume factor
         :math:`\det(G G^\top (G G^\top + \lambda \bar e I)^{-1})` is left uncorrected)
         nor to an encoder re-run per proposal."""
-        if not self.jacobian or chain.features is None or self.kernel.precondition is not None:
+        if not self.jacobian:
+            return 0.0
+        if self.kernel.precondition is not None:
+            self._skip_jacobian(
+                f"precondition={self.kernel.precondition}; pass precondition=None to correct"
+            )
+            return 0.0
+        if chain.features is None:
+            self._skip_jacobian(
+                "an encoder re-run per proposal; make the chain an nn.Linear's weight to correct"
+            )
             return 0.0
         columns = [sum(b - a for a, b in head.sites.values()) for head in spec.heads]
         return jacobian_term(chain.features, columns)
+
+    def _skip_jacobian(self, why: str) -> None:
+        if not self._jacobian_warned:  # once per trainer: it holds for every batch
+            self._jacobian_warned = True
+            warnings.warn(
+                f"LAE: jacobian=True does not apply with {why} the trunk's gradient, or "
+                "pass jacobian=False to train without the correction",
+                RuntimeWarning,
+                stacklevel=5,
+            )
 
     @torch.no_grad()
     def evaluate_loss(self, *args, **kwargs) -> float:

@@ -213,3 +213,40 @@ def test_grey_levels_for_a_bernoulli_built_without_validation():
     MCMC(AmortizedLangevin(model, encoder), num_samples=5, disable_progbar=True).run(grey)
     with pytest.raises(ValueError, match="outside the support"):
         MCMC(AmortizedLangevin(model, encoder), num_samples=5, disable_progbar=True).run(3 * grey)
+
+
+class TwoHeads(nn.Module):
+    """Two sites from two heads, called in the order opposite to ``latent_site``'s."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(D, 8)
+        self.head_b, self.head_a = nn.Linear(8, LATENT), nn.Linear(8, LATENT)
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        return {"b": self.head_b(h), "a": self.head_a(h)}
+
+
+def test_the_mixing_summary_tracks_only_coordinates_the_potential_reaches():
+    """Masked rows of site ``a`` random-walk freely (warned about once); the ESS tracking
+    and the relative move leave them out, whatever the heads' order."""
+    x, *_ = make_problem()
+    x = x.float()
+    rows = torch.tensor([True, False, False])
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            with poutine.mask(mask=rows):
+                a = pyro.sample("a", dist.Normal(torch.zeros(x.shape[0], LATENT), 1.0).to_event(1))
+            b = pyro.sample("b", dist.Normal(torch.zeros(x.shape[0], LATENT), 1.0).to_event(1))
+            loc = torch.cat([a * rows[:, None], b], -1).sum(-1, keepdim=True)
+            pyro.sample("x", dist.Normal(loc, 1.0).to_event(1), obs=x[:, :1])
+
+    torch.manual_seed(offset_seed(3))
+    kernel = AmortizedLangevin(model, TwoHeads(), latent_site=["a", "b"])
+    with pytest.warns(FlatPotentialWarning, match="4 of 6 coordinates of latent site 'a'"):
+        MCMC(kernel, num_samples=120, warmup_steps=20, disable_progbar=True).run(x)
+    free_a = rows[:, None].expand(-1, LATENT).reshape(-1)
+    where = torch.cat([free_a, torch.ones(N * LATENT, dtype=torch.bool)])  # a, then b
+    assert where[kernel._track].all() and len(kernel._track) == int(where.sum())

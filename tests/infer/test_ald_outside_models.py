@@ -19,13 +19,15 @@ from outside_models import vae as V
 from outside_models.wrappers import DMMEncoder, UnmaskLatents, dmm_encoder_input
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 
+from seeding import offset_seed
+
 from pyro_lvm.infer import AmortizedLangevin
 from pyro_lvm.infer.mcmc.checks import FlatPotentialWarning
 from pyro_lvm.infer.mcse import compare_draws, max_z_threshold
 
 
 def _run(kernel, args, draws: int, warmup: int, seed: int) -> dict[str, torch.Tensor]:
-    pyro.set_rng_seed(seed)
+    pyro.set_rng_seed(offset_seed(seed))
     mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, disable_progbar=True)
     mcmc.run(*args)
     return {k: v.detach() for k, v in mcmc.get_samples().items()}
@@ -39,10 +41,10 @@ def _svi(model, guide, batches, lr: float) -> None:
 
 def test_pyro_vae_example_with_its_encoder_as_written_matches_nuts():
     pyro.clear_param_store()
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     x_train, x_test = V.digits()
     vae = V.VAE(z_dim=2, hidden_dim=32, input_dim=64)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(offset_seed(0))
     batches = [(x_train[torch.randperm(len(x_train), generator=gen)[:100]],) for _ in range(300)]
     _svi(vae.model, vae.guide, batches, lr=1e-2)
     x = x_test[:3]
@@ -61,11 +63,11 @@ def test_pyro_vae_example_with_its_encoder_as_written_matches_nuts():
 
 def test_pyro_dmm_on_ragged_sequences_matches_nuts():
     pyro.clear_param_store()
-    torch.manual_seed(0)
+    torch.manual_seed(offset_seed(0))
     T, input_dim = 3, 5
     seqs, lengths = D.synthetic_sequences(64, T, input_dim, min_length=2, seed=0)
     dmm = D.DMM(input_dim=input_dim, z_dim=2, emission_dim=8, transition_dim=8, rnn_dim=8)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(offset_seed(0))
     batches = [
         D.get_mini_batch(torch.randperm(64, generator=gen)[:16], seqs, lengths) for _ in range(200)
     ]
@@ -91,5 +93,5 @@ def test_pyro_dmm_on_ragged_sequences_matches_nuts():
     result = compare_draws(ald, nuts, select=select)
     assert result.num_coordinates == 2 * int(mask.sum())
     assert result.max_abs_z < max_z_threshold(result.num_coordinates, 0.01), result.z
-    assert result.min_ess_per_draw > 0.01, result.min_ess
+    assert result.min_ess_per_draw > 0.005, result.min_ess  # the MixingWarning's threshold
     assert compare_draws(nuts, nuts, select=select).min_ess > 150

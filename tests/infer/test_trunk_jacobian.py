@@ -2,6 +2,8 @@
 (:mod:`pyro_lvm.infer.trunk_jacobian`): exact, unbiased under the stationary chain, and
 applied by :class:`~pyro_lvm.infer.LAE` to a user's encoder without changing the loss."""
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -107,3 +109,17 @@ def test_lae_corrects_the_trunk_of_a_users_encoder_and_reports_the_same_loss():
     (expected,) = torch.autograd.grad((hidden * pull).sum(), encoder.fc1.weight)
     torch.testing.assert_close(runs[True][1] - runs[False][1], expected, rtol=1e-4, atol=1e-6)
     assert expected.abs().max() > 1e-3  # the correction is not negligible here
+
+
+def test_a_preconditioned_training_chain_says_the_correction_does_not_apply():
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(offset_seed(4)))
+    lae, _ = _trainer(True)
+    lae.kernel.precondition = 1e-3  # as LAE(..., precondition=1e-3) would set it
+    with pytest.warns(RuntimeWarning, match="jacobian=True does not apply with precondition"):
+        lae.step(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        lae.step(x)  # once per trainer
+        off, _ = _trainer(False)
+        off.kernel.precondition = 1e-3
+        off.step(x)  # asked for no correction: nothing to say

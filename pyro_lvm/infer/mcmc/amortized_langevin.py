@@ -39,7 +39,7 @@ from pyro_lvm.infer.mcmc.chain import (
     encoder_values,
     find_chain,
 )
-from pyro_lvm.infer.mcmc.checks import check_flat, check_potential
+from pyro_lvm.infer.mcmc.checks import check_flat, check_potential, flat_coordinates
 from pyro_lvm.infer.mcmc.initial import apply_initial_params, check_initial_keys
 from pyro_lvm.infer.mcmc.langevin import LangevinState
 
@@ -254,7 +254,7 @@ class AmortizedLangevin(MCMCKernel):
         if key in self.cache.verified:
             return
         check_potential(batch, langevin, (self.encoder, getattr(self.model, "__self__", None)))
-        self.cache.flat[tuple(x.shape)] = check_flat(batch, langevin)
+        check_flat(batch, langevin)
         self.cache.verified.add(key)
 
     def start(self, batch: ald.ALDBatch, langevin: LangevinState) -> None:
@@ -290,7 +290,7 @@ class AmortizedLangevin(MCMCKernel):
         self._stats: dict[str, Any] = {"accept_prob": 0.0, "accepted": 0.0, "n": 0}
         self._divergences: list[int] = []
         self._tracked: list[Tensor] = []
-        self._free: Tensor | None = None
+        self._free: dict[str, Tensor] = {}
         self._moves: list[tuple[float, float]] = []
         self._first_step_size: float | None = None
 
@@ -329,7 +329,9 @@ class AmortizedLangevin(MCMCKernel):
         self.check(batch, langevin, x)
         self.start(batch, langevin)
         self._batch, self._langevin = batch, langevin
-        self._free = ~self.cache.flat[tuple(x.shape)]  # mixing ignores flat coordinates
+        # the mixing summaries leave out flat (masked) coordinates: a free random walk
+        # never mixes and says nothing about the rest
+        self._free = {n: ~m for n, m in flat_coordinates(batch, langevin).items()}
         self._last = ald.local_latents(langevin, batch)
         self._first_step_size = self.state.step_size
 
@@ -378,11 +380,21 @@ class AmortizedLangevin(MCMCKernel):
         stats["accepted"] += float(info.accepted)
         stats["n"] += 1
         local = {n: after[n] for n in self.latent_sites}
+        free = {n: self._free_of(n, v) for n, v in local.items()}
         flat = torch.cat([v.reshape(-1) for v in local.values()])
         if not self._tracked:
-            self._track = M.tracked_coordinates(flat.numel(), where=self._free)
+            where = torch.cat([f.reshape(-1) for f in free.values()])
+            self._track = M.tracked_coordinates(flat.numel(), where=where)
         self._tracked.append(flat[self._track])
-        self._moves.append(M.relative_move({n: before[n] for n in local}, local))
+        self._moves.append(M.relative_move({n: before[n] for n in local}, local, free))
+
+    def _free_of(self, name: str, value: Tensor) -> Tensor:
+        """The non-flat coordinates of a site's (constrained) draw; all of them where the
+        constraint changes the shape (the mask is over the unconstrained value)."""
+        mask = self._free.get(name)
+        if mask is None or mask.numel() != value.numel():
+            return torch.ones_like(value, dtype=torch.bool)
+        return mask.reshape(value.shape)
 
     def cleanup(self) -> None:
         """End the chain: warn if it barely moved; restore the encoder's weights saved by

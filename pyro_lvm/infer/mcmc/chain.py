@@ -83,13 +83,12 @@ class ChainSpec(NamedTuple):
 
 class ChainCache:
     """What a kernel remembers between batches: the chain it found, the batch shapes
-    whose fast path was checked (with their flat latent coordinates), the trunk-only
-    layouts, whether the rank warning fired."""
+    whose fast path was checked, the trunk-only layouts, whether the rank warning
+    fired."""
 
     def __init__(self) -> None:
         self.spec: ChainSpec | None = None
         self.verified: set = set()
-        self.flat: dict = {}
         self.layouts: dict = {}
         self.rank_warned = False
 

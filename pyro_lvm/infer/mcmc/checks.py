@@ -67,15 +67,13 @@ def check_potential(
         )
 
 
-def check_flat(batch: ALDBatch, langevin: LangevinState) -> Tensor:
-    """Warn once (one line) about local latent coordinates with an exactly zero gradient
-    of the potential at a random point near the state: no prior or likelihood term
-    reaches them (masked padding), so the chain moves them as a free random walk.
-
-    Returns the flat coordinates as a boolean vector over the local latents' values,
-    concatenated in site order (the mixing summaries leave them out: a free random walk
-    never mixes, and says nothing about the rest)."""
-    gen = torch.Generator().manual_seed(0)  # a private draw: the caller's stream is untouched
+def flat_coordinates(batch: ALDBatch, langevin: LangevinState) -> dict[str, Tensor]:
+    """Per local latent site, a boolean mask (of the site's unconstrained value) of the
+    coordinates with an exactly zero gradient of the potential at a random point near
+    the state: no prior or likelihood term reaches them (masked padding), so the chain
+    moves them as a free random walk. One gradient evaluation; draws none of the
+    caller's random numbers."""
+    gen = torch.Generator().manual_seed(0)
     u = {}
     for name, value in _local_at(batch, langevin).items():
         offset = torch.randn(value.shape, generator=gen).to(value) * (0.1 + value.abs())
@@ -85,21 +83,26 @@ def check_flat(batch: ALDBatch, langevin: LangevinState) -> Tensor:
         # the potential as a function of the site values themselves
         potential = batch.potential_of({**u, **globals_}, batch.args, batch.kwargs)
         grads = torch.autograd.grad(potential.sum(), list(u.values()), allow_unused=True)
-    masks = []
-    for (name, value), grad in zip(u.items(), grads):
-        mask = torch.ones_like(value, dtype=torch.bool) if grad is None else grad == 0
-        masks.append(mask.reshape(-1))
+    return {
+        name: torch.ones_like(value, dtype=torch.bool) if grad is None else grad == 0
+        for (name, value), grad in zip(u.items(), grads)
+    }
+
+
+def check_flat(batch: ALDBatch, langevin: LangevinState) -> None:
+    """Warn (one line per site) about flat local latent coordinates
+    (:func:`flat_coordinates`)."""
+    for name, mask in flat_coordinates(batch, langevin).items():
         flat = int(mask.sum())
         if flat:
             warnings.warn(
-                f"{flat} of {value.numel()} coordinates of latent site {name!r} have a flat "
+                f"{flat} of {mask.numel()} coordinates of latent site {name!r} have a flat "
                 "potential (no prior or likelihood term reaches them, e.g. masked padding): "
                 "ALD moves them as a free random walk; drop them from the site or keep the "
                 "prior term unmasked",
                 FlatPotentialWarning,
                 stacklevel=4,
             )
-    return torch.cat(masks)
 
 
 def _local_at(batch: ALDBatch, langevin: LangevinState) -> dict[str, Tensor]:

@@ -65,21 +65,27 @@ def ess_per_draw(draws: Tensor) -> float:
     return float(ess.min()) / draws.shape[0] if ess.numel() else math.nan
 
 
-def move_and_spread(before: dict[str, Tensor], after: dict[str, Tensor]) -> Tensor:
+def move_and_spread(
+    before: dict[str, Tensor], after: dict[str, Tensor], free: dict[str, Tensor] | None = None
+) -> Tensor:
     """``[mean squared move, mean squared spread]`` of the latents between two states, as
-    one tensor (no host sync: read many at once)."""
-    move = spread = 0.0
-    count = 0
+    one tensor (no host sync: read many at once), over the coordinates ``free`` marks
+    (site -> boolean mask shaped like the value; default all)."""
+    move = spread = count = 0.0
     for name, value in after.items():
-        move = move + (value - before[name]).square().sum()
-        spread = spread + (value - value.mean(0)).square().sum()
-        count += value.numel()
+        keep = 1.0 if free is None else free[name].to(value.dtype)
+        move = move + ((value - before[name]).square() * keep).sum()
+        spread = spread + ((value - value.mean(0)).square() * keep).sum()
+        count = count + (value.numel() if free is None else keep.sum())
     return torch.stack([move, spread]) / max(count, 1)
 
 
-def relative_move(before: dict[str, Tensor], after: dict[str, Tensor]) -> tuple[float, float]:
-    """``(rms move, rms spread)`` of the latents between two states (summed over sites)."""
-    move, spread = move_and_spread(before, after).tolist()
+def relative_move(
+    before: dict[str, Tensor], after: dict[str, Tensor], free: dict[str, Tensor] | None = None
+) -> tuple[float, float]:
+    """``(rms move, rms spread)`` of the latents between two states (summed over sites,
+    over the coordinates ``free`` marks)."""
+    move, spread = move_and_spread(before, after, free).tolist()
     return math.sqrt(move), math.sqrt(spread)
 
 
