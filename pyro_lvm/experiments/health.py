@@ -79,7 +79,8 @@ def check_epoch(
             HealthIssue(
                 "step_size_collapsed",
                 f"epoch {epoch}: Langevin step size {step:.2g}{since}: the chain is frozen; "
-                "precondition it (--precondition 1e-3), lower --lr or set --step-size",
+                "keep the Jacobian correction and centred features (the defaults), lower --lr "
+                "or set --step-size",
             )
         )
     ratio = record.get("move_ratio")
@@ -88,7 +89,8 @@ def check_epoch(
             HealthIssue(
                 "chain_frozen",
                 f"epoch {epoch}: the latents move {ratio:.2g} of their spread per Langevin "
-                "transition: the chain is frozen; precondition it (--precondition 1e-3)",
+                "transition: the chain is frozen; keep the Jacobian correction and centred "
+                "features (the defaults) or set --step-size",
             )
         )
     accept = record.get("accept_rate")

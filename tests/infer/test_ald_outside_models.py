@@ -18,7 +18,6 @@ from outside_models import dmm as D
 from outside_models import vae as V
 from outside_models.wrappers import DMMEncoder, UnmaskLatents, dmm_encoder_input
 from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
-
 from seeding import offset_seed
 
 from pyro_lvm.infer import AmortizedLangevin

@@ -103,16 +103,18 @@ def mixing_problems(
         problems.append(
             f"the chain barely mixes: min ESS {min_ess_per_draw * num_draws:.3g} of "
             f"{num_draws} draws over tracked latent coordinates; precondition the chain "
-            "(precondition=1e-3), use fewer rows per chain, or draw more"
+            "(precondition=1e-6, the default), use fewer rows per run, or draw more"
         )
     if move_ratio < MIN_RELATIVE_MOVE:
         problems.append(
             f"the chain is frozen: the latents move {move_ratio:.2g} of their spread per "
-            "transition; precondition the chain (precondition=1e-3) or check the step size"
+            "transition; precondition the chain (precondition=1e-6, the default) or check "
+            "the step size"
         )
     if first_step_size and step_size and step_size < first_step_size / MAX_STEP_SIZE_FALL:
         problems.append(
             f"the step size collapsed from {first_step_size:.2g} to {step_size:.2g}; "
-            "precondition the chain (precondition=1e-3) or lower the learning rate"
+            "precondition the chain (precondition=1e-6, the default) or lower the learning "
+            "rate"
         )
     return problems
