@@ -19,7 +19,7 @@ Variants (``--variants``):
 ``lae-project-noise``   ... with ``project_noise=True``
 ``lae-frozen-trunk``    ... with the trunk's learning rate 0 (random features)
 ``lae-frozen-center-proj`` ... and centred features and ``project_noise=True``
-``lae-precondition``    ... with ``precondition=1e-3``
+``lae-precondition``    ... with ``precondition=1e-3`` (``jacobian=False``: it does not apply)
 ``lae-center``          ... with a :class:`~pyro_lvm.models.centering.FeatureCentering`
                         layer before the head (running mean, updates absorbed)
 ``lae-center-proj``     ... and ``project_noise=True`` (the digits recipe's defaults)
@@ -145,8 +145,8 @@ class Run:
             kernel["project_noise"] = variant.endswith("proj")
         else:
             self.encoder = DMMEncoder(self.dmm, T)
-        if variant == "lae-precondition":
-            kernel["precondition"] = 1e-3
+        if variant == "lae-precondition":  # the correction does not apply to this chain
+            kernel["precondition"], kernel["jacobian"] = 1e-3, False
         if variant == "lae-no-jacobian":
             kernel["jacobian"] = False
         if variant == "lae-project-noise":
