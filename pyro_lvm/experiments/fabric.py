@@ -16,6 +16,7 @@ step (see ``docs/distributed.md``).
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Callable
 from typing import Any
 
@@ -103,9 +104,20 @@ def launch(config) -> FabricCollective | None:
         strategy=config.strategy,
     )
     fabric.launch()
+    # the process group is torn down before the interpreter's own teardown: left to it,
+    # gloo's threads can abort the process at exit ("terminate called without an active
+    # exception") after every step succeeded
+    atexit.register(_destroy_process_group)
     collective = FabricCollective(fabric)
     _LAUNCHED.append(collective)
     return collective
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _cluster_launched() -> bool:
