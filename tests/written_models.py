@@ -63,14 +63,6 @@ def exact_posterior(x, A, c) -> dist.MultivariateNormal:
 # -- with and without a data plate ----------------------------------------------------
 
 
-def assert_unbiased(log_w: torch.Tensor, exact: torch.Tensor) -> None:
-    """``E[exp(log_w - exact)] = 1`` per row, within 5 Monte Carlo standard errors (an
-    unbiased estimator of the likelihood), over the particles in dimension 0."""
-    ratio = (log_w - exact).exp()
-    se = ratio.std(0) / ratio.shape[0] ** 0.5
-    assert ((ratio.mean(0) - 1).abs() < 5 * se).all(), (ratio.mean(0), se)
-
-
 def model_plate(x, A, c, mask=None):
     with pyro.plate("data", x.shape[0]):
         z = pyro.sample("z", dist.Normal(x.new_zeros(L), 1.0).to_event(1))

@@ -46,9 +46,7 @@ from pyro_lvm.infer.mcmc.adaptation import (
 )
 from pyro_lvm.infer.mcmc.langevin import LangevinState, langevin_step
 from pyro_lvm.infer.sites import (
-    ModelSites,
-    check_vectorized,
-    find_latents,
+    LatentsCache,
     log_densities,
     pack,
     trace_log_densities,
@@ -126,25 +124,12 @@ class DLGM(OptimizerDriver):
             dual_averaging_init(step_size) if adapt_step_size else None
         )
         self._guide_params = list(guide_params) if guide_params is not None else None
-        self._specs: dict[tuple, ModelSites] = {}
+        self._spec = LatentsCache(model, latent_site, max_plate_nesting)
         self._last = {"accept_rate": float("nan"), "step_size": self.step_size}
 
     # -- helpers ----------------------------------------------------------------------
     def _params(self) -> list[torch.Tensor]:
         return self._optimizer.torch_params()
-
-    def _spec(self, x: torch.Tensor) -> ModelSites:
-        key = tuple(x.shape)
-        if key not in self._specs:
-            spec = find_latents(
-                self.model,
-                x,
-                latent_site=self.latent_site,
-                max_plate_nesting=self.max_plate_nesting,
-            )
-            # a model written for one draw gets one call per chain
-            self._specs[key] = check_vectorized(self.model, spec, x)
-        return self._specs[key]
 
     def _elbo_traces(self, x: torch.Tensor):
         guide_trace = poutine.trace(self.guide).get_trace(x)

@@ -71,6 +71,7 @@ from pyro_lvm.infer.mcmc.adaptation import (
 from pyro_lvm.infer.mcmc.langevin import LangevinState, langevin_init, langevin_step
 from pyro_lvm.infer.refine import LangevinProposalGuide, refine_latents
 from pyro_lvm.infer.sites import (
+    LatentsCache,
     ModelSites,
     find_latents,
     log_densities,
@@ -235,20 +236,10 @@ class PGD(OptimizerDriver):
         self.particles: Tensor | None = None
         #: ``(rows,)``: which rows have particles (the others start from the prior)
         self.initialized: Tensor | None = None
-        self._specs: dict[tuple, ModelSites] = {}
+        self._spec = LatentsCache(model, latent_site, max_plate_nesting)
         self._last = {"accept_rate": float("nan"), "step_size": self.step_size}
 
     # -- the particle table ---------------------------------------------------------------
-    def _spec(self, x: Tensor) -> ModelSites:
-        key = tuple(x.shape)
-        if key not in self._specs:
-            self._specs[key] = find_latents(
-                self.model,
-                x,
-                latent_site=self.latent_site,
-                max_plate_nesting=self.max_plate_nesting,
-            )
-        return self._specs[key]
 
     def _check_index(self, x: Tensor, idx) -> Tensor:
         if idx is None:

@@ -63,6 +63,7 @@ __all__ = [
     "unpack",
     "sample_prior",
     "check_vectorized",
+    "LatentsCache",
     "log_densities",
     "trace_log_densities",
 ]
@@ -488,6 +489,34 @@ def check_vectorized(model: Callable, spec: ModelSites, *args, **kwargs) -> Mode
         if a.shape != b.shape or not bool((((a - b).abs() <= tol) | (a == b)).all()):
             return looped
     return spec
+
+
+class LatentsCache:
+    """The model's latent sites per batch shape (:func:`find_latents`), each checked once
+    for a chain dimension (:func:`check_vectorized`): a model written for one draw
+    (``.expand`` to the rows, ``BatchNorm``) is then evaluated one chain at a time."""
+
+    def __init__(
+        self,
+        model: Callable,
+        latent_site: str | Sequence[str] | None = None,
+        max_plate_nesting: int = 1,
+    ):
+        self.model, self.latent_site = model, latent_site
+        self.max_plate_nesting = max_plate_nesting
+        self._specs: dict[tuple, ModelSites] = {}
+
+    def __call__(self, x: Tensor) -> ModelSites:
+        key = tuple(x.shape)
+        if key not in self._specs:
+            spec = find_latents(
+                self.model,
+                x,
+                latent_site=self.latent_site,
+                max_plate_nesting=self.max_plate_nesting,
+            )
+            self._specs[key] = check_vectorized(self.model, spec, x)
+        return self._specs[key]
 
 
 def trace_log_densities(trace, spec: ModelSites, num_chains: int = 1) -> tuple[Tensor, Tensor]:

@@ -174,3 +174,29 @@ def test_multi_start_map_finds_each_rows_highest_mode(float64):
     pyro.set_rng_seed(offset_seed(5))
     found = MultiStartMAP(bimodal, num_starts=16, num_iters=600, lr=0.02)(obs)
     assert torch.allclose(found.squeeze(-1), best, atol=1e-3)
+
+
+def test_a_model_written_for_one_draw_trains(float64):
+    """``.expand`` to the batch's rows cannot take the particles' dimension: PGD evaluates
+    it one particle at a time (as AIS and refinement do) and moves the same way as the
+    model written with broadcasting once both start from the same particles."""
+    import written_models as wm
+
+    A, c, _ = wm.params()
+    x = wm.data(4, seed=offset_seed(1))
+    energies = {}
+    for model in (wm.model_plate, wm.model_expand):
+        pyro.set_rng_seed(offset_seed(2))
+        scale = torch.nn.Parameter(torch.ones(()))  # a trained parameter, held at lr 0
+        pgd = PGD(
+            lambda x, m=model, s=scale: m(x, A * s, c),
+            torch.optim.SGD([scale], lr=0.0),
+            num_particles=3,
+            num_steps=2,
+            adapt_step_size=False,
+        )
+        pgd._gather(pgd._spec(x), x, torch.arange(4))  # particles created
+        pgd.particles.zero_()  # the same start for both models
+        energies[model.__name__] = [pgd.step(x, torch.arange(4)) for _ in range(3)]
+    assert all(math.isfinite(e) for e in energies["model_expand"])
+    assert energies["model_expand"][0] == pytest.approx(energies["model_plate"][0], rel=1e-10)
