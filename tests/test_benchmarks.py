@@ -160,3 +160,17 @@ def test_dmm_lae_trains_every_variant_and_evaluates_by_ais(tmp_path):
         assert math.isfinite(row["ais_mean"]) and len(row["history"]) == 2
         assert row["history"][-1]["hessian_z_max"] > 0
     assert "| lae-onehot |" in result["table"]
+
+
+def test_vae_example_lae_trains_svi_and_lae_and_scores_both_by_ais(tmp_path):
+    import vae_example_lae
+
+    args = ["--seeds", "0", "--epochs", "1", "--hidden-dim", "16", "--batch-size", "16"]
+    args += ["--ais-steps", "3"]
+    args += ["--ais-chains", "2", "--num-test", "8", "--out", str(tmp_path / "v.json")]
+    result = vae_example_lae.main(args)
+    assert [r["method"] for r in result["rows"]] == vae_example_lae.METHODS
+    for row in result["rows"]:
+        assert math.isfinite(row["ais_mean"])
+        assert row["method"] == "svi" or math.isfinite(row["minus_svi_mean"])
+    assert "| lae-project-noise |" in result["table"]
