@@ -41,6 +41,7 @@ from pyro_lvm.infer.diagnostics import check_loss
 from pyro_lvm.infer.driver import OptimizerDriver
 from pyro_lvm.infer.mcmc.adaptation import (
     DualAveragingState,
+    check_step_options,
     dual_averaging_init,
     dual_averaging_step,
 )
@@ -107,12 +108,9 @@ class DLGM(OptimizerDriver):
         max_plate_nesting: int = 1,
         clip_norm: float | None = None,
     ):
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be positive, got {step_size}")
-        if not 0 < target_accept_prob < 1:
-            raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob}")
+        check_step_options(
+            num_steps=num_steps, step_size=step_size, target_accept_prob=target_accept_prob
+        )
         super().__init__(optim, clip_norm)
         self.model, self.guide = model, guide
         self.num_steps, self.mh = num_steps, mh

@@ -65,6 +65,7 @@ from torch import Tensor
 from pyro_lvm.infer.driver import OptimizerDriver
 from pyro_lvm.infer.mcmc.adaptation import (
     DualAveragingState,
+    check_step_options,
     dual_averaging_init,
     dual_averaging_step,
 )
@@ -215,13 +216,11 @@ class PGD(OptimizerDriver):
         eval_steps: int = 20,
         clip_norm: float | None = None,
     ):
-        for name, value in (("num_particles", num_particles), ("num_steps", num_steps)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
-        if not step_size > 0:
-            raise ValueError(f"step_size must be positive, got {step_size}")
-        if not 0 < target_accept_prob < 1:
-            raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob}")
+        if num_particles < 1:
+            raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+        check_step_options(
+            num_steps=num_steps, step_size=step_size, target_accept_prob=target_accept_prob
+        )
         super().__init__(optim, clip_norm)
         self.model, self.num_particles, self.num_steps = model, num_particles, num_steps
         self.mh, self.adapt_step_size = mh, adapt_step_size

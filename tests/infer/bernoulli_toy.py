@@ -173,3 +173,9 @@ def assert_unbiased(samples: torch.Tensor, exact: torch.Tensor, z: float = 4.0) 
         f"biased: max |mean - exact| / se = {(err / (se + 1e-30)).max():.2f} at "
         f"{bad.nonzero().flatten().tolist()}"
     )
+
+
+def assert_unbiased_log_weights(log_w: torch.Tensor, exact: torch.Tensor, z: float = 5.0) -> None:
+    """An unbiased likelihood estimator: ``E[exp(log_w - exact)] = 1`` per row, over the
+    draws in dimension 0, within ``z`` Monte Carlo standard errors."""
+    assert_unbiased((log_w - exact).exp(), torch.ones_like(exact), z=z)

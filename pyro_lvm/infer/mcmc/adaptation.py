@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_step_options",
     "DualAveragingState",
     "dual_averaging_init",
     "dual_averaging_update",
@@ -71,6 +72,16 @@ class DualAveragingState(NamedTuple):
 
 def _exp(x: Number) -> Number:
     return math.exp(x) if isinstance(x, float) else x.exp()
+
+
+def check_step_options(*, num_steps: int, step_size: float, target_accept_prob: float) -> None:
+    """One-line errors for impossible Langevin options (a trainer's ``__init__``)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be positive, got {step_size}")
+    if not 0 < target_accept_prob < 1:
+        raise ValueError(f"target_accept_prob must be in (0, 1), got {target_accept_prob}")
 
 
 def dual_averaging_init(
